@@ -1,0 +1,58 @@
+"""The full-size FLUX.1-dev + Union architecture with random bf16 weights, built fast:
+meta device → to_empty on the GPU → random fill there → moved to the CPU, where plans start from.
+Speed and memory do not depend on weight values."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from core.configs import FULL, SCHEDULER, TINY
+
+
+def _random(make, device, dtype, gen):
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        m = make()
+    m = m.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.ndim == 1 and ("norm" in n or n.endswith("scale")):
+                p.fill_(1.0) if ("weight" in n or n.endswith("scale")) else p.zero_()
+            else:
+                p.normal_(0, 0.02, generator=gen)
+        for n, b in m.named_buffers():
+            if n.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+    return m.eval()
+
+
+def build_random_pipeline(size: str = "full", device: str = "cuda", to_cpu: bool = True):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
+                           FluxControlNetPipeline, FluxMultiControlNetModel, FluxTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from core.demo_model import _tokenizers
+    cfg = FULL if size == "full" else TINY
+    t0 = time.time()
+    gen = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    parts = dict(
+        transformer=_random(lambda: FluxTransformer2DModel(**cfg["transformer"]), device, dt, gen),
+        controlnet=_random(lambda: FluxControlNetModel(**cfg["controlnet"]), device, dt, gen),
+        text_encoder_2=_random(lambda: T5EncoderModel(T5Config(**cfg["t5"])), device, dt, gen),
+        text_encoder=_random(lambda: CLIPTextModel(CLIPTextConfig(**cfg["clip"])), device, dt, gen),
+        vae=_random(lambda: AutoencoderKL(**cfg["vae"]), device, dt, gen),
+    )
+    if to_cpu:
+        for m in parts.values():
+            m.to("cpu")
+        torch.cuda.empty_cache()
+    clip_tok, t5_tok = _tokenizers(cfg["max_sequence_length"])
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=parts["vae"],
+        text_encoder=parts["text_encoder"], tokenizer=clip_tok, text_encoder_2=parts["text_encoder_2"],
+        tokenizer_2=t5_tok, transformer=parts["transformer"],
+        controlnet=FluxMultiControlNetModel([parts["controlnet"]]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, round(time.time() - t0, 1)

@@ -1,0 +1,111 @@
+"""Command line: `python -m core plan ...` and `python -m core generate ...` (see README.md).
+
+Thin: parses, builds a Job, calls core, prints one JSON object. Bad input → one sentence on
+stderr, exit code 2, nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .configs import FLUX_DEV, UNION_PRO
+from .job import TIERS
+
+
+def _add_model_args(ap):
+    ap.add_argument("--model", default=FLUX_DEV, help="FLUX pipeline: Hub id or local folder")
+    ap.add_argument("--controlnet", default=UNION_PRO, help="Union ControlNet: Hub id or local folder")
+    ap.add_argument("--demo", action="store_true", help="the tiny random-weight demo model (outputs are noise)")
+
+
+def cmd_plan(a) -> dict:
+    from .device import DeviceInfo, detect
+    from .plan import JobShape, plan_for
+    from .sizes import sizes_from_config
+
+    dev = detect()
+    if dev.kind == "cpu" and a.tier not in ("cpu", "auto"):
+        # plan a GPU tier on a machine without one: a nominal consumer GPU (PCIe 4.0, ~150 TFLOP/s)
+        dev = DeviceInfo("cuda", "nominal GPU", float(a.tier), float(a.tier), True, dev.host_ram_gb)
+    sizes = sizes_from_config("tiny" if a.demo else "full")
+    plan = plan_for(a.tier, JobShape(a.width, a.height, a.controls, a.upscale), sizes, dev)
+    return dict(plan.summary(), device=dev.name, model="demo" if a.demo else "full-size FLUX.1-dev + Union")
+
+
+def cmd_generate(a) -> dict:
+    import time
+
+    from preprocessors import load_image
+    from preprocessors.image_io import fit_size
+    from preprocessors.registry import parse_control_arg
+
+    from .engine import Engine
+    from .job import ControlSpec, Job
+    from .models import ModelSpec
+    from .pngmeta import save_png
+
+    t0 = time.perf_counter()
+    image = load_image(a.image)
+    controls = tuple(ControlSpec(*parse_control_arg(c)) for c in (a.control or ["canny"]))
+    if a.width and a.height:
+        w, h = a.width, a.height
+    else:
+        w, h = fit_size(image.width, image.height, max_side=a.max_side, max_pixels=a.max_side ** 2)
+    job = Job(prompt=a.prompt, image=image, controls=controls, width=w, height=h, steps=a.steps,
+              guidance=a.guidance, seed=a.seed, upscale=a.upscale, tier=a.tier)
+    out = Path(a.out)
+    if out.suffix.lower() != ".png" or not out.parent.exists():
+        raise ValueError(f"--out must be a .png file in an existing folder, got '{a.out}'.")
+    spec = ModelSpec.demo_spec() if a.demo else ModelSpec(a.model, a.controlnet)
+    engine = Engine(spec)
+    result = engine.run(job)
+    summary = result.summary()
+    save_png(result.image, out, dict(job=job.describe(), plan=result.plan.summary(), demo=result.demo))
+    summary.update(out=str(out), total_s=round(time.perf_counter() - t0, 2))
+    if result.demo:
+        summary["note"] = "demo model with random weights: the image is noise"
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="print the plan for a tier and job size as JSON")
+    p.add_argument("--tier", default="auto", choices=TIERS)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--controls", type=int, default=1)
+    p.add_argument("--upscale", type=float, default=1.0)
+    p.add_argument("--demo", action="store_true")
+    g = sub.add_parser("generate", help="generate one image; prints a JSON summary")
+    g.add_argument("--image", required=True)
+    g.add_argument("--control", action="append", help="canny[=SCALE]; repeat for several")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tier", default="auto", choices=TIERS)
+    g.add_argument("--upscale", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--guidance", type=float, default=3.5)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--max-side", type=int, default=1024, help="fit the input into this size")
+    g.add_argument("--out", required=True)
+    _add_model_args(g)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .engine import OutOfMemory
+    from .models import ModelUnavailableError
+    try:
+        res = cmd_plan(a) if a.cmd == "plan" else cmd_generate(a)
+    except (ValueError, ModelUnavailableError, OutOfMemory) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""What machine are we on: GPU, its free memory, bf16 support, host RAM, copy bandwidth.
+
+Plans are pure functions of a DeviceInfo, so tests build DeviceInfo by hand.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str                  # "cuda" or "cpu"
+    name: str
+    total_gb: float            # GPU memory (GiB); 0 on CPU
+    free_gb: float             # free GPU memory now (GiB)
+    bf16: bool                 # bf16 compute supported (NaN-free FLUX needs it or fp32)
+    host_ram_gb: float         # available host RAM (GiB): streamed weights live there, pinned
+    h2d_gbps: float = 25.0     # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
+    tflops: float = 150.0      # effective bf16 matmul rate, TFLOP/s
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.kind)
+
+
+def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
+    x = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    y = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(4):
+        y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    return 4 * nbytes / GiB / (time.perf_counter() - t)
+
+
+def _measure_tflops(n: int = 4096) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    torch.cuda.synchronize()
+    return 8 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+
+
+@functools.lru_cache(maxsize=1)
+def _static_cuda_info() -> tuple[str, float, bool, float, float]:
+    props = torch.cuda.get_device_properties(0)
+    return (props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(),
+            round(_measure_h2d(), 1), round(_measure_tflops(), 0))
+
+
+def detect() -> DeviceInfo:
+    """The first CUDA GPU if there is one, else the CPU. Bandwidth and matmul rate are measured
+    once per process (~0.1 s); free memory is read each call."""
+    host = psutil.virtual_memory().available / GiB
+    if not torch.cuda.is_available():
+        return DeviceInfo("cpu", "CPU", 0.0, 0.0, True, round(host, 1))
+    name, total, bf16, h2d, tflops = _static_cuda_info()
+    free, _ = torch.cuda.mem_get_info()
+    return DeviceInfo("cuda", name, round(total, 2), round(free / GiB, 2), bf16, round(host, 1), h2d, tflops)

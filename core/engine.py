@@ -1,0 +1,214 @@
+"""Engine: a loaded pipeline placed on the device by a plan, running jobs one at a time.
+
+Data flows one way: Job → Plan → placed pipeline → Result. An out-of-memory at any phase frees
+memory, steps down to the next smaller plan and retries; the Result says what happened.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .device import DeviceInfo, detect
+from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
+from .job import Job
+from .memory import MemoryMonitor, free_memory, is_oom
+from .models import ModelSpec, load_pipeline
+from .plan import JobShape, Plan, plan_for, step_down
+from .residency import Residency, denoiser_units
+from .sizes import sizes_from_pipeline
+from .upscale import upscale
+
+log = logging.getLogger(__name__)
+
+
+class OutOfMemory(RuntimeError):
+    """Even the smallest plan ran out of memory; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Result:
+    image: Image.Image
+    job: Job
+    plan: Plan
+    report: dict                  # memory monitor: peaks, seconds per phase, timeline
+    events: tuple[str, ...]       # what the engine did that a user should know
+    controls: tuple[Image.Image, ...] = field(default=(), repr=False)
+    demo: bool = False
+
+    def summary(self) -> dict:
+        return dict(size=list(self.image.size), tier=self.plan.tier, demo=self.demo,
+                    predicted_peak_gb=self.plan.predicted_peak_gb,
+                    measured_peak_reserved_gb=self.report["peak_reserved_gb"],
+                    seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary())
+
+
+class Faults:
+    """Test hook: raise an out-of-memory at the start of the named phases, `count` times each."""
+
+    def __init__(self, **counts: int):
+        self.counts = dict(counts)
+
+    def check(self, phase: str) -> None:
+        if self.counts.get(phase, 0) > 0:
+            self.counts[phase] -= 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected in {phase})")
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None,
+                 max_seq: int | None = None):
+        self.spec = spec or ModelSpec.demo_spec()
+        self.device = device or detect()
+        self.pipe, self.img2img = pipe, None
+        self.max_seq = max_seq
+        self.sizes = None
+        self.cache = PromptCache()
+        self.residency: Residency | None = None
+        self._applied: tuple | None = None
+        self._offloaded: list = []
+        self._lock = threading.Lock()
+        self.faults = Faults()
+        if pipe is not None:
+            self._init_pipe(pipe)
+
+    @property
+    def demo(self) -> bool:
+        return self.spec.demo
+
+    # -- loading and placement ----------------------------------------------------------------
+    def _init_pipe(self, pipe) -> None:
+        from diffusers import FluxControlNetImg2ImgPipeline
+        self.pipe = pipe
+        names = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                 "transformer", "controlnet")
+        self.img2img = FluxControlNetImg2ImgPipeline(**{n: getattr(pipe, n) for n in names})
+        self.img2img.set_progress_bar_config(disable=True)
+        if self.max_seq is None:
+            self.max_seq = min(512, pipe.tokenizer_2.model_max_length)
+        self.sizes = sizes_from_pipeline(pipe, self.max_seq)
+
+    def load(self) -> None:
+        if self.pipe is None:
+            if self.device.kind == "cuda":
+                dtype = torch.bfloat16 if self.device.bf16 else torch.float32
+            else:  # the tiny demo model computes in fp32 on the CPU; the real one in bf16 (RAM)
+                dtype = torch.float32 if self.spec.demo else torch.bfloat16
+            self._init_pipe(load_pipeline(self.spec, dtype))
+
+    def plan(self, job: Job, tier: str | None = None) -> Plan:
+        self.load()
+        shape = JobShape(job.width, job.height, len(job.controls), job.upscale)
+        return plan_for(tier or job.tier, shape, self.sizes, self.device)
+
+    def check_fits(self, plan: Plan) -> None:
+        """A tier the machine cannot hold is refused before anything moves."""
+        if plan.device == "cuda" and self.device.kind != "cuda":
+            raise ValueError(f"No CUDA GPU was found, so the {plan.tier} GB tier cannot run; "
+                             "choose 'auto' or 'cpu'.")
+        if plan.device == "cuda":
+            held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
+            free = torch.cuda.mem_get_info()[0] / 2**30 + held
+            if plan.budget_gb > free + 0.25 and plan.tier != "auto":
+                raise ValueError(f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "
+                                 f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier.")
+
+    def _undo(self) -> None:
+        from diffusers.hooks import HookRegistry
+        if self.residency is not None:
+            self.residency.remove()
+            self.residency = None
+        for m in self._offloaded:
+            reg = HookRegistry.check_if_exists_or_initialize(m)
+            for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
+                reg.remove_hook(name, recurse=True)
+        self._offloaded = []
+        for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
+            getattr(self.pipe, name).to("cpu")
+        self._applied = None
+        free_memory()
+
+    def apply(self, plan: Plan) -> None:
+        """Place the pipeline as the plan says (a no-op if it already is)."""
+        key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.text_encoders)
+        pipe = self.pipe
+        if key != self._applied:
+            self._undo()
+            dtype = getattr(torch, plan.dtype)
+            if pipe.transformer.dtype != dtype:
+                for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
+                    getattr(pipe, name).to(dtype)
+            if plan.device == "cuda":
+                dev = torch.device("cuda")
+                for model in (pipe.transformer, pipe.controlnet.nets[0]):
+                    for name, child in model.named_children():
+                        if name not in ("transformer_blocks", "single_transformer_blocks"):
+                            child.to(dev)
+                pipe.vae.to(dev)
+                units = denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
+                self.residency = Residency(units, plan.placement, dev, dtype, plan.slots)
+                for te in (pipe.text_encoder, pipe.text_encoder_2):
+                    if plan.text_encoders == "gpu":
+                        te.to(dev)
+                    elif plan.text_encoders == "stream":
+                        from diffusers.hooks import apply_group_offloading
+                        apply_group_offloading(te, onload_device=dev, offload_type="block_level",
+                                               num_blocks_per_group=1, use_stream=True)
+                        self._offloaded.append(te)
+                free_memory()
+            self._applied = key
+        if plan.vae_tiling:
+            pipe.vae.enable_tiling()
+            pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64
+        else:
+            pipe.vae.disable_tiling()
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self, job: Job, progress=None, cancel=None, source: Image.Image | None = None) -> Result:
+        """Run a job to its final image, stepping down on out-of-memory."""
+        with self._lock:
+            self.load()
+            plan = self.plan(job)
+            self.check_fits(plan)
+            events: list[str] = []
+            while True:
+                err = None
+                try:
+                    return self._run_once(job, plan, events, progress, cancel, source)
+                except JobCancelled:
+                    free_memory()
+                    raise
+                except Exception as e:  # noqa: BLE001 - only OOM is retried
+                    if not is_oom(e):
+                        free_memory()
+                        raise
+                    err = str(e).split("\n")[0][:120]
+                # outside the except block, so the traceback's tensors can be freed
+                free_memory()
+                nxt = step_down(plan, JobShape(job.width, job.height, len(job.controls), job.upscale),
+                                self.sizes, self.device)
+                if nxt is None:
+                    raise OutOfMemory("Out of GPU memory even with the smallest plan; close other programs "
+                                      "using the GPU, lower the size or upscale factor, or choose the CPU tier.")
+                events.append(f"out of memory ({err}) with the {plan.tier} plan (tile {plan.tile}): "
+                              f"stepped down to the {nxt.tier} plan (tile {nxt.tile}) and retried")
+                log.warning(events[-1])
+                plan = nxt
+
+    def _run_once(self, job, plan, events, progress, cancel, source) -> Result:
+        mon = MemoryMonitor(plan.device, hook=self.faults.check)
+        with mon.phase("load"):
+            self.apply(plan)
+        rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,
+                     self.residency, progress, cancel)
+        image = job.image.resize((job.width, job.height), Image.LANCZOS)
+        with mon.phase("preprocess"):
+            controls = control_images(job, image, self.demo)
+        out = generate_pass(job, image, controls, rt, mon, events, self.cache)
+        if job.upscale > 1:
+            out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo)
+        return Result(out, job, plan, mon.report(), tuple(events), tuple(controls), self.demo)

@@ -1,0 +1,114 @@
+"""Job: the user's request as a frozen dataclass, validated once, at construction.
+
+Every door (UI, CLI, Python, API) builds a Job; a bad value raises ValueError naming the argument
+and the allowed values, before anything is loaded or written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from preprocessors.registry import CONTROLS
+
+TIERS = ("auto", "cpu", "4", "6", "8", "12", "16", "24", "48")
+MAX_PROMPT_CHARS = 2000
+MAX_CONTROLS = 4
+MAX_SIDE = 2048          # generation size before upscaling
+MAX_UPSCALE = 4.0
+
+
+def _finite(name: str, value, lo: float, hi: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between {lo} and {hi}, got {value!r}.") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}.")
+    return v
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    kind: str                   # a name in preprocessors.registry.CONTROLS
+    scale: float | None = None  # None: the control's default scale
+    start: float = 0.0          # control_guidance_start, fraction of the steps
+    end: float = 0.8            # control_guidance_end
+    params: tuple = ()          # preprocessor keyword arguments as (key, value) pairs
+
+    def __post_init__(self):
+        if self.kind not in CONTROLS:
+            raise ValueError(f"Unknown control '{self.kind}'; choose one of: {', '.join(CONTROLS)}.")
+        scale = CONTROLS[self.kind].default_scale if self.scale is None else self.scale
+        object.__setattr__(self, "scale", _finite(f"scale of control '{self.kind}'", scale, 0.0, 2.0))
+        object.__setattr__(self, "start", _finite("control start", self.start, 0.0, 1.0))
+        object.__setattr__(self, "end", _finite("control end", self.end, 0.0, 1.0))
+        if self.start >= self.end:
+            raise ValueError(f"control start ({self.start}) must be below control end ({self.end}).")
+
+    @property
+    def mode_id(self) -> int:
+        return CONTROLS[self.kind].mode_id
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    image: Image.Image = field(repr=False, compare=False)
+    controls: tuple[ControlSpec, ...]
+    width: int
+    height: int
+    steps: int = 28
+    guidance: float = 3.5
+    seed: int = 0
+    upscale: float = 1.0
+    tier: str = "auto"
+    upscale_strength: float = 0.3   # img2img denoise of each upscale stage
+    upscale_steps: int | None = None  # steps per upscale stage; None: max(4, steps // 2)
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt must be a non-empty text.")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        if not isinstance(self.image, Image.Image):
+            raise ValueError("image must be a PIL image (load it with preprocessors.load_image).")
+        controls = tuple(self.controls)
+        if not 1 <= len(controls) <= MAX_CONTROLS:
+            raise ValueError(f"controls: give between 1 and {MAX_CONTROLS} controls, got {len(controls)}.")
+        object.__setattr__(self, "controls", controls)
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 64 <= v <= MAX_SIDE or v % 16:
+                raise ValueError(f"{name} must be a multiple of 16 between 64 and {MAX_SIDE}, got {v!r}.")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 100:
+            raise ValueError(f"steps must be a whole number between 1 and 100, got {self.steps!r}.")
+        object.__setattr__(self, "guidance", _finite("guidance", self.guidance, 0.0, 30.0))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number between 0 and 2**63-1, got {self.seed!r}.")
+        object.__setattr__(self, "upscale", _finite("upscale", self.upscale, 1.0, MAX_UPSCALE))
+        object.__setattr__(self, "upscale_strength",
+                           _finite("upscale_strength", self.upscale_strength, 0.0, 1.0))
+        if self.upscale_steps is not None and not (isinstance(self.upscale_steps, int) and 1 <= self.upscale_steps <= 100):
+            raise ValueError(f"upscale_steps must be between 1 and 100, got {self.upscale_steps!r}.")
+        if str(self.tier).lower() not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
+        object.__setattr__(self, "tier", str(self.tier).lower())
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """Final (width, height) after upscaling, multiples of 16."""
+        return (int(round(self.width * self.upscale / 16)) * 16,
+                int(round(self.height * self.upscale / 16)) * 16)
+
+    def with_(self, **changes) -> "Job":
+        return replace(self, **changes)
+
+    def describe(self) -> dict:
+        """Everything but the image, JSON-ready (goes into PNG metadata)."""
+        return dict(prompt=self.prompt, width=self.width, height=self.height, steps=self.steps,
+                    guidance=self.guidance, seed=self.seed, upscale=self.upscale, tier=self.tier,
+                    upscale_strength=self.upscale_strength, upscale_steps=self.upscale_steps,
+                    controls=[dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end,
+                                   params=dict(c.params)) for c in self.controls])

@@ -1,0 +1,109 @@
+"""Loading the FLUX base and the Union ControlNet: a Hub id or a local folder, safetensors only.
+
+Offline (`HF_HUB_OFFLINE=1`), without network, or for the gated FLUX.1-dev without an accepted
+licence, the user gets one sentence that says what is missing and what to do, not a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .configs import FLUX_DEV, UNION_PRO
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model could not be loaded; the message is one sentence meant for a person."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str = FLUX_DEV        # Hub id or local folder of a diffusers FLUX pipeline
+    controlnet: str = UNION_PRO  # Hub id or local folder of a FluxControlNetModel (Union)
+    demo: bool = False           # the tiny random-weight model
+
+    @staticmethod
+    def demo_spec(pro2: bool = False) -> "ModelSpec":
+        from .demo_model import ensure_demo_model
+        root = ensure_demo_model()
+        cn = "controlnet-union-pro2" if pro2 else "controlnet-union"
+        return ModelSpec(base=str(root / "flux"), controlnet=str(root / cn), demo=True)
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().is_dir()
+
+
+def _explain(source: str, what: str, err: Exception) -> ModelUnavailableError:
+    """Turn a hub/OS error into one actionable sentence."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    hint = (f"download it once with `hf download {source}` on a machine with network, "
+            f"or pass a local folder with `--{what} /path/to/folder`")
+    if isinstance(err, GatedRepoError) or "gated" in str(err).lower() or "401" in str(err):
+        msg = (f"The {what} '{source}' is gated: accept its licence on huggingface.co, log in with "
+               f"`hf auth login` (or set HF_TOKEN), or pass a local folder with `--{what} /path/to/folder`.")
+    elif isinstance(err, RepositoryNotFoundError):
+        msg = f"The {what} '{source}' is neither a local folder nor a model on the Hugging Face Hub; check the name or the path."
+    elif offline:
+        msg = f"The {what} '{source}' is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it: {hint}."
+    else:
+        msg = f"The {what} '{source}' could not be loaded ({type(err).__name__}): {hint}."
+    return ModelUnavailableError(msg)
+
+
+def _check_local(source: str, what: str) -> None:
+    p = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) and not p.is_dir():
+        raise ModelUnavailableError(f"The {what} folder '{source}' does not exist.")
+    if p.is_dir() and not any(p.rglob("*.safetensors")):
+        raise ModelUnavailableError(f"The {what} folder '{source}' holds no .safetensors weights; "
+                                    "only safetensors are loaded.")
+
+
+def load_controlnet(source: str, dtype: torch.dtype):
+    from diffusers import FluxControlNetModel
+    _check_local(source, "controlnet")
+    try:
+        return FluxControlNetModel.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+    except ModelUnavailableError:
+        raise
+    except Exception as e:  # hub, network, missing files: one sentence for the user
+        raise _explain(source, "controlnet", e) from e
+
+
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
+    """FluxControlNetPipeline on the CPU in `dtype`, its ControlNet wrapped in a
+    FluxMultiControlNetModel so one or several controls take the same path.
+    Placement on the GPU is the plan's business (core.residency)."""
+    from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+
+    controlnet = load_controlnet(spec.controlnet, dtype)
+    _check_local(spec.base, "model")
+    try:
+        pipe = FluxControlNetPipeline.from_pretrained(
+            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), torch_dtype=dtype,
+            use_safetensors=True)
+    except ModelUnavailableError:
+        raise
+    except Exception as e:
+        raise _explain(spec.base, "model", e) from e
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded %s + %s in %s%s", spec.base, spec.controlnet, dtype, " (demo model)" if spec.demo else "")
+    return pipe
+
+
+def union_net(pipe):
+    """The single Union ControlNet inside the multi wrapper."""
+    return pipe.controlnet.nets[0]
+
+
+def has_mode_ids(pipe) -> bool:
+    """InstantX / Union-Pro take a mode id per control; Union-Pro-2.0 has no mode embedding."""
+    return union_net(pipe).config.num_mode is not None

@@ -1,0 +1,297 @@
+"""Tiers and plans: how a job runs within a GPU-memory budget, as fast as the budget allows.
+
+`plan_for(tier, shape, sizes, device)` is a pure function. It picks the compute dtype, the placement
+of every denoiser unit (see core.residency), where the text encoders run, VAE tiling and the
+generation tile, and predicts the peak GPU memory and the time per denoising step. The memory
+model's constants (activation bytes per token, VAE bytes per pixel) were measured on an H100 with
+the full-size architecture (bench/RESULTS.md); the time model only ranks candidate placements.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .device import GiB, DeviceInfo
+from .residency import UnitSize
+
+GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
+CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
+    act_per_token: float = 48.0 * 3072 * 2    # denoiser transients per (image + text) token
+    res_per_img_token: float = 30.0 * 3072 * 2  # ControlNet residuals kept for the transformer
+    vae_dec_per_px: float = 2600.0           # untiled VAE decode, bytes per output pixel
+    vae_enc_per_px: float = 1300.0           # untiled VAE encode (control image, img2img)
+    vae_tile_px: int = 512                   # tile side when VAE tiling is on
+    frag: float = 1.06                       # reserved / allocated
+    margin_gb: float = 0.25
+
+
+CAL = Calibration()
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    units: tuple[UnitSize, ...]   # denoiser units in execution order (ControlNet first)
+    n_cn_units: int               # the first n units belong to the ControlNet (they run once per control)
+    fixed_params: int             # non-unit denoiser params (embedders, norms, zero-convs): always resident
+    t5_params: int
+    t5_block_params: int          # largest T5 block (streamed one at a time)
+    clip_params: int
+    vae_params: int
+    hidden: int = 3072
+    max_seq: int = 512
+
+
+@dataclass(frozen=True)
+class JobShape:
+    width: int
+    height: int
+    controls: int = 1
+    upscale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    tier: str                 # "48" ... "4", "auto", "cpu"
+    device: str               # "cuda" | "cpu"
+    budget_gb: float          # GiB the whole job may reserve on the GPU
+    dtype: str                # compute dtype
+    placement: str            # one code per denoiser unit: B F S Q (core.residency)
+    slots: int                # work slots for managed units
+    text_encoders: str        # "gpu" resident | "stream" (group offload) | "cpu"
+    vae_tiling: bool
+    tile: int                 # generation tile side in px (0: the whole image in one pass)
+    overlap: int              # tile overlap in px
+    predicted_peak_gb: float
+    predicted_step_s: float
+    host_ram_gb: float        # pinned host RAM for streamed weights
+    notes: tuple[str, ...] = field(default=())
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        d["placement"] = {c: self.placement.count(c) for c in "BFSQ"}
+        return d
+
+
+# -- arithmetic ------------------------------------------------------------------------------
+def _esize(dtype: str) -> int:
+    return {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+
+
+def unit_bytes(u: UnitSize, code: str, es: int) -> int:
+    """GPU bytes of a unit in a placement (slots excluded)."""
+    if code == "B":
+        return u.numel * es
+    if code == "F":
+        return u.fp8_numel + (u.numel - u.fp8_numel) * es
+    return 0
+
+
+def host_bytes(u: UnitSize, code: str, es: int) -> int:
+    if code == "S":
+        return u.numel * es
+    if code == "Q":
+        return u.fp8_numel + (u.numel - u.fp8_numel) * es
+    return 0
+
+
+def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int) -> int:
+    managed = [u for u, c in zip(sizes.units, placement) if c != "B"]
+    if not managed:
+        return 0
+    work = min(slots, len(managed)) * max(u.numel for u in managed) * es
+    q = [u.fp8_numel + (u.numel - u.fp8_numel) * es for u, c in zip(sizes.units, placement) if c == "Q"]
+    return work + (max(q) if q else 0)
+
+
+def tokens(width: int, height: int) -> int:
+    return (width // 16) * (height // 16)
+
+
+def phase_bytes(sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_tiling: bool,
+                text_encoders: str, cal: Calibration = CAL) -> dict[str, float]:
+    """Transient GPU bytes of each phase on top of the resident weights, for a w×h pass."""
+    n_img = tokens(w, h)
+    n_tot = n_img + sizes.max_seq + 1
+    scale = es / 2
+    denoise = (cal.act_per_token * n_tot + cal.res_per_img_token * n_img * min(controls, 2)) * scale
+    px = w * h
+    tpx = min(px, cal.vae_tile_px ** 2) if vae_tiling else px
+    encode_img = cal.vae_enc_per_px * tpx * scale
+    decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if vae_tiling else 0)
+    text = 0.0
+    if text_encoders == "stream":
+        text = (3 * sizes.t5_block_params + 32128 * 4096) * es + 0.2 * GiB
+    return dict(denoise=denoise + 0.1 * GiB, encode_image=encode_img, decode=decode, text=text)
+
+
+def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str, text_encoders: str,
+                       vae_tiling: bool, w: int, h: int, controls: int, cal: Calibration = CAL) -> float:
+    es = _esize(dtype)
+    resident = sizes.fixed_params * es + sizes.vae_params * es
+    resident += sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, placement))
+    resident += slot_bytes(sizes, placement, slots, es)
+    if text_encoders == "gpu":
+        resident += (sizes.t5_params + sizes.clip_params) * es
+    ph = phase_bytes(sizes, w, h, controls, es, vae_tiling, text_encoders, cal)
+    return (resident + max(ph.values())) * cal.frag + cal.margin_gb * GiB
+
+
+def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
+                   device: DeviceInfo) -> float:
+    """Time per denoising step: compute and the copy stream overlap; the slower one sets the pace."""
+    es = _esize(dtype)
+    n_tot = tokens(w, h) + sizes.max_seq + 1
+    k = [controls if i < sizes.n_cn_units else 1 for i in range(len(sizes.units))]
+    params = sum(u.numel * ki for u, ki in zip(sizes.units, k))
+    flops = 2 * params * n_tot
+    n_blocks = len(sizes.units) / 4.5  # ~4.5 units per block; attention cost per block
+    flops += 4 * n_tot ** 2 * sizes.hidden * n_blocks
+    rate = device.tflops * 1e12 * (1.0 if es == 2 else 0.25)
+    compute = flops / rate
+    bus = sum(host_bytes(u, c, es) * ki for u, c, ki in zip(sizes.units, placement, k)) / (device.h2d_gbps * GiB)
+    cast = sum(u.numel * 3 * ki for u, c, ki in zip(sizes.units, placement, k) if c in "FQ") / 1.5e12
+    managed = sum(ki for c, ki in zip(placement, k) if c != "B")
+    return max(compute, bus + cast) + 0.1 * min(compute, bus + cast) + managed * 40e-6
+
+
+# -- choosing a placement ---------------------------------------------------------------------
+def spread(costs: list[int], budget: int) -> list[bool]:
+    """Choose units to keep (True) within `budget` bytes so the rest are spread evenly through the
+    order: each streamed copy then overlaps the compute of the kept units around it."""
+    total = sum(costs)
+    if total <= budget:
+        return [True] * len(costs)
+    if budget <= 0:
+        return [False] * len(costs)
+    frac = budget / total
+    keep, kept, seen = [], 0, 0
+    for c in costs:
+        seen += c
+        ok = kept + c <= frac * seen + c / 2 and kept + c <= budget
+        keep.append(ok)
+        kept += c if ok else 0
+    return keep
+
+
+def _placement(sizes: ModelSizes, es: int, avail: int, fp8: bool) -> str:
+    units = sizes.units
+    if not fp8:
+        keep = spread([u.numel * es for u in units], avail)
+        return "".join("B" if k else "S" for k in keep)
+    f8 = [unit_bytes(u, "F", es) for u in units]
+    keep = spread(f8, avail)
+    if all(keep):  # everything fits as fp8: spend what is left on bf16 units
+        extra = [u.numel * es - b for u, b in zip(units, f8)]
+        up = spread(extra, avail - sum(f8))
+        return "".join("B" if x else "F" for x in up)
+    return "".join("F" if k else "Q" for k in keep)
+
+
+def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_tiling: bool,
+            w: int, h: int, controls: int, device: DeviceInfo, slots: int) -> tuple[str, float, float] | None:
+    """Best placement for a budget: (placement, peak bytes, step s), or None if nothing fits."""
+    es = _esize(dtype)
+    best = None
+    host_cap = max(device.host_ram_gb * 0.85, 8.0) * GiB
+    for fp8 in (False, True):
+        base = predict_peak_bytes(sizes, "Q" * len(sizes.units) if fp8 else "S" * len(sizes.units), slots,
+                                  dtype, text_encoders, vae_tiling, w, h, controls)
+        avail = int((budget - base) / CAL.frag)
+        if avail < 0:
+            continue
+        p = _placement(sizes, es, avail, fp8)
+        if "F" not in p and "Q" not in p and fp8:
+            continue  # same as the bf16 candidate
+        # a placement without streamed units needs no slots: give that memory back
+        peak = predict_peak_bytes(sizes, p, slots, dtype, text_encoders, vae_tiling, w, h, controls)
+        if peak > budget:
+            continue
+        hostb = sum(host_bytes(u, c, es) for u, c in zip(sizes.units, p))
+        if hostb > host_cap:
+            continue
+        t = predict_step_s(sizes, p, dtype, w, h, controls, device)
+        # prefer exact compute-dtype weights unless fp8 is clearly faster
+        if best is None or t < best[2] * (0.97 if fp8 else 1.0):
+            best = (p, peak, t)
+    return best
+
+
+def budget_for(tier: str, device: DeviceInfo) -> float:
+    """GiB a tier may use."""
+    if tier == "auto":
+        return max(device.free_gb - CONTEXT_GB, 0.0)
+    return float(tier) - CONTEXT_GB
+
+
+def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None) -> Plan:
+    """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
+    budget. `tile` forces a generation tile (used when stepping down)."""
+    tier = str(tier).lower()
+    if tier == "auto" and device.kind == "cpu":
+        tier = "cpu"
+    if tier == "cpu":
+        dtype = "float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16"
+        return Plan("cpu", "cpu", 0.0, dtype, "B" * len(sizes.units), 0, "cpu", False, 0, 0, 0.0, 0.0, 0.0,
+                    ("everything runs on the CPU: expect minutes per image with the full-size model",))
+    if tier != "auto" and tier not in GPU_TIERS:
+        raise ValueError(f"tier must be one of auto, cpu, {', '.join(GPU_TIERS)}, got {tier!r}.")
+    dtype = "bfloat16" if device.bf16 else "float32"
+    budget = budget_for(tier, device) * GiB
+    notes = [] if device.bf16 else ["this GPU has no bf16: computing in float32 (fp16 overflows in FLUX)"]
+    out_w, out_h = round(shape.width * shape.upscale / 16) * 16, round(shape.height * shape.upscale / 16) * 16
+    big = shape.width * shape.height
+    # generation tile: the whole image if it fits, else the largest square tile that does
+    tiles = [tile] if tile else [0, 1024, 768, 512, 384]
+    for t in tiles:
+        gw, gh = (shape.width, shape.height) if t == 0 else (min(t, shape.width), min(t, shape.height))
+        if t == 0 and big > 1024 * 1024 and shape.upscale > 1:
+            continue  # upscale stages run in tiles of at most 1024 anyway
+        # upscale stages refine tiles of ≤ 1024² px: plan for the larger of the two passes
+        uw, uh = (min(gw if t else 1024, out_w), min(gh if t else 1024, out_h)) if shape.upscale > 1 else (gw, gh)
+        pw, ph = max(gw, uw), max(gh, uh)
+        for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
+            for vae_tiling in (False, True):
+                vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
+                if vae_needed and not vae_tiling:
+                    continue
+                for slots in (3, 2):
+                    got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device, slots)
+                    if got:
+                        p, peak, step = got
+                        ov = 0 if t == 0 else max(64, t // 8)
+                        if t:
+                            notes.append(f"generation runs in {t}px tiles fused at every step")
+                        hostb = sum(host_bytes(u, c, _esize(dtype)) for u, c in zip(sizes.units, p))
+                        if text_enc == "stream":
+                            hostb += (sizes.t5_params + sizes.clip_params) * _esize(dtype)
+                        return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
+                                    t if t else (1024 if shape.upscale > 1 else 0), ov if t else 128,
+                                    round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1), tuple(notes))
+    raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
+                     "streamed and the smallest tile; choose a larger tier or the CPU.")
+
+
+def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
+    """The next smaller plan after an out-of-memory: a smaller tier, then a smaller tile."""
+    if plan.device == "cpu":
+        return None
+    smaller = [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
+    for t in smaller:
+        try:
+            return plan_for(t, shape, sizes, device)
+        except ValueError:
+            break
+    for t in (768, 512, 384):
+        if plan.tile == 0 or t < plan.tile:
+            try:
+                return plan_for(plan.tier if plan.tier in GPU_TIERS else smaller[-1] if smaller else "4",
+                                shape, sizes, device, tile=t)
+            except ValueError:
+                continue
+    return None

@@ -1,0 +1,50 @@
+"""Parameter counts the planner needs, from a loaded pipeline or from configs on the meta device."""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from .plan import ModelSizes
+from .residency import denoiser_units, unit_sizes
+
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes:
+    units = denoiser_units(transformer, controlnet)
+    us = unit_sizes(units)
+    n_cn = sum(1 for name, _ in units if name.startswith("controlnet."))
+    in_units = sum(u.numel for u in us)
+    blocks = list(getattr(t5, "encoder", t5).block) if hasattr(getattr(t5, "encoder", t5), "block") else [t5]
+    return ModelSizes(units=tuple(us), n_cn_units=n_cn,
+                      fixed_params=_count(transformer) + _count(controlnet) - in_units,
+                      t5_params=_count(t5), t5_block_params=max(_count(b) for b in blocks),
+                      clip_params=_count(clip), vae_params=_count(vae),
+                      hidden=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
+                      max_seq=max_seq)
+
+
+def sizes_from_pipeline(pipe, max_seq: int) -> ModelSizes:
+    return sizes_of(pipe.transformer, pipe.controlnet.nets[0], pipe.text_encoder_2, pipe.text_encoder,
+                    pipe.vae, max_seq)
+
+
+@functools.lru_cache(maxsize=4)
+def sizes_from_config(name: str = "full") -> ModelSizes:
+    """Sizes of the full-size (or tiny) architecture without weights: built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .configs import FULL, TINY
+    cfg = FULL if name == "full" else TINY
+    with init_empty_weights():
+        tr = FluxTransformer2DModel(**cfg["transformer"])
+        cn = FluxControlNetModel(**cfg["controlnet"])
+        t5 = T5EncoderModel(T5Config(**cfg["t5"]))
+        clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
+        vae = AutoencoderKL(**cfg["vae"])
+    return sizes_of(tr, cn, t5, clip, vae, cfg["max_sequence_length"])
