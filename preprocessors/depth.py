@@ -66,14 +66,27 @@ def _load_from(source: str, device: str, is_demo: bool = False) -> _DepthModel:
     import torch
     from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
-    if _looks_local(source) and not Path(source).expanduser().is_dir():
+    local = _looks_local(source)
+    if local and not Path(source).expanduser().is_dir():
         raise FileNotFoundError(f"no model folder at '{source}'")
-    path = str(Path(source).expanduser()) if _looks_local(source) else source
+    path = str(Path(source).expanduser()) if local else source
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    processor = AutoImageProcessor.from_pretrained(path)
-    model = DepthAnythingForDepthEstimation.from_pretrained(
-        path, use_safetensors=True, dtype=dtype
-    )
+
+    def load(local_files_only: bool) -> tuple[Any, Any]:
+        kw = {"local_files_only": local_files_only}
+        processor = AutoImageProcessor.from_pretrained(path, **kw)
+        model = DepthAnythingForDepthEstimation.from_pretrained(
+            path, use_safetensors=True, dtype=dtype, **kw
+        )
+        return model, processor
+
+    try:
+        # The Hub cache first: without a network, online lookups retry for a minute or more.
+        model, processor = load(local_files_only=True)
+    except OSError:
+        if local:
+            raise
+        model, processor = load(local_files_only=False)
     model.to(device).eval()
     return _DepthModel(model, processor, device, dtype, is_demo)
 

@@ -34,31 +34,23 @@ class ImageInputError(ValueError):
 
 def _reason(exc: BaseException) -> str:
     """Pillow's message on one line, without object reprs or a final period."""
-    text = " ".join(str(exc).split()).strip()
-    text = re.sub(r"\s*<[^>]*>", "", text).rstrip(".")
+    text = re.sub(r"\s*<[^>]*>", "", " ".join(str(exc).split())).rstrip(".")
     return text or type(exc).__name__
 
 
 def _check_size(width: int, height: int) -> None:
     """Reject sizes the pipeline cannot use; called on header sizes before decoding."""
-    pixels = width * height
-    if pixels > MAX_INPUT_PIXELS:
-        raise ImageInputError(
-            f"The image is {width}×{height} pixels ({pixels:,}); "
-            f"the limit is {MAX_INPUT_PIXELS:,} pixels."
-        )
-    # Aspect before the smallest side: for a 10000×16 strip the shape is the real problem.
     aspect = max(width, height) / max(1, min(width, height))
-    if aspect > MAX_ASPECT:
-        raise ImageInputError(
-            f"The image is {width}×{height} pixels, an aspect ratio of {aspect:.1f}:1; "
-            f"the most allowed is {MAX_ASPECT:g}:1."
-        )
-    if min(width, height) < MIN_SIDE:
-        raise ImageInputError(
-            f"The image is {width}×{height} pixels; "
-            f"the smallest side must be at least {MIN_SIDE} pixels."
-        )
+    if width * height > MAX_INPUT_PIXELS:
+        problem = f" ({width * height:,}); the limit is {MAX_INPUT_PIXELS:,} pixels."
+    # Aspect before the smallest side: for a 10000×16 strip the shape is the real problem.
+    elif aspect > MAX_ASPECT:
+        problem = f", an aspect ratio of {aspect:.1f}:1; the most allowed is {MAX_ASPECT:g}:1."
+    elif min(width, height) < MIN_SIDE:
+        problem = f"; the smallest side must be at least {MIN_SIDE} pixels."
+    else:
+        return
+    raise ImageInputError(f"The image is {width}×{height} pixels{problem}")
 
 
 def _read_bytes(source: Any) -> bytes:
@@ -101,7 +93,11 @@ def _open_bytes(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _bomb_error(exc) from None
+        # Pillow's check fires inside Image.open, before we see the size: reuse its count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f" ({int(found.group(1)):,})" if found else ""
+        limit = f"the limit is {MAX_INPUT_PIXELS:,} pixels"
+        raise ImageInputError(f"The image has too many pixels{count}; {limit}.") from None
     except Exception as exc:  # Pillow plugins raise many types on malformed headers.
         unknown = isinstance(exc, UnidentifiedImageError)
         why = "cannot identify image file" if unknown else _reason(exc)
@@ -121,15 +117,6 @@ def _decode(img: Image.Image) -> Image.Image:
             f"The image file is damaged or truncated; Pillow reports: {_reason(exc)}."
         ) from None
     return img
-
-
-def _bomb_error(exc: BaseException) -> ImageInputError:
-    """Pillow's bomb check fires inside Image.open, before we see the size: parse its count."""
-    match = re.search(r"\((\d+) pixels\)", str(exc))
-    count = f" ({int(match.group(1)):,})" if match else ""
-    return ImageInputError(
-        f"The image has too many pixels{count}; the limit is {MAX_INPUT_PIXELS:,} pixels."
-    )
 
 
 def _finite(arr: np.ndarray) -> np.ndarray:
@@ -205,9 +192,7 @@ def load_image(source: Any) -> Image.Image:
     except Exception:  # malformed EXIF should not cost the user the image
         pass
     _check_size(*img.size)
-    out = _to_rgb(img)
-    # Never hand the caller's own object back: later edits must not alter their input.
-    return out.copy() if out is source else out
+    return _to_rgb(img)  # always a new image: edits never reach the caller's object
 
 
 def _positive(name: str, value: Any) -> float:
@@ -254,12 +239,10 @@ def fit_size(
 
 
 def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize (no crop) to exactly width×height with Lanczos."""
+    """Resize (no crop) to exactly width×height with Lanczos; always a new image."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}.")
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if image.size == (width, height):
-        return image.copy()
     return image.resize((int(width), int(height)), Image.Resampling.LANCZOS)

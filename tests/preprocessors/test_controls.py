@@ -119,12 +119,13 @@ def test_depth_demo_output(photo):
     assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
 
 
-def test_depth_demo_is_safetensors_and_cached(tmp_path_factory):
-    folder = depth_module.demo_model_dir()
-    assert (folder / "model.safetensors").is_file()
-    assert not list(folder.glob("*.bin"))
+def test_depth_demo_is_safetensors_and_cached():
     first = depth_module._get_model(None, "cpu", demo=True)
-    assert depth_module._get_model(None, "cpu", demo=True) is first
+    assert first.is_demo and depth_module._get_model(None, "cpu", demo=True) is first
+    assert depth_module._load_demo("cpu").is_demo  # (re)uses the folder under our cache root
+    folder = depth_module.demo_model_dir()
+    assert (folder / "model.safetensors").is_file() and (folder / "preprocessor_config.json").is_file()
+    assert not list(folder.glob("*.bin"))
 
 
 def test_depth_demo_logs_a_warning(caplog):

@@ -132,6 +132,11 @@ def _float_tiff(tmp_path):
     return _encode(Image.fromarray(ramp, "F"), "TIFF")
 
 
+def _int32_image(tmp_path):
+    ramp = np.linspace(-70000, 90000, 96 * 96).reshape(96, 96).astype(np.int32)
+    return Image.fromarray(ramp, "I")
+
+
 def _one_bit(tmp_path):
     checker = (np.indices((96, 96)).sum(0) // 8 % 2).astype(bool)
     return _encode(Image.fromarray(checker), "PNG")
@@ -250,6 +255,8 @@ CASES = {
     "numpy_uint16_rgba": (_uint16_rgba_array, OK, _check_uint16_rgba),
     "bmp": (lambda t: _encode(_photo(), "BMP"), OK, _check_photo),
     "webp": (lambda t: _encode(_photo(), "WEBP", lossless=True), OK, _check_photo),
+    "pil_ycbcr": (lambda t: _photo().convert("YCbCr"), OK, _check_photo),
+    "pil_int32_mode_I": (_int32_image, OK, _check_float_tiff),
     "file_object": (lambda t: io.BytesIO(_encode(_photo(), "PNG")), OK, _check_photo),
     "missing_path": (lambda t: t / "nowhere.png", BAD, r"No image file was found"),
     "wrong_type": (lambda t: 12345, BAD, r"Unsupported image input of type int"),
