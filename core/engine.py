@@ -19,7 +19,7 @@ from .job import Job
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import ModelSpec, load_pipeline
 from .plan import JobShape, Plan, plan_for, step_down
-from .residency import Residency, denoiser_units
+from .residency import Residency, denoiser_units, text_encoder_units
 from .sizes import sizes_from_pipeline
 from .upscale import upscale
 
@@ -70,9 +70,9 @@ class Engine:
         self.cache = PromptCache()
         self.residency: Residency | None = None
         self._applied: tuple | None = None
-        self._offloaded: list = []
         self._lock = threading.Lock()
         self.faults = Faults()
+        self._monitor: MemoryMonitor | None = None
         if pipe is not None:
             self._init_pipe(pipe)
 
@@ -118,15 +118,9 @@ class Engine:
                                  f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier.")
 
     def _undo(self) -> None:
-        from diffusers.hooks import HookRegistry
         if self.residency is not None:
             self.residency.remove()
             self.residency = None
-        for m in self._offloaded:
-            reg = HookRegistry.check_if_exists_or_initialize(m)
-            for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
-                reg.remove_hook(name, recurse=True)
-        self._offloaded = []
         for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
             getattr(self.pipe, name).to("cpu")
         self._applied = None
@@ -149,16 +143,17 @@ class Engine:
                         if name not in ("transformer_blocks", "single_transformer_blocks"):
                             child.to(dev)
                 pipe.vae.to(dev)
-                units = denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
-                self.residency = Residency(units, plan.placement, dev, dtype, plan.slots)
-                for te in (pipe.text_encoder, pipe.text_encoder_2):
-                    if plan.text_encoders == "gpu":
-                        te.to(dev)
-                    elif plan.text_encoders == "stream":
-                        from diffusers.hooks import apply_group_offloading
-                        apply_group_offloading(te, onload_device=dev, offload_type="block_level",
-                                               num_blocks_per_group=1, use_stream=True)
-                        self._offloaded.append(te)
+                pipe.text_encoder.to(dev)  # CLIP-L: 0.25 GB, always resident
+                t5 = pipe.text_encoder_2
+                t5_units = text_encoder_units(t5)
+                in_units = {id(p) for _, m in t5_units for p in m.parameters()}
+                for p in t5.parameters():  # embedding, norms, position bias: resident
+                    if id(p) not in in_units:
+                        p.data = p.data.to(dev)
+                units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
+                t5_code = "B" if plan.text_encoders == "gpu" else "S"
+                self.residency = Residency(units, t5_code * len(t5_units) + plan.placement, dev, dtype,
+                                           plan.slots)
                 free_memory()
             self._applied = key
         if plan.vae_tiling:
@@ -186,7 +181,8 @@ class Engine:
                     if not is_oom(e):
                         free_memory()
                         raise
-                    err = str(e).split("\n")[0][:120]
+                    where = self._monitor.phases[-1].name if self._monitor and self._monitor.phases else "?"
+                    err = f"in {where}: " + str(e).split("\n")[0][:100]
                 # outside the except block, so the traceback's tensors can be freed
                 free_memory()
                 nxt = step_down(plan, JobShape(job.width, job.height, len(job.controls), job.upscale),
@@ -200,7 +196,7 @@ class Engine:
                 plan = nxt
 
     def _run_once(self, job, plan, events, progress, cancel, source) -> Result:
-        mon = MemoryMonitor(plan.device, hook=self.faults.check)
+        mon = self._monitor = MemoryMonitor(plan.device, hook=self.faults.check)
         with mon.phase("load"):
             self.apply(plan)
         rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,

@@ -21,13 +21,13 @@ CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
 @dataclass(frozen=True)
 class Calibration:
     """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
-    act_per_token: float = 48.0 * 3072 * 2    # denoiser transients per (image + text) token
+    act_per_token: float = 36.0 * 3072 * 2    # denoiser transients per (image + text) token
     res_per_img_token: float = 30.0 * 3072 * 2  # ControlNet residuals kept for the transformer
     vae_dec_per_px: float = 2600.0           # untiled VAE decode, bytes per output pixel
     vae_enc_per_px: float = 1300.0           # untiled VAE encode (control image, img2img)
     vae_tile_px: int = 512                   # tile side when VAE tiling is on
-    frag: float = 1.06                       # reserved / allocated
-    margin_gb: float = 0.25
+    frag: float = 1.02                       # reserved / allocated (expandable segments)
+    margin_gb: float = 0.2
 
 
 CAL = Calibration()
@@ -39,8 +39,9 @@ class ModelSizes:
     n_cn_units: int               # the first n units belong to the ControlNet (they run once per control)
     fixed_params: int             # non-unit denoiser params (embedders, norms, zero-convs): always resident
     t5_params: int
-    t5_block_params: int          # largest T5 block (streamed one at a time)
-    clip_params: int
+    t5_unit_params: int           # T5 Linear layers: resident ("gpu") or streamed with the denoiser's slots
+    t5_max_unit: int
+    clip_params: int              # CLIP (and T5's embedding and norms) stay on the GPU
     vae_params: int
     hidden: int = 3072
     max_seq: int = 512
@@ -62,7 +63,7 @@ class Plan:
     dtype: str                # compute dtype
     placement: str            # one code per denoiser unit: B F S Q (core.residency)
     slots: int                # work slots for managed units
-    text_encoders: str        # "gpu" resident | "stream" (group offload) | "cpu"
+    text_encoders: str        # "gpu" resident | "stream" (T5 layers through the work slots) | "cpu"
     vae_tiling: bool
     tile: int                 # generation tile side in px (0: the whole image in one pass)
     overlap: int              # tile overlap in px
@@ -100,11 +101,13 @@ def host_bytes(u: UnitSize, code: str, es: int) -> int:
     return 0
 
 
-def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int) -> int:
-    managed = [u for u, c in zip(sizes.units, placement) if c != "B"]
+def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False) -> int:
+    managed = [u.numel for u, c in zip(sizes.units, placement) if c != "B"]
+    if text_stream:
+        managed.append(sizes.t5_max_unit)
     if not managed:
         return 0
-    work = min(slots, len(managed)) * max(u.numel for u in managed) * es
+    work = min(slots, len(managed)) * max(managed) * es
     q = [u.fp8_numel + (u.numel - u.fp8_numel) * es for u, c in zip(sizes.units, placement) if c == "Q"]
     return work + (max(q) if q else 0)
 
@@ -124,9 +127,7 @@ def phase_bytes(sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_t
     tpx = min(px, cal.vae_tile_px ** 2) if vae_tiling else px
     encode_img = cal.vae_enc_per_px * tpx * scale
     decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if vae_tiling else 0)
-    text = 0.0
-    if text_encoders == "stream":
-        text = (3 * sizes.t5_block_params + 32128 * 4096) * es + 0.2 * GiB
+    text = 0.15 * GiB  # T5 activations for 512 tokens
     return dict(denoise=denoise + 0.1 * GiB, encode_image=encode_img, decode=decode, text=text)
 
 
@@ -135,9 +136,10 @@ def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str
     es = _esize(dtype)
     resident = sizes.fixed_params * es + sizes.vae_params * es
     resident += sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, placement))
-    resident += slot_bytes(sizes, placement, slots, es)
+    resident += slot_bytes(sizes, placement, slots, es, text_encoders == "stream")
+    resident += (sizes.t5_params - sizes.t5_unit_params + sizes.clip_params) * es
     if text_encoders == "gpu":
-        resident += (sizes.t5_params + sizes.clip_params) * es
+        resident += sizes.t5_unit_params * es
     ph = phase_bytes(sizes, w, h, controls, es, vae_tiling, text_encoders, cal)
     return (resident + max(ph.values())) * cal.frag + cal.margin_gb * GiB
 
@@ -255,24 +257,27 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         # upscale stages refine tiles of ≤ 1024² px: plan for the larger of the two passes
         uw, uh = (min(gw if t else 1024, out_w), min(gh if t else 1024, out_h)) if shape.upscale > 1 else (gw, gh)
         pw, ph = max(gw, uw), max(gh, uh)
+        vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
+        cands = []
         for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
-            for vae_tiling in (False, True):
-                vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
-                if vae_needed and not vae_tiling:
-                    continue
+            for vae_tiling in ((True,) if vae_needed else (False, True)):
                 for slots in (3, 2):
                     got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device, slots)
-                    if got:
-                        p, peak, step = got
-                        ov = 0 if t == 0 else max(64, t // 8)
-                        if t:
-                            notes.append(f"generation runs in {t}px tiles fused at every step")
-                        hostb = sum(host_bytes(u, c, _esize(dtype)) for u, c in zip(sizes.units, p))
-                        if text_enc == "stream":
-                            hostb += (sizes.t5_params + sizes.clip_params) * _esize(dtype)
-                        return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
-                                    t if t else (1024 if shape.upscale > 1 else 0), ov if t else 128,
-                                    round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1), tuple(notes))
+                    if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
+                        cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, slots, got))
+            if cands and text_enc == "gpu":
+                break  # resident text encoders fit: no need to stream them
+        if cands:
+            _, text_enc, vae_tiling, slots, (p, peak, step) = min(cands, key=lambda c: c[0])
+            ov = 0 if t == 0 else max(64, t // 8)
+            if t:
+                notes.append(f"generation runs in {t}px tiles fused at every step")
+            hostb = sum(host_bytes(u, c, _esize(dtype)) for u, c in zip(sizes.units, p))
+            if text_enc == "stream":
+                hostb += sizes.t5_unit_params * _esize(dtype)
+            return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
+                        t if t else (1024 if shape.upscale > 1 else 0), ov if t else 128,
+                        round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1), tuple(notes))
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
                      "streamed and the smallest tile; choose a larger tier or the CPU.")
 

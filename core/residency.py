@@ -57,6 +57,13 @@ def denoiser_units(transformer, controlnet) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def text_encoder_units(t5) -> list[tuple[str, nn.Module]]:
+    """The T5 encoder's Linear layers, in execution order (q, k, v, o, wi_0, wi_1, wo per block):
+    streamed through the same slots as the denoiser while a prompt is encoded."""
+    return [(f"text_encoder_2.block.{i}.{n}", m) for i, block in enumerate(t5.encoder.block)
+            for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
 def _fp8_params(module: nn.Module) -> set[int]:
     return {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
 
@@ -70,48 +77,49 @@ def unit_sizes(units) -> list[UnitSize]:
     return out
 
 
-class _Packed:
-    """One unit's weights as one flat byte buffer: [fp8 part | compute-dtype part].
-    Packing and unpacking run on `work_device` (the GPU casts 12 B parameters in seconds)."""
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
 
-    def __init__(self, module: nn.Module, fp8: bool, dtype: torch.dtype, where: str, pin: bool,
-                 work_device: torch.device):
+
+class _Packed:
+    """One unit's weights as one flat byte buffer: [fp8 part | compute-dtype part], a view into an
+    arena (GPU for F, pinned host for S/Q) so that thousands of packs cost two allocations and the
+    allocator never fragments."""
+
+    def __init__(self, module: nn.Module, fp8: bool, dtype: torch.dtype):
         f8 = _fp8_params(module) if fp8 else set()
         params = [p for p in module.parameters()]
         params.sort(key=lambda p: id(p) not in f8)       # fp8 part first
         self.params = params
         self.n8 = sum(p.numel() for p in params if id(p) in f8)
         self.numel = sum(p.numel() for p in params)
-        self.esize = torch.empty((), dtype=dtype).element_size()
-        self.nbytes = self.n8 + (self.numel - self.n8) * self.esize
         self.dtype = dtype
-        buf = torch.empty(self.nbytes, dtype=torch.uint8, device=work_device)
-        off8, offr = 0, self.n8
-        for p in params:
+        self.esize = torch.empty((), dtype=dtype).element_size()
+        self.off = _align(self.n8)                       # byte offset of the compute-dtype part
+        self.nbytes = self.off + (self.numel - self.n8) * self.esize
+        self.buf: torch.Tensor | None = None
+        self._stage: torch.Tensor | None = None
+
+    def fill(self, buf: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Write the module's current weights into `buf` (nbytes), casting on scratch's device."""
+        off = 0
+        for p in self.params:  # flatten in pack order into the scratch work slot
             n = p.numel()
-            src = p.data.reshape(-1).to(work_device, non_blocking=True)
-            if id(p) in f8:
-                buf[off8:off8 + n].view(FP8).copy_(src)
-                off8 += n
-            else:
-                buf[offr:offr + n * self.esize].view(dtype).copy_(src)
-                offr += n * self.esize
-        if where == "cpu" and buf.device.type != "cpu":
-            host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-            host.copy_(buf)
-            buf = host
+            scratch[off:off + n].copy_(p.data.reshape(-1))
+            off += n
+        # cast where the scratch is (the GPU), through the staging buffer when buf is host memory
+        tmp = buf if buf.device == scratch.device else self._stage
+        tmp[:self.n8].view(FP8).copy_(scratch[:self.n8])
+        tmp[self.off:self.nbytes].view(self.dtype).copy_(scratch[self.n8:self.numel])
+        if tmp is not buf:
+            buf.copy_(tmp[:self.nbytes])
         self.buf = buf
 
     def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:
         """Cast the packed bytes (self.buf or a staged copy of it) into a flat compute-dtype tensor."""
         src = self.buf if src is None else src
         dst[:self.n8].copy_(src[:self.n8].view(FP8), non_blocking=True)
-        dst[self.n8:self.numel].copy_(src[self.n8:self.nbytes].view(self.dtype), non_blocking=True)
-
-    def unpack_to_cpu(self, work_device: torch.device) -> torch.Tensor:
-        flat = torch.empty(self.numel, dtype=self.dtype, device=work_device)
-        self.unpack_into(flat, self.buf.to(work_device))
-        return flat.cpu()
+        dst[self.n8:self.numel].copy_(src[self.off:self.nbytes].view(self.dtype), non_blocking=True)
 
     def point_params(self, flat: torch.Tensor) -> None:
         off = 0
@@ -119,6 +127,17 @@ class _Packed:
             n = p.numel()
             p.data = flat[off:off + n].view(p.shape)
             off += n
+
+
+def _pinned(nbytes: int, pin: bool) -> torch.Tensor:
+    """Host memory for streamed weights. Registered with cudaHostRegister at its exact size (the
+    caching host allocator would round a 13 GB request up to 16 GB)."""
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({rc}): not enough host RAM to pin")
+    return t
 
 
 class Residency:
@@ -138,18 +157,32 @@ class Residency:
         self.stats = dict(hits=0, misses=0, copied_bytes=0)
         managed = [i for i, c in enumerate(placement) if c != "B"]
         for i, (_, m) in enumerate(units):
-            code = placement[i]
-            if code == "B":
+            if placement[i] == "B":
                 m.to(device=device, dtype=dtype)
-                continue
-            where = str(device) if code == "F" else "cpu"
-            self.packs[i] = _Packed(m, fp8=code in "FQ", dtype=dtype, where=where,
-                                    pin=cuda and code in "SQ", work_device=device)
+            else:
+                self.packs[i] = _Packed(m, fp8=placement[i] in "FQ", dtype=dtype)
+        # every GPU buffer is allocated once, up front: work slots, staging, the fp8 arena
         n_slots = min(slots, len(managed)) if managed else 0
         maxn = max((self.packs[i].numel for i in managed), default=0)
         self.work = [torch.empty(maxn, dtype=dtype, device=device) for _ in range(n_slots)]
-        max_stage = max((self.packs[i].nbytes for i in managed if placement[i] == "Q"), default=0)
+        max_stage = max((self.packs[i].nbytes for i in managed), default=0)
         self.staging = torch.empty(max_stage, dtype=torch.uint8, device=device) if cuda and max_stage else None
+        self.gpu_arena = torch.empty(sum(_align(self.packs[i].nbytes) for i in managed if placement[i] == "F"),
+                                     dtype=torch.uint8, device=device)
+        self.host_arena = _pinned(sum(_align(self.packs[i].nbytes) for i in managed if placement[i] in "SQ"),
+                                  pin=cuda)
+        self._pinned = cuda and self.host_arena.numel() > 0
+        goff = hoff = 0
+        for i in managed:
+            pack = self.packs[i]
+            pack._stage = self.staging
+            if placement[i] == "F":
+                buf, goff = self.gpu_arena[goff:goff + pack.nbytes], goff + _align(pack.nbytes)
+            else:
+                buf, hoff = self.host_arena[hoff:hoff + pack.nbytes], hoff + _align(pack.nbytes)
+            pack.fill(buf, self.work[0])
+        if cuda:
+            torch.cuda.synchronize(device)
         for i in managed:  # params point into slot 0 until loaded; the CPU originals are freed
             self.packs[i].point_params(self.work[0])
         self.slot_of: dict[int, int] = {}         # unit -> slot holding (or receiving) it
@@ -262,14 +295,20 @@ class Residency:
             if pack is None:
                 m.to("cpu")
                 continue
-            pack.point_params(pack.unpack_to_cpu(self.device))
+            flat = torch.empty(pack.numel, dtype=self.dtype, device=self.device)
+            src = pack.buf.to(self.device) if self.placement[i] in "SQ" else pack.buf
+            pack.unpack_into(flat, src)
+            pack.point_params(flat.cpu())
         self.packs.clear()
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.host_arena.data_ptr())
         self.work, self.staging, self.slot_of, self.ready = [], None, {}, {}
+        self.gpu_arena = self.host_arena = None
 
     @property
     def gpu_bytes(self) -> int:
         """Bytes this residency holds on the GPU (resident units, fp8 packs, slots, staging)."""
-        total = sum(p.buf.numel() for i, p in self.packs.items() if self.placement[i] == "F")
+        total = self.gpu_arena.numel() if self.gpu_arena is not None else 0
         total += sum(w.numel() * w.element_size() for w in self.work)
         total += self.staging.numel() if self.staging is not None else 0
         es = torch.empty((), dtype=self.dtype).element_size()

@@ -6,7 +6,7 @@ import functools
 from torch import nn
 
 from .plan import ModelSizes
-from .residency import denoiser_units, unit_sizes
+from .residency import denoiser_units, text_encoder_units, unit_sizes
 
 
 def _count(m: nn.Module) -> int:
@@ -18,10 +18,11 @@ def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes
     us = unit_sizes(units)
     n_cn = sum(1 for name, _ in units if name.startswith("controlnet."))
     in_units = sum(u.numel for u in us)
-    blocks = list(getattr(t5, "encoder", t5).block) if hasattr(getattr(t5, "encoder", t5), "block") else [t5]
+    t5_units = sum(p.numel() for _, m in text_encoder_units(t5) for p in m.parameters())
+    t5_max = max(p.numel() for _, m in text_encoder_units(t5) for p in m.parameters())
     return ModelSizes(units=tuple(us), n_cn_units=n_cn,
                       fixed_params=_count(transformer) + _count(controlnet) - in_units,
-                      t5_params=_count(t5), t5_block_params=max(_count(b) for b in blocks),
+                      t5_params=_count(t5), t5_unit_params=t5_units, t5_max_unit=t5_max,
                       clip_params=_count(clip), vae_params=_count(vae),
                       hidden=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
                       max_seq=max_seq)

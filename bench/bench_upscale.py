@@ -1,0 +1,77 @@
+"""GPU benchmark of progressive tiled upscaling: 1024² → 2048² and → 4096² under the 8 and 24 GB caps,
+full-size random-weight FLUX.1-dev + Union. Reports peak reserved memory, seconds per stage, tiles,
+and the seam metric of the output.
+
+usage: python -m bench.bench_upscale [--tiers 8,24] [--factors 2,4] [--steps 4] [--out-dir bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.bench_tiers import PROMPT, cap, photo
+from bench.env import environment, md_table
+from bench.random_model import build_random_pipeline
+from core.device import detect
+from core.engine import Engine
+from core.generate import PromptCache
+from core.job import ControlSpec, Job
+from core.models import ModelSpec
+from core.tiled import token_tiles
+from core.tiling import seam_ratio
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiers", default="8,24")
+    ap.add_argument("--factors", default="2,4")
+    ap.add_argument("--steps", type=int, default=4, help="denoising steps of the base image")
+    ap.add_argument("--upscale-steps", type=int, default=4, help="steps per upscale stage")
+    ap.add_argument("--out-dir", default="bench")
+    a = ap.parse_args()
+    pipe, build_s = build_random_pipeline("full")
+    engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(), pipe=pipe)
+    img = photo(1024)
+    rows = []
+    for tier in a.tiers.split(","):
+        for f in (float(x) for x in a.factors.split(",")):
+            engine._undo()
+            cap(None)
+            torch.cuda.empty_cache()
+            cap(float(tier) - 0.5)
+            engine.cache = PromptCache()
+            job = Job(prompt=PROMPT, image=img, controls=(ControlSpec("canny", 0.7, end=0.8),), width=1024,
+                      height=1024, steps=a.steps, upscale=f, upscale_steps=a.upscale_steps, tier=tier)
+            row = dict(tier=tier, factor=f, out=f"{job.out_size[0]}x{job.out_size[1]}")
+            t0 = time.perf_counter()
+            try:
+                res = engine.run(job)
+                rep = res.report
+                w, h = res.image.size
+                _, _, tiles, _ = token_tiles(w, h, res.plan.tile, res.plan.overlap)
+                row.update(completed=all("out of memory" not in e for e in res.events),
+                           peak_reserved_gb=rep["peak_reserved_gb"], predicted_peak_gb=res.plan.predicted_peak_gb,
+                           tile=res.plan.tile, last_stage_tiles=len(tiles),
+                           stage_s={k: v for k, v in rep["seconds"].items() if k.startswith("upscale")},
+                           decode_s=rep["seconds"].get("decode"), seam_ratio=round(seam_ratio(res.image, tiles, 16), 3)
+                           if len(tiles) > 1 else None, events=list(res.events))
+            except Exception as e:  # noqa: BLE001
+                row.update(completed=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            cap(None)
+            print("UPSCALE", row, flush=True)
+            rows.append(row)
+    out = Path(a.out_dir)
+    data = dict(env=environment(), build_s=build_s, upscale_steps=a.upscale_steps, rows=rows)
+    (out / "upscale_results.json").write_text(json.dumps(data, indent=1))
+    (out / "UPSCALE.md").write_text("# Upscale benchmark\n\n" + f"- {data['env']}\n\n" + md_table(
+        rows, ["tier", "factor", "out", "completed", "peak_reserved_gb", "predicted_peak_gb", "tile",
+               "last_stage_tiles", "stage_s", "decode_s", "seam_ratio", "wall_s"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
