@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -58,6 +58,20 @@ class Faults:
             self.counts[phase] -= 1
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected in {phase})")
 
+    def black(self) -> bool:
+        """Injected precision fault: the next result comes out black."""
+        if self.counts.get("black", 0) > 0:
+            self.counts["black"] -= 1
+            return True
+        return False
+
+
+def is_black_or_nan(image: Image.Image) -> bool:
+    """NaN latents decode to black; a result with (almost) no signal is a precision fault."""
+    import numpy as np
+    a = np.asarray(image)
+    return bool(a.max() <= 3)
+
 
 class Engine:
     def __init__(self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None,
@@ -101,9 +115,12 @@ class Engine:
             self._init_pipe(load_pipeline(self.spec, dtype))
 
     def plan(self, job: Job, tier: str | None = None) -> Plan:
+        return self._plan(job, tier)
+
+    def _plan(self, job: Job, tier: str | None = None, dtype: str | None = None) -> Plan:
         self.load()
         shape = JobShape(job.width, job.height, len(job.controls), job.upscale)
-        return plan_for(tier or job.tier, shape, self.sizes, self.device)
+        return plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
 
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""
@@ -134,8 +151,12 @@ class Engine:
             self._undo()
             dtype = getattr(torch, plan.dtype)
             if pipe.transformer.dtype != dtype:
+                from diffusers.utils import logging as dlogging
+                level = dlogging.get_verbosity()
+                dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
                 for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
                     getattr(pipe, name).to(dtype)
+                dlogging.set_verbosity(level)
             if plan.device == "cuda":
                 dev = torch.device("cuda")
                 for model in (pipe.transformer, pipe.controlnet.nets[0]):
@@ -173,7 +194,16 @@ class Engine:
             while True:
                 err = None
                 try:
-                    return self._run_once(job, plan, events, progress, cancel, source)
+                    result = self._run_once(job, plan, events, progress, cancel, source)
+                    if not is_black_or_nan(result.image):
+                        return result
+                    if plan.dtype == "float32":
+                        events.append("the result is black even in float32: check the model weights")
+                        return replace(result, events=tuple(events))
+                    events.append(f"the result was black (NaN) in {plan.dtype}: rerun in float32")
+                    log.warning(events[-1])
+                    plan = self._plan(job, dtype="float32")
+                    continue
                 except JobCancelled:
                     free_memory()
                     raise
@@ -207,4 +237,6 @@ class Engine:
         out = generate_pass(job, image, controls, rt, mon, events, self.cache)
         if job.upscale > 1:
             out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo)
+        if self.faults.black():
+            out = Image.new("RGB", out.size)
         return Result(out, job, plan, mon.report(), tuple(events), tuple(controls), self.demo)

@@ -47,7 +47,7 @@ class PromptCache:
         self.size, self.data = size, OrderedDict()
 
     def get(self, pipe, prompt: str, device: torch.device, max_seq: int):
-        key = (prompt, max_seq)
+        key = (prompt, max_seq, pipe.text_encoder_2.dtype)
         if key not in self.data:
             with torch.no_grad():
                 pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, device=device,

@@ -9,7 +9,7 @@ the full-size architecture (bench/RESULTS.md); the time model only ranks candida
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
 from .residency import UnitSize
@@ -231,21 +231,23 @@ def budget_for(tier: str, device: DeviceInfo) -> float:
     return float(tier) - CONTEXT_GB
 
 
-def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None) -> Plan:
+def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None,
+             dtype: str | None = None) -> Plan:
     """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
-    budget. `tile` forces a generation tile (used when stepping down)."""
+    budget. `tile` forces a generation tile (used when stepping down), `dtype` the compute dtype
+    (float32 after a NaN/black result)."""
     tier = str(tier).lower()
     if tier == "auto" and device.kind == "cpu":
         tier = "cpu"
     if tier == "cpu":
-        dtype = "float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16"
+        dtype = dtype or ("float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16")
         return Plan("cpu", "cpu", 0.0, dtype, "B" * len(sizes.units), 0, "cpu", False, 0, 0, 0.0, 0.0, 0.0,
                     ("everything runs on the CPU: expect minutes per image with the full-size model",))
     if tier != "auto" and tier not in GPU_TIERS:
         raise ValueError(f"tier must be one of auto, cpu, {', '.join(GPU_TIERS)}, got {tier!r}.")
-    dtype = "bfloat16" if device.bf16 else "float32"
+    dtype = dtype or ("bfloat16" if device.bf16 else "float32")
     budget = budget_for(tier, device) * GiB
-    notes = [] if device.bf16 else ["this GPU has no bf16: computing in float32 (fp16 overflows in FLUX)"]
+    notes = [] if dtype != "float32" else ["computing in float32 (no bf16 on this GPU, or a NaN result in bf16)"]
     out_w, out_h = round(shape.width * shape.upscale / 16) * 16, round(shape.height * shape.upscale / 16) * 16
     big = shape.width * shape.height
     # generation tile: the whole image if it fits, else the largest square tile that does
@@ -284,19 +286,18 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
 
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
     """The next smaller plan after an out-of-memory: a smaller tier, then a smaller tile."""
-    if plan.device == "cpu":
-        return None
-    smaller = [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
+    smaller = [] if plan.device == "cpu" else [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
     for t in smaller:
         try:
-            return plan_for(t, shape, sizes, device)
+            return plan_for(t, shape, sizes, device, dtype=plan.dtype)
         except ValueError:
             break
-    for t in (768, 512, 384):
+    last = plan.tier if plan.tier in GPU_TIERS + ("cpu",) else (smaller[-1] if smaller else "4")
+    for t in (768, 512, 384):  # then smaller generation tiles (on the CPU too: RAM-bound activations)
         if plan.tile == 0 or t < plan.tile:
             try:
-                return plan_for(plan.tier if plan.tier in GPU_TIERS else smaller[-1] if smaller else "4",
-                                shape, sizes, device, tile=t)
+                return replace(plan, tile=t, overlap=max(64, t // 8)) if last == "cpu" else \
+                    plan_for(last, shape, sizes, device, tile=t, dtype=plan.dtype)
             except ValueError:
                 continue
     return None
