@@ -17,6 +17,7 @@ from preprocessors.registry import CONTROLS, preprocess
 from .job import ControlSpec, Job
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import has_mode_ids
+from .skip import skip_idle_controls
 from .tiled import tiled_denoising
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt:
         pe, pooled = cache.get(pipe, job.prompt, rt.device, rt.max_seq)
     gen = torch.Generator("cpu").manual_seed(job.seed)
     label = "generate"
-    with monitor.phase("denoise"), torch.no_grad(), \
+    with monitor.phase("denoise"), torch.no_grad(), skip_idle_controls(pipe) as skipped, \
             tiled_denoising(pipe, job.width, job.height, rt.tile, rt.overlap) as tiles:
         if len(tiles) > 1:
             events.append(f"generated in {len(tiles)} fused tiles of {rt.tile}px")
@@ -133,4 +134,6 @@ def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt:
                        max_sequence_length=rt.max_seq,
                        callback_on_step_end=step_callback(rt, label, job.steps),
                        **control_args(pipe, job.controls)).images
+    if skipped["skipped"]:
+        events.append(f"skipped {skipped['skipped']} idle ControlNet passes (outside control start/end)")
     return decode(pipe, latents, job.width, job.height, monitor, events)

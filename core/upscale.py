@@ -23,6 +23,7 @@ from .generate import PromptCache, Runtime, control_args, control_params, decode
 from .job import ControlSpec, Job
 from .memory import MemoryMonitor
 from .models import has_mode_ids
+from .skip import skip_idle_controls
 from .tiled import tiled_denoising
 
 TILE_SCALE = 0.45
@@ -82,7 +83,7 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
             pe, pooled = cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
-        with monitor.phase(f"upscale{k}"), torch.no_grad(), \
+        with monitor.phase(f"upscale{k}"), torch.no_grad(), skip_idle_controls(rt.pipe), \
                 tiled_denoising(rt.pipe, w, h, rt.tile or 1024, rt.overlap or 128, on_tile) as tiles:
             events.append(f"{label}: {len(tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
             latents = img2img(
