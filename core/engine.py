@@ -87,12 +87,18 @@ class Engine:
         self._lock = threading.Lock()
         self.faults = Faults()
         self._monitor: MemoryMonitor | None = None
+        self._owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         if pipe is not None:
             self._init_pipe(pipe)
 
     @property
     def demo(self) -> bool:
         return self.spec.demo
+
+    @property
+    def busy(self) -> bool:
+        """A job is running (jobs run one at a time)."""
+        return self._lock.locked()
 
     # -- loading and placement ----------------------------------------------------------------
     def _init_pipe(self, pipe) -> None:
@@ -148,7 +154,21 @@ class Engine:
         key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.text_encoders)
         pipe = self.pipe
         if key != self._applied:
+            n_t5 = len(text_encoder_units(pipe.text_encoder_2))
+            t5_code = "B" if plan.text_encoders == "gpu" else "S"
+            full = t5_code * n_t5 + plan.placement
+            old = self.residency.placement if self.residency else ""
+            # fp8 storage rounds weights; a unit going back to bf16 must come from the source again
+            lossy = any(o in "FQ" and n in "BS" for o, n in zip(old, full))
             self._undo()
+            if lossy and self._owns_pipe:
+                log.info("reloading the weights: the previous plan stored some in fp8")
+                self.pipe = None
+                free_memory()
+                self.load()
+                pipe = self.pipe
+            elif lossy:
+                log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
             dtype = getattr(torch, plan.dtype)
             if pipe.transformer.dtype != dtype:
                 from diffusers.utils import logging as dlogging
@@ -172,9 +192,7 @@ class Engine:
                     if id(p) not in in_units:
                         p.data = p.data.to(dev)
                 units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
-                t5_code = "B" if plan.text_encoders == "gpu" else "S"
-                self.residency = Residency(units, t5_code * len(t5_units) + plan.placement, dev, dtype,
-                                           plan.slots)
+                self.residency = Residency(units, full, dev, dtype, plan.slots)
                 free_memory()
             self._applied = key
         if plan.vae_tiling:

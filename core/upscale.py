@@ -82,6 +82,7 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
         with monitor.phase("encode"):
             pe, pooled = cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))
+        runs = total - int(max(total - total * job.upscale_strength, 0))  # what img2img will run
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
         with monitor.phase(f"upscale{k}"), torch.no_grad(), skip_idle_controls(rt.pipe), \
                 tiled_denoising(rt.pipe, w, h, rt.tile or 1024, rt.overlap or 128, on_tile) as tiles:
@@ -91,6 +92,6 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
                 height=h, width=w, strength=job.upscale_strength, num_inference_steps=total,
                 guidance_scale=job.guidance, generator=torch.Generator("cpu").manual_seed(job.seed + k),
                 output_type="latent", max_sequence_length=rt.max_seq,
-                callback_on_step_end=step_callback(rt, label, steps), **control_args(rt.pipe, specs)).images
+                callback_on_step_end=step_callback(rt, label, runs), **control_args(rt.pipe, specs)).images
         image = decode(rt.pipe, latents, w, h, monitor, events)
     return image

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.job import MAX_CONTROLS, TIERS, ControlSpec, Job
+from core.job import TIERS, ControlSpec, Job
 from core.pngmeta import read_params, save_png
 from preprocessors import load_image
 from preprocessors.image_io import fit_size
@@ -22,7 +22,7 @@ from preprocessors.registry import CONTROLS
 
 ROWS = 3                                   # control rows in the UI
 NONE = "none"
-UPSCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
+UPSCALES = ("1", "1.5", "2", "3", "4")       # strings: exact choices for API clients
 SEED_MAX = 2**63 - 1
 RANDOM_SEED_MAX = 2**32 - 1                # randomized seeds stay exact in JavaScript numbers
 PREVIEW_SIDE = 384
@@ -50,8 +50,16 @@ def tier_choices(device) -> list[tuple[str, str]]:
     return [(auto_label(device), "auto")] + [(TIER_LABELS[t], t) for t in TIERS if t != "auto"]
 
 
-def upscale_choices() -> list[tuple[str, float]]:
-    return [(f"{u:g}×", u) for u in UPSCALES]
+def upscale_choices() -> list[tuple[str, str]]:
+    return [(f"{u}×", u) for u in UPSCALES]
+
+
+def upscale_factor(value) -> float:
+    """'2' (the UI's choice), 2 or 2.0 → 2.0; anything else goes to the Job, which says why."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=F
     seed = _whole("seed", seed, 0, SEED_MAX)
     return Job(prompt=prompt if isinstance(prompt, str) else "", image=img, controls=controls,
                width=width, height=height, steps=_whole("steps", steps, 1, 100), guidance=guidance,
-               seed=seed, upscale=upscale, tier=tier or "auto")
+               seed=seed, upscale=upscale_factor(upscale), tier=tier or "auto")
 
 
 def preview_control(image, kind, canny=None, demo: bool = False, side: int = PREVIEW_SIDE):
@@ -141,7 +149,7 @@ def png_params(result) -> dict:
     return dict(job=result.job.describe(), plan=result.plan.summary(), demo=result.demo)
 
 
-def save_result(result, folder: Path, keep: int = 64) -> Path:
+def save_result(result, folder: Path, keep: int = 32) -> Path:
     """The PNG with every parameter, in `folder` (older files beyond `keep` are removed: Gradio has
     copied them into its own cache by then)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,9 +174,15 @@ def summary_of(result, started: float, finished: float, path: Path | None = None
     return s
 
 
-def before_image(job: Job, size: tuple[int, int]) -> Image.Image:
-    """The input as the model saw it (resized to the job size), shown at the result's size."""
-    return job.image.resize((job.width, job.height), Image.LANCZOS).resize(size, Image.LANCZOS)
+def slider_pair(job: Job, result: Image.Image, cap: int = 2048) -> tuple[Image.Image, Image.Image]:
+    """(input as the model saw it, result), both at the result's size capped to `cap` on the long
+    side: the slider is for looking, the PNG download keeps every pixel."""
+    w, h = result.size
+    k = min(1.0, cap / max(w, h))
+    size = (max(1, round(w * k)), max(1, round(h * k)))
+    before = job.image.resize((job.width, job.height), Image.LANCZOS).resize(size, Image.LANCZOS)
+    after = result if size == result.size else result.resize(size, Image.LANCZOS)
+    return before, after
 
 
 def _gb(x) -> str:
@@ -199,7 +213,7 @@ def plan_markdown(summary: dict) -> str:
         ("Seconds per phase", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "—"),
         ("Size", "×".join(map(str, summary.get("size", []))) + f", seed {summary.get('seed')}"),
     ]
-    md = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    md = "| Plan | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     lines = [f"- {n}" for n in p.get("notes", [])] + [f"- {e}" for e in summary.get("events", [])]
     if lines:
         md += "\n\n**Notes and events**\n" + "\n".join(lines)
@@ -208,7 +222,7 @@ def plan_markdown(summary: dict) -> str:
 
 def gallery_add(gallery: list | None, path, caption: str, limit: int = 24) -> list:
     """This session's results, newest first (kept in a gr.State, never global)."""
-    items = [(str(path), caption)] + list(gallery or [])
+    items = [(str(path), caption)] + [g for g in (gallery or []) if Path(g[0]).is_file()]
     return items[:limit]
 
 
@@ -218,7 +232,7 @@ class Settings:
     prompt: str
     rows: list[tuple[str, float, float]]
     tier: str
-    upscale: float
+    upscale: str
     seed: int
     steps: int
     guidance: float
@@ -246,7 +260,7 @@ def settings_from_png(source) -> Settings:
     dropped = [c["kind"] for c in controls[ROWS:]]
     rows += [(NONE, 0.7, 0.8)] * (ROWS - len(rows))
     up = float(job.get("upscale", 1.0))
-    upscale = min(UPSCALES, key=lambda u: abs(u - up))
+    upscale = min(UPSCALES, key=lambda u: abs(float(u) - up))
     return Settings(prompt=job.get("prompt", ""), rows=rows, tier=str(job.get("tier", "auto")),
                     upscale=upscale, seed=int(job.get("seed", 0)), steps=int(job.get("steps", 28)),
                     guidance=float(job.get("guidance", 3.5)),
@@ -280,5 +294,3 @@ class CancelFlags:
             ev.set()
         return ev is not None
 
-
-__all__ = ["ROWS", "NONE", "UPSCALES", "MAX_CONTROLS", "build_job", "settings_from_png", "CancelFlags"]

@@ -13,7 +13,7 @@ def memory_figure(summary: dict) -> Figure:
     phases = summary.get("phases") or []
     plan = summary.get("plan", {})
     cpu = plan.get("device") == "cpu"
-    fig = Figure(figsize=(7.0, 3.0), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     colors: dict[str, str] = {}
     for ph in phases:
@@ -36,8 +36,8 @@ def memory_figure(summary: dict) -> Figure:
         ax.axhline(budget, color="#8c8c8c", lw=1, ls="-.", label=f"tier budget {budget:.1f} GB")
     ax.set_xlabel("seconds")
     ax.set_ylabel("host RAM (GB)" if cpu else "GPU memory (GB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Memory during the job" + (" (CPU: process memory)" if cpu else ""), fontsize=10)
+    top = max([t[1] for t in timeline] + [peak or 0, predicted or 0, (budget or 0) if not cpu else 0, 0.1])
+    ax.set_ylim(0, top * 1.15)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncols=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

@@ -1,6 +1,9 @@
-"""ZeroGPU on Hugging Face Spaces: the GPU function is wrapped in `spaces.GPU(duration=...)` there,
-with the duration estimated from the plan; everywhere else the function is returned unchanged.
-`spaces` is never a requirement: it exists only on Spaces."""
+"""ZeroGPU on Hugging Face Spaces: the GPU work is wrapped in `spaces.GPU(duration=...)` there, with
+the duration estimated from the plan; everywhere else the function is returned unchanged.
+`spaces` is never a requirement: it exists only on Spaces.
+
+On ZeroGPU the job runs in the GPU worker process, so only the Job (picklable) goes there: the
+progress and cancel callbacks stay behind (Gradio's own cancel still drops the event)."""
 from __future__ import annotations
 
 import logging
@@ -17,12 +20,12 @@ def on_zerogpu() -> bool:
 
 
 def estimate_seconds(engine, job) -> int:
-    """Predicted seconds per step × steps (upscale stages included), plus loading and a margin."""
+    """Predicted seconds per step × steps (upscale stages and tiles included), plus a margin."""
     try:
         step_s = engine.plan(job).predicted_step_s
     except Exception:  # noqa: BLE001 - a bad job fails in the run with its own sentence
         return MIN_S * 2
-    stages = math.ceil(math.log2(job.upscale)) if job.upscale > 1 else 0
+    stages = math.ceil(math.log2(job.upscale) - 1e-9) if job.upscale > 1 else 0
     up_steps = job.upscale_steps or max(4, min(10, job.steps // 3))
     tiles = max(1, round(job.upscale ** 2))
     total = step_s * (job.steps + stages * up_steps * tiles)
@@ -30,7 +33,8 @@ def estimate_seconds(engine, job) -> int:
 
 
 def gpu_wrap(fn, engine):
-    """fn(job, progress, cancel) → Result; wrapped by spaces.GPU on ZeroGPU only."""
+    """fn(job, progress, cancel) → Result, unchanged off ZeroGPU; on ZeroGPU engine.run(job) inside
+    spaces.GPU."""
     if not on_zerogpu():
         return fn
     try:
@@ -38,4 +42,12 @@ def gpu_wrap(fn, engine):
     except ImportError:
         log.warning("SPACES_ZERO_GPU is set but the 'spaces' package is missing: running without it")
         return fn
-    return spaces.GPU(duration=lambda job, *a, **k: estimate_seconds(engine, job))(fn)
+
+    @spaces.GPU(duration=lambda job: estimate_seconds(engine, job))
+    def run_on_gpu(job):
+        return engine.run(job)
+
+    def call(job, progress=None, cancel=None):
+        return run_on_gpu(job)
+
+    return call

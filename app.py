@@ -1,0 +1,61 @@
+"""Web UI: `python app.py` (the demo model when there is no CUDA GPU), see `python app.py --help`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from core.configs import FLUX_DEV, UNION_PRO
+    from core.job import TIERS
+
+    ap = argparse.ArgumentParser(description="FLUX.1-dev + ControlNet-Union on any GPU: the Gradio app")
+    ap.add_argument("--model", default=FLUX_DEV, metavar="ID|DIR", help="FLUX pipeline: Hub id or local folder")
+    ap.add_argument("--controlnet", default=UNION_PRO, metavar="ID|DIR",
+                    help="Union ControlNet: Hub id or local folder")
+    ap.add_argument("--tier", default="auto", choices=TIERS, help="the VRAM tier selected in the UI")
+    ap.add_argument("--demo", action="store_true",
+                    help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    return ap.parse_args(argv)
+
+
+def build_engine(args):
+    import torch
+
+    from core.engine import Engine
+    from core.models import ModelSpec
+
+    demo = args.demo or not torch.cuda.is_available()
+    spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet)
+    engine = Engine(spec)
+    engine.load()
+    return engine
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from core.models import ModelUnavailableError
+
+    try:
+        engine = build_engine(args)
+    except ModelUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if engine.demo:
+        why = "--demo" if args.demo else "no CUDA GPU found"
+        print(f"Demo model in use ({why}): tiny FLUX with random weights, the images are noise.", flush=True)
+    from ui import create_demo
+
+    demo = create_demo(engine, default_tier=args.tier)
+    demo.queue(max_size=8).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                  max_file_size="50mb")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""ui.handlers without Gradio running: UI values → Job, bad values → the core's sentence, PNG settings."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from PIL import Image
+
+from core.device import DeviceInfo
+from core.pngmeta import save_png
+from ui import handlers as H
+
+ROWS = [("canny", 0.7, 0.8), ("depth", 0.5, 0.6), ("none", 0.7, 0.8)]
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory, astronaut):
+    p = tmp_path_factory.mktemp("in") / "astronaut.png"
+    astronaut.save(p)
+    return str(p)
+
+
+def job_from(photo, **kw):
+    args = dict(image=photo, prompt="an astronaut", rows=ROWS, tier="auto", upscale="2", seed=7,
+                randomize=False, steps=2, guidance=3.5, max_side=256)
+    args.update(kw)
+    return H.build_job(**args)
+
+
+def test_build_job_from_ui_values(photo_path):
+    job = job_from(photo_path)
+    assert (job.width, job.height) == (256, 256)      # the 512² astronaut fitted into max side 256
+    assert job.out_size == (512, 512)
+    assert [c.kind for c in job.controls] == ["canny", "depth"]
+    assert job.controls[1].scale == 0.5 and job.controls[1].end == 0.6
+    assert job.upscale == 2.0 and job.seed == 7 and job.steps == 2 and job.tier == "auto"
+
+
+def test_build_job_accepts_pil_and_float_sliders(astronaut):
+    job = job_from(astronaut, steps=3.0, max_side=320.0, upscale=1.5, tier="8")
+    assert job.steps == 3 and max(job.width, job.height) == 320 and job.upscale == 1.5 and job.tier == "8"
+
+
+def test_randomize_draws_the_seed_into_the_job(photo_path):
+    a = job_from(photo_path, randomize=True, rng=random.Random(1))
+    b = job_from(photo_path, randomize=True, rng=random.Random(1))
+    assert a.seed == b.seed != 7 and 0 <= a.seed < 2**32
+
+
+def test_canny_thresholds_go_into_the_params(photo_path):
+    job = job_from(photo_path, canny=(50, 150))
+    assert dict(job.controls[0].params) == {"low": 50, "high": 150}
+    assert dict(job.controls[1].params) == {}          # depth gets no canny thresholds
+    with pytest.raises(ValueError, match="canny low threshold"):
+        job_from(photo_path, canny=(150, 50))
+
+
+@pytest.mark.parametrize("change, sentence", [
+    (dict(prompt="  "), "prompt must be a non-empty text."),
+    (dict(prompt="x" * 2001), "the limit is 2000"),
+    (dict(rows=[("none", 0.7, 0.8)] * 3), "controls: give between 1 and 4 controls, got 0."),
+    (dict(rows=[("canny", 2.5, 0.8)]), "scale of control 'canny' must be between 0.0 and 2.0"),
+    (dict(rows=[("canny", 0.7, 0.0)]), "control start (0.0) must be below control end (0.0)."),
+    (dict(rows=[("sketch", 0.7, 0.8)]), "Unknown control 'sketch'"),
+    (dict(tier="3"), "tier must be one of auto, cpu, 4, 6, 8, 12, 16, 24, 48"),
+    (dict(upscale="8"), "upscale must be between 1.0 and 4.0"),
+    (dict(steps=0), "steps must be a whole number between 1 and 100"),
+    (dict(steps=2.5), "steps must be a whole number between 1 and 100"),
+    (dict(guidance=99), "guidance must be between 0.0 and 30.0"),
+    (dict(seed=-1), "seed must be a whole number"),
+    (dict(image=None), "Upload an image first"),
+])
+def test_bad_values_give_the_core_sentence(photo_path, change, sentence):
+    with pytest.raises(ValueError) as err:
+        job_from(photo_path, **change)
+    assert sentence in str(err.value)
+
+
+def test_bad_upload_gives_the_image_sentence(tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="image"):
+        job_from(str(bad))
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2000, 40)).save(strip)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        job_from(str(strip))
+
+
+def test_png_settings_round_trip(photo_path, tmp_path):
+    job = job_from(photo_path, canny=(40, 120), tier="12", upscale="1.5", seed=1234, steps=9, guidance=4.5)
+    path = save_png(job.image.resize((job.width, job.height)), tmp_path / "out.png",
+                    dict(job=job.describe(), plan={}, demo=True))
+    s = H.settings_from_png(str(path))
+    assert s.prompt == "an astronaut" and s.tier == "12" and s.upscale == "1.5" and s.seed == 1234
+    assert s.steps == 9 and s.guidance == 4.5 and s.max_side == 256 and s.canny == (40, 120)
+    assert s.rows == [("canny", 0.7, 0.8), ("depth", 0.5, 0.6), ("none", 0.7, 0.8)]
+    again = job_from(photo_path, prompt=s.prompt, rows=s.rows, tier=s.tier, upscale=s.upscale, seed=s.seed,
+                     steps=s.steps, guidance=s.guidance, max_side=s.max_side, canny=s.canny)
+    assert again.describe() == job.describe()
+
+
+def test_png_without_settings_is_refused(tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 64)).save(plain)
+    with pytest.raises(ValueError, match="holds no settings"):
+        H.settings_from_png(str(plain))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="holds no settings"):
+        H.settings_from_png(str(junk))
+
+
+def test_tier_choices_show_the_gpu():
+    gpu = DeviceInfo("cuda", "NVIDIA RTX 4090", 23.6, 22.08, True, 60.0)
+    choices = H.tier_choices(gpu)
+    assert choices[0] == ("Auto — NVIDIA RTX 4090, 22.1 GB free", "auto")
+    assert [v for _, v in choices] == ["auto", "cpu", "4", "6", "8", "12", "16", "24", "48"]
+    cpu = DeviceInfo("cpu", "CPU", 0.0, 0.0, True, 60.0)
+    assert H.tier_choices(cpu)[0] == ("Auto — no GPU: CPU", "auto")
+
+
+def test_preview_and_plan_panel(photo_path, demo_engine):
+    prev = H.preview_control(photo_path, "canny", (50, 150))
+    assert prev.mode == "RGB" and max(prev.size) == H.PREVIEW_SIDE
+    assert H.preview_control(photo_path, "none") is None and H.preview_control(None, "canny") is None
+    job = job_from(photo_path, steps=1, max_side=64, upscale="1", rows=[("canny", 0.7, 0.8)])
+    result = demo_engine.run(job)
+    s = H.summary_of(result, 1.0, 2.0)
+    md = H.plan_markdown(s)
+    for text in ("Tier", "cpu", "Peak memory", "predicted", "measured", "Seconds per phase", "denoise"):
+        assert text in md
+    from ui.plots import memory_figure
+    fig = memory_figure(s)
+    assert fig.axes[0].lines, "the timeline is drawn"
+
+
+def test_cancel_flags_are_per_session():
+    flags = H.CancelFlags()
+    a, b = flags.start("a"), flags.start("b")
+    assert flags.cancel("a") and a.is_set() and not b.is_set()
+    flags.finish("a", a)
+    assert not flags.cancel("a")
+
+
+def test_slider_pair_is_capped(astronaut):
+    job = H.build_job(astronaut, "x", [("canny", 0.7, 0.8)], max_side=256)
+    before, after = H.slider_pair(job, Image.new("RGB", (1024, 1024)), cap=512)
+    assert before.size == after.size == (512, 512)
+
+
+def test_gallery_drops_missing_files(tmp_path):
+    a = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(a)
+    g = H.gallery_add([(str(tmp_path / "gone.png"), "old")], a, "new")
+    assert g == [(str(a), "new")]
