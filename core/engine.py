@@ -235,6 +235,9 @@ class Engine:
                 free_memory()
                 nxt = step_down(plan, JobShape(job.width, job.height, len(job.controls), job.upscale),
                                 self.sizes, self.device)
+                if nxt is None and plan.device == "cpu":
+                    raise OutOfMemory("Out of memory on the CPU even with the smallest tiles; close other "
+                                      "programs or lower the size or upscale factor.")
                 if nxt is None:
                     raise OutOfMemory("Out of GPU memory even with the smallest plan; close other programs "
                                       "using the GPU, lower the size or upscale factor, or choose the CPU tier.")
@@ -248,7 +251,7 @@ class Engine:
         with mon.phase("load"):
             self.apply(plan)
         rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,
-                     self.residency, progress, cancel)
+                     plan.upscale_tile, self.residency, progress, cancel)
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         with mon.phase("preprocess"):
             controls = control_images(job, image, self.demo)

@@ -36,6 +36,7 @@ class Runtime:
     max_seq: int
     tile: int                        # generation tile (px), 0: whole image
     overlap: int
+    upscale_tile: int = 1024         # tile of the upscale stages
     residency: object | None = None  # core.residency.Residency, told about step ends
     progress: Progress | None = None
     cancel: Callable[[], bool] | None = None

@@ -5,6 +5,7 @@ and the allowed values, before anything is loaded or written.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +23,7 @@ MAX_UPSCALE = 4.0
 def _finite(name: str, value, lo: float, hi: float) -> float:
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a number between {lo} and {hi}, got {value!r}.") from None
     if not math.isfinite(v) or not lo <= v <= hi:
         raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}.")
@@ -46,6 +47,15 @@ class ControlSpec:
         object.__setattr__(self, "end", _finite("control end", self.end, 0.0, 1.0))
         if self.start >= self.end:
             raise ValueError(f"control start ({self.start}) must be below control end ({self.end}).")
+        allowed = set(inspect.signature(CONTROLS[self.kind].fn).parameters) - {"image"}
+        try:
+            keys = [k for k, _ in self.params]
+        except (TypeError, ValueError):
+            raise ValueError("params must be (name, value) pairs.") from None
+        unknown = [k for k in keys if k not in allowed]
+        if unknown:
+            raise ValueError(f"Unknown parameter {', '.join(map(str, unknown))} for control '{self.kind}'; "
+                             f"allowed: {', '.join(sorted(allowed)) or 'none'}.")
 
     @property
     def mode_id(self) -> int:
@@ -65,7 +75,7 @@ class Job:
     upscale: float = 1.0
     tier: str = "auto"
     upscale_strength: float = 0.3   # img2img denoise of each upscale stage
-    upscale_steps: int | None = None  # steps per upscale stage; None: max(4, steps // 2)
+    upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -74,6 +84,8 @@ class Job:
             raise ValueError(f"prompt is {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
         if not isinstance(self.image, Image.Image):
             raise ValueError("image must be a PIL image (load it with preprocessors.load_image).")
+        if not isinstance(self.controls, (tuple, list)) or not all(isinstance(c, ControlSpec) for c in self.controls):
+            raise ValueError("controls must be a list of ControlSpec (e.g. ControlSpec('canny', 0.7)).")
         controls = tuple(self.controls)
         if not 1 <= len(controls) <= MAX_CONTROLS:
             raise ValueError(f"controls: give between 1 and {MAX_CONTROLS} controls, got {len(controls)}.")
@@ -82,7 +94,7 @@ class Job:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 64 <= v <= MAX_SIDE or v % 16:
                 raise ValueError(f"{name} must be a multiple of 16 between 64 and {MAX_SIDE}, got {v!r}.")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 100:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= 100:
             raise ValueError(f"steps must be a whole number between 1 and 100, got {self.steps!r}.")
         object.__setattr__(self, "guidance", _finite("guidance", self.guidance, 0.0, 30.0))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
@@ -90,7 +102,8 @@ class Job:
         object.__setattr__(self, "upscale", _finite("upscale", self.upscale, 1.0, MAX_UPSCALE))
         object.__setattr__(self, "upscale_strength",
                            _finite("upscale_strength", self.upscale_strength, 0.0, 1.0))
-        if self.upscale_steps is not None and not (isinstance(self.upscale_steps, int) and 1 <= self.upscale_steps <= 100):
+        if self.upscale_steps is not None and not (isinstance(self.upscale_steps, int) and not isinstance(
+                self.upscale_steps, bool) and 1 <= self.upscale_steps <= 100):
             raise ValueError(f"upscale_steps must be between 1 and 100, got {self.upscale_steps!r}.")
         if str(self.tier).lower() not in TIERS:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")

@@ -43,6 +43,10 @@ def _explain(source: str, what: str, err: Exception) -> ModelUnavailableError:
     """Turn a hub/OS error into one actionable sentence."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    if _is_local(source):
+        return ModelUnavailableError(
+            f"The {what} folder '{source}' could not be loaded ({type(err).__name__}); check that it holds a "
+            f"complete diffusers {what} with .safetensors weights.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     hint = (f"download it once with `hf download {source}` on a machine with network, "
             f"or pass a local folder with `--{what} /path/to/folder`")

@@ -66,11 +66,12 @@ class Plan:
     text_encoders: str        # "gpu" resident | "stream" (T5 layers through the work slots) | "cpu"
     vae_tiling: bool
     tile: int                 # generation tile side in px (0: the whole image in one pass)
-    overlap: int              # tile overlap in px
+    overlap: int              # tile overlap in px (generation and upscale)
     predicted_peak_gb: float
     predicted_step_s: float
     host_ram_gb: float        # pinned host RAM for streamed weights
     notes: tuple[str, ...] = field(default=())
+    upscale_tile: int = 0     # tile side of the upscale stages (0: no upscaling)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -215,6 +216,7 @@ def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_
         if peak > budget:
             continue
         hostb = sum(host_bytes(u, c, es) for u, c in zip(sizes.units, p))
+        hostb += sizes.t5_unit_params * es if text_encoders == "stream" else 0
         if hostb > host_cap:
             continue
         t = predict_step_s(sizes, p, dtype, w, h, controls, device)
@@ -241,8 +243,9 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         tier = "cpu"
     if tier == "cpu":
         dtype = dtype or ("float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16")
-        return Plan("cpu", "cpu", 0.0, dtype, "B" * len(sizes.units), 0, "cpu", False, 0, 0, 0.0, 0.0, 0.0,
-                    ("everything runs on the CPU: expect minutes per image with the full-size model",))
+        return Plan("cpu", "cpu", 0.0, dtype, "B" * len(sizes.units), 0, "cpu", False, 0, 128, 0.0, 0.0, 0.0,
+                    ("everything runs on the CPU: expect minutes per image with the full-size model",),
+                    upscale_tile=1024 if shape.upscale > 1 else 0)
     if tier != "auto" and tier not in GPU_TIERS:
         raise ValueError(f"tier must be one of auto, cpu, {', '.join(GPU_TIERS)}, got {tier!r}.")
     dtype = dtype or ("bfloat16" if device.bf16 else "float32")
@@ -278,10 +281,11 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
             if text_enc == "stream":
                 hostb += sizes.t5_unit_params * _esize(dtype)
             return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
-                        t if t else (1024 if shape.upscale > 1 else 0), ov if t else 128,
-                        round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1), tuple(notes))
+                        t, ov if t else 128, round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1),
+                        tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0)
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
-                     "streamed and the smallest tile; choose a larger tier or the CPU.")
+                     f"streamed and the smallest tile (or the streamed weights need more than the "
+                     f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
 
 
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
@@ -292,11 +296,13 @@ def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo
             return plan_for(t, shape, sizes, device, dtype=plan.dtype)
         except ValueError:
             break
-    last = plan.tier if plan.tier in GPU_TIERS + ("cpu",) else (smaller[-1] if smaller else "4")
+    last = plan.tier  # 'auto' keeps its own budget rather than stepping up to a tier
     for t in (768, 512, 384):  # then smaller generation tiles (on the CPU too: RAM-bound activations)
         if plan.tile == 0 or t < plan.tile:
             try:
-                return replace(plan, tile=t, overlap=max(64, t // 8)) if last == "cpu" else \
+                return replace(plan, tile=t, overlap=max(64, t // 8),
+                               upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0) \
+                    if last == "cpu" else \
                     plan_for(last, shape, sizes, device, tile=t, dtype=plan.dtype)
             except ValueError:
                 continue

@@ -38,7 +38,7 @@ def stage_factors(factor: float) -> list[float]:
     for _ in range(n - 1):
         out.append(2.0)
         left /= 2.0
-    out.append(round(left, 6))
+    out.append(left)  # halving is exact in floating point: the stages multiply back to `factor`
     return out
 
 
@@ -85,7 +85,7 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
         runs = total - int(max(total - total * job.upscale_strength, 0))  # what img2img will run
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
         with monitor.phase(f"upscale{k}"), torch.no_grad(), skip_idle_controls(rt.pipe), \
-                tiled_denoising(rt.pipe, w, h, rt.tile or 1024, rt.overlap or 128, on_tile) as tiles:
+                tiled_denoising(rt.pipe, w, h, rt.upscale_tile or 1024, rt.overlap or 128, on_tile) as tiles:
             events.append(f"{label}: {len(tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
             latents = img2img(
                 image=resized, prompt_embeds=pe, pooled_prompt_embeds=pooled, control_image=controls,

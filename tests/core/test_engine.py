@@ -129,8 +129,6 @@ def test_endless_oom_raises_out_of_memory(demo_engine, job, reference, monkeypat
     assert np.array_equal(px(demo_engine.run(job).image), px(reference.image))
 
 
-@pytest.mark.xfail(reason="core/engine.py run: on the CPU plan the OutOfMemory message speaks of GPU memory "
-                          "and advises choosing the CPU tier", strict=True)
 def test_out_of_memory_on_the_cpu_does_not_advise_the_cpu_tier(demo_engine, job, monkeypatch):
     monkeypatch.setattr(demo_engine, "faults", Faults(denoise=100))
     with pytest.raises(OutOfMemory) as info:

@@ -183,30 +183,23 @@ def test_describe_is_json_ready_and_complete():
 
 
 # -- found while writing these tests: validation gaps (see the report) ----------------------------
-@pytest.mark.xfail(reason="core/job.py _finite: float() of a huge int raises OverflowError, not ValueError",
-                   strict=True)
 def test_huge_integer_guidance_is_a_value_error():
     with pytest.raises(ValueError, match="guidance"):
         make(guidance=10**400)
 
 
-@pytest.mark.xfail(reason="core/job.py: controls is not checked to be a sequence of ControlSpec", strict=True)
 @pytest.mark.parametrize("controls", [None, 3, ("canny",)])
 def test_controls_must_be_control_specs(controls):
     with pytest.raises(ValueError, match="controls"):
         make(controls=controls)
 
 
-@pytest.mark.xfail(reason="core/job.py: steps and upscale_steps accept bool (width, height and seed refuse it)",
-                   strict=True)
 @pytest.mark.parametrize("field", ["steps", "upscale_steps"])
 def test_bool_is_not_a_step_count(field):
     with pytest.raises(ValueError, match=field):
         make(**{field: True})
 
 
-@pytest.mark.xfail(reason="core/job.py ControlSpec: preprocessor params are only checked mid-run, after loading",
-                   strict=True)
 def test_unknown_control_parameter_is_refused_at_construction():
     with pytest.raises(ValueError, match="bogus"):
         ControlSpec("canny", params=(("bogus", 1),))

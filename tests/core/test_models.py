@@ -74,8 +74,6 @@ def test_folder_without_safetensors(tmp_path, demo, what):
     assert "\n" not in msg and msg.endswith(".")
 
 
-@pytest.mark.xfail(reason="core/models.py _explain: a damaged local folder gets the Hub/offline message "
-                          "('not in the local cache', `hf download /local/path`)", strict=True)
 def test_damaged_local_folder_is_not_blamed_on_the_hub(tmp_path, demo):
     folder = tmp_path / "cn"
     folder.mkdir()
