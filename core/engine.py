@@ -253,11 +253,14 @@ class Engine:
         rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,
                      plan.upscale_tile, self.residency, progress, cancel)
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
+        # the depth model (~0.1 GB) runs on the GPU only where the plan leaves room
+        depth_device = "cuda" if plan.device == "cuda" and plan.budget_gb >= 40 else "cpu"
         with mon.phase("preprocess"):
-            controls = control_images(job, image, self.demo)
+            controls = control_images(job, image, self.demo, depth_device)
         out = generate_pass(job, image, controls, rt, mon, events, self.cache)
         if job.upscale > 1:
-            out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo)
+            out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo,
+                          depth_device)
         if self.faults.black():
             out = Image.new("RGB", out.size)
         return Result(out, job, plan, mon.report(), tuple(events), tuple(controls), self.demo)

@@ -62,15 +62,21 @@ class PromptCache:
         return pe.to(device), pooled.to(device)
 
 
-def control_images(job: Job, image: Image.Image, demo: bool = False) -> list[Image.Image]:
+def control_images(job: Job, image: Image.Image, demo: bool = False,
+                   depth_device: str | None = None) -> list[Image.Image]:
     """Each control computed from the (resized) input image; the demo model gets the demo depth model."""
-    return [preprocess(c.kind, image, **control_params(c, demo)) for c in job.controls]
+    return [preprocess(c.kind, image, **control_params(c, demo, depth_device)) for c in job.controls]
 
 
-def control_params(c: ControlSpec, demo: bool) -> dict:
+def control_params(c: ControlSpec, demo: bool, depth_device: str | None = None) -> dict:
+    """Preprocessor arguments. Depth runs where the plan says: on the CPU under small budgets, so the
+    depth model never adds to the GPU memory the tier promised."""
     params = dict(c.params)
-    if c.kind == "depth" and demo:
-        params.setdefault("demo", True)
+    if c.kind == "depth":
+        if demo:
+            params.setdefault("demo", True)
+        if depth_device:
+            params.setdefault("device", depth_device)
     return params
 
 

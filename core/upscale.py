@@ -51,7 +51,8 @@ def stage_sizes(width: int, height: int, factor: float) -> list[tuple[int, int]]
     return sizes
 
 
-def stage_controls(job: Job, source: Image.Image, resized: Image.Image, pipe, demo: bool = False) -> tuple[tuple, list]:
+def stage_controls(job: Job, source: Image.Image, resized: Image.Image, pipe, demo: bool = False,
+                   depth_device: str | None = None) -> tuple[tuple, list]:
     """Tile control on the resized image (or canny where the ControlNet has no tile mode) plus the
     user's controls recomputed from the source photo at this stage's size."""
     size = resized.size
@@ -66,19 +67,20 @@ def stage_controls(job: Job, source: Image.Image, resized: Image.Image, pipe, de
         if c.kind in ("tile",):
             continue
         specs.append(c)
-        images.append(preprocess(c.kind, photo, **control_params(c, demo)))
+        images.append(preprocess(c.kind, photo, **control_params(c, demo, depth_device)))
     return tuple(specs), images
 
 
 def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2img,
-            monitor: MemoryMonitor, events: list[str], cache: PromptCache, demo: bool = False) -> Image.Image:
+            monitor: MemoryMonitor, events: list[str], cache: PromptCache, demo: bool = False,
+            depth_device: str | None = None) -> Image.Image:
     """Take `image` (job.width × job.height) up to job.out_size in stages."""
     steps = job.upscale_steps or max(4, min(10, job.steps // 3))
     sizes = stage_sizes(job.width, job.height, job.upscale)
     for k, (w, h) in enumerate(sizes, 1):
         label = f"upscale {k}/{len(sizes)} to {w}×{h}"
         resized = image.resize((w, h), Image.LANCZOS)
-        specs, controls = stage_controls(job, source, resized, rt.pipe, demo)
+        specs, controls = stage_controls(job, source, resized, rt.pipe, demo, depth_device)
         with monitor.phase("encode"):
             pe, pooled = cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))

@@ -139,8 +139,8 @@ def preview_control(image, kind, canny=None, demo: bool = False, side: int = PRE
     params = {}
     if kind == "canny" and canny is not None:
         params = dict(controls_from_rows([("canny", None, 0.8)], canny)[0].params)
-    if kind == "depth" and demo:
-        params["demo"] = True
+    if kind == "depth":  # previews stay off the GPU: a job may be using all of its budget
+        params.update(device="cpu", **({"demo": True} if demo else {}))
     return preprocess(kind, img, **params)
 
 
