@@ -75,7 +75,7 @@ def load_controlnet(source: str, dtype: torch.dtype):
     from diffusers import FluxControlNetModel
     _check_local(source, "controlnet")
     try:
-        return FluxControlNetModel.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+        return FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except ModelUnavailableError:
         raise
     except Exception as e:  # hub, network, missing files: one sentence for the user
@@ -92,7 +92,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     _check_local(spec.base, "model")
     try:
         pipe = FluxControlNetPipeline.from_pretrained(
-            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), torch_dtype=dtype,
+            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype,
             use_safetensors=True)
     except ModelUnavailableError:
         raise
