@@ -257,6 +257,11 @@ class Engine:
         depth_device = "cuda" if plan.device == "cuda" and plan.budget_gb >= 40 else "cpu"
         with mon.phase("preprocess"):
             controls = control_images(job, image, self.demo, depth_device)
+        if not self.demo and any(c.kind == "depth" for c in job.controls):
+            from preprocessors.depth import depth_model_is_demo
+            if depth_model_is_demo(device=depth_device):
+                events.append("Depth Anything could not be loaded (offline?): the depth control came from a "
+                              "random demo model; download depth-anything/Depth-Anything-V2-Small-hf")
         out = generate_pass(job, image, controls, rt, mon, events, self.cache)
         if job.upscale > 1:
             out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo,
