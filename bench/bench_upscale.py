@@ -52,10 +52,10 @@ def main():
                 res = engine.run(job)
                 rep = res.report
                 w, h = res.image.size
-                _, _, tiles, _ = token_tiles(w, h, res.plan.tile, res.plan.overlap)
+                _, _, tiles, _ = token_tiles(w, h, res.plan.upscale_tile, res.plan.overlap)
                 row.update(completed=all("out of memory" not in e for e in res.events),
                            peak_reserved_gb=rep["peak_reserved_gb"], predicted_peak_gb=res.plan.predicted_peak_gb,
-                           tile=res.plan.tile, last_stage_tiles=len(tiles),
+                           tile=res.plan.upscale_tile, last_stage_tiles=len(tiles),
                            stage_s={k: v for k, v in rep["seconds"].items() if k.startswith("upscale")},
                            decode_s=rep["seconds"].get("decode"), seam_ratio=round(seam_ratio(res.image, tiles, 16), 3)
                            if len(tiles) > 1 else None, events=list(res.events))

@@ -154,9 +154,8 @@ class Engine:
         key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.text_encoders)
         pipe = self.pipe
         if key != self._applied:
-            n_t5 = len(text_encoder_units(pipe.text_encoder_2))
             t5_code = "B" if plan.text_encoders == "gpu" else "S"
-            full = t5_code * n_t5 + plan.placement
+            full = t5_code * len(text_encoder_units(pipe.text_encoder_2)) + plan.placement
             old = self.residency.placement if self.residency else ""
             # fp8 storage rounds weights; a unit going back to bf16 must come from the source again
             lossy = any(o in "FQ" and n in "BS" for o, n in zip(old, full))

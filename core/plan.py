@@ -102,6 +102,12 @@ def host_bytes(u: UnitSize, code: str, es: int) -> int:
     return 0
 
 
+def host_ram_bytes(sizes: ModelSizes, placement: str, es: int, text_encoders: str) -> int:
+    """Pinned host memory a placement streams from (denoiser units, and T5 when it streams)."""
+    total = sum(host_bytes(u, c, es) for u, c in zip(sizes.units, placement))
+    return total + (sizes.t5_unit_params * es if text_encoders == "stream" else 0)
+
+
 def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False) -> int:
     managed = [u.numel for u, c in zip(sizes.units, placement) if c != "B"]
     if text_stream:
@@ -230,9 +236,7 @@ def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_
         peak = predict_peak_bytes(sizes, p, slots, dtype, text_encoders, vae_tiling, w, h, controls)
         if peak > budget:
             continue
-        hostb = sum(host_bytes(u, c, es) for u, c in zip(sizes.units, p))
-        hostb += sizes.t5_unit_params * es if text_encoders == "stream" else 0
-        if hostb > host_cap:
+        if host_ram_bytes(sizes, p, es, text_encoders) > host_cap:
             continue
         t = predict_step_s(sizes, p, dtype, w, h, controls, device)
         # prefer exact compute-dtype weights unless fp8 is clearly faster
@@ -241,15 +245,15 @@ def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_
     return best
 
 
+def tile_overlap(tile: int) -> int:
+    """Overlap (px) of generation tiles: an eighth of the tile, at least 64 px."""
+    return max(64, tile // 8)
+
+
 def _n_tiles(shape: JobShape, tile: int) -> int:
-    """Tiles of the generation pass (core.tiled splits the token grid the same way)."""
-    from .tiling import tile_grid
-    if tile <= 0:
-        return 1
-    rows, cols, t = shape.height // 16, shape.width // 16, tile // 16
-    if rows <= t and cols <= t:
-        return 1
-    return len(tile_grid(rows, cols, t, min(max(1, max(64, tile // 8) // 16), t - 1)))
+    """Tiles of the generation pass, split exactly as core.tiled will split it."""
+    from .tiled import token_tiles
+    return len(token_tiles(shape.width, shape.height, tile, tile_overlap(tile))[2])
 
 
 def budget_for(tier: str, device: DeviceInfo) -> float:
@@ -301,15 +305,12 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         if cands:
             _, text_enc, vae_tiling, slots, (p, peak, _) = min(cands, key=lambda c: c[0])
             step = expected_step_s(sizes, p, dtype, pw, ph, shape.controls, device) * _n_tiles(shape, t)
-            ov = 0 if t == 0 else max(64, t // 8)
             if t:
                 notes.append(f"generation runs in {t}px tiles fused at every step")
-            hostb = sum(host_bytes(u, c, _esize(dtype)) for u, c in zip(sizes.units, p))
-            if text_enc == "stream":
-                hostb += sizes.t5_unit_params * _esize(dtype)
+            hostb = host_ram_bytes(sizes, p, _esize(dtype), text_enc)
             return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
-                        t, ov if t else 128, round(peak / GiB, 2), round(step, 3), round(hostb / GiB, 1),
-                        tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0)
+                        t, tile_overlap(t) if t else 128, round(peak / GiB, 2), round(step, 3),
+                        round(hostb / GiB, 1), tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0)
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
                      f"streamed and the smallest tile (or the streamed weights need more than the "
                      f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
@@ -327,7 +328,7 @@ def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo
     for t in (768, 512, 384):  # then smaller generation tiles (on the CPU too: RAM-bound activations)
         if plan.tile == 0 or t < plan.tile:
             try:
-                return replace(plan, tile=t, overlap=max(64, t // 8),
+                return replace(plan, tile=t, overlap=tile_overlap(t),
                                upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0) \
                     if last == "cpu" else \
                     plan_for(last, shape, sizes, device, tile=t, dtype=plan.dtype)

@@ -98,17 +98,17 @@ class _Packed:
         self.off = _align(self.n8)                       # byte offset of the compute-dtype part
         self.nbytes = self.off + (self.numel - self.n8) * self.esize
         self.buf: torch.Tensor | None = None
-        self._stage: torch.Tensor | None = None
 
-    def fill(self, buf: torch.Tensor, scratch: torch.Tensor) -> None:
-        """Write the module's current weights into `buf` (nbytes), casting on scratch's device."""
+    def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:
+        """Write the module's current weights into `buf` (nbytes), casting on scratch's device
+        (through `stage`, a GPU byte buffer, when buf is host memory)."""
         off = 0
         for p in self.params:  # flatten in pack order into the scratch work slot
             n = p.numel()
             scratch[off:off + n].copy_(p.data.reshape(-1))
             off += n
         # cast where the scratch is (the GPU), through the staging buffer when buf is host memory
-        tmp = buf if buf.device == scratch.device else self._stage
+        tmp = buf if buf.device == scratch.device else stage
         tmp[:self.n8].view(FP8).copy_(scratch[:self.n8])
         tmp[self.off:self.nbytes].view(self.dtype).copy_(scratch[self.n8:self.numel])
         if tmp is not buf:
@@ -175,12 +175,11 @@ class Residency:
         goff = hoff = 0
         for i in managed:
             pack = self.packs[i]
-            pack._stage = self.staging
             if placement[i] == "F":
                 buf, goff = self.gpu_arena[goff:goff + pack.nbytes], goff + _align(pack.nbytes)
             else:
                 buf, hoff = self.host_arena[hoff:hoff + pack.nbytes], hoff + _align(pack.nbytes)
-            pack.fill(buf, self.work[0])
+            pack.fill(buf, self.work[0], self.staging)
         if cuda:
             torch.cuda.synchronize(device)
         for i in managed:  # params point into slot 0 until loaded; the CPU originals are freed
