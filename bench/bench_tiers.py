@@ -4,8 +4,12 @@ Full-size FLUX.1-dev + Union-Pro architecture, random bf16 weights, 1024², one 
 guidance 3.5, 512 T5 tokens. Each tier runs the whole job (encode, denoise, decode) under
 torch.cuda.set_per_process_memory_fraction((N - 0.5) GiB / total), in one process, built once.
 
+Before the tiers, `--sweep tier:ring:cast,...` runs a tier's plan with another copy-ring size or
+cast stream for `--sweep-steps` steps (how the streaming knobs were chosen), and `--profile tier`
+profiles two steps of a tier: the share of host→device copy time that runs under compute.
+
 usage: python -m bench.bench_tiers [--tiers 48,24,16,12,8,6,4] [--steps 28] [--baselines resident,leaf_fp8]
-                                   [--out-dir bench]
+                                   [--sweep 8:8:side,8:8:compute] [--profile 8] [--out-dir bench]
 """
 from __future__ import annotations
 
@@ -87,6 +91,50 @@ def run_tier(engine: Engine, tier: str, job: Job) -> dict:
     return row
 
 
+def run_variant(engine: Engine, spec: str, job: Job) -> dict:
+    """One tier's plan with the copy ring and cast stream of `spec` ("tier:ring:cast")."""
+    from dataclasses import replace
+
+    from core import residency
+    tier, ring, cast = spec.split(":")
+    plan_fn = engine.plan
+    engine.plan = lambda j, t=None: replace(plan_fn(j, t), ring=int(ring))
+    residency.DEFAULT_CAST = cast
+    try:
+        row = run_tier(engine, tier, job)
+    finally:
+        engine.plan, residency.DEFAULT_CAST = plan_fn, "side"
+    engine._undo()
+    row.update(variant=spec, ring=int(ring), cast=cast)
+    print("VARIANT", {k: row.get(k) for k in ("variant", "step_s", "peak_reserved_gb", "stream_stats", "error")},
+          flush=True)
+    return row
+
+
+def profile_tier(engine: Engine, tier: str, job: Job, out: Path) -> dict:
+    """Two profiled steps of a tier: copy time, the share of it under a compute kernel, kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_streaming import summarize
+    engine._undo()
+    cap(float(tier) - 0.5)
+    engine.run(job.with_(tier=tier, steps=2))  # plan applied, order learned
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res = engine.run(job.with_(tier=tier, steps=3))
+    torch.cuda.synchronize()
+    cap(None)
+    events = [(e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
+              for e in prof.events()]
+    row = dict(tier=tier, seconds=res.report["seconds"], **summarize(events))
+    try:
+        prof.export_chrome_trace(str(out / f"trace_tier{tier}.json"))
+    except Exception:  # noqa: BLE001 - the numbers matter more than the trace
+        pass
+    engine._undo()
+    print("PROFILE", row, flush=True)
+    return row
+
+
 def run_diffusers(pipe, recipe: str, job: Job, control: Image.Image) -> dict:
     """diffusers' own recipes on the same pipeline, for comparison."""
     from diffusers.hooks import apply_group_offloading
@@ -131,7 +179,7 @@ def report(out_dir: Path, data: dict) -> None:
     base = next((r["step_s"] for r in data.get("diffusers", []) if r["recipe"] == "resident" and r.get("step_s")), None)
     ours48 = next((r["step_s"] for r in rows if r["tier"] == "48" and r.get("step_s")), None)
     ref = base or ours48
-    for r in rows + data.get("diffusers", []):
+    for r in rows + data.get("diffusers", []) + data.get("sweep", []):
         if r.get("step_s") and ref:
             r["vs_resident"] = round(r["step_s"] / ref, 2)
     write(out_dir / "results.json", data)
@@ -147,6 +195,11 @@ def report(out_dir: Path, data: dict) -> None:
           "\n## diffusers recipes, same model and job\n",
           md_table(data.get("diffusers", []), ["recipe", "cap_gib", "completed", "peak_reserved_gb", "step_s",
                                                "vs_resident", "image_s", "error"])]
+    if data.get("sweep"):
+        md += ["\n## Streaming knobs (copy ring in largest units, cast stream)\n",
+               md_table(data["sweep"], ["variant", "step_s", "vs_resident", "peak_reserved_gb", "stream_stats"])]
+    if data.get("profile"):
+        md += ["\n## Profile\n", f"`{data['profile']}`"]
     (out_dir / "RESULTS.md").write_text("\n".join(md) + "\n")
 
 
@@ -156,6 +209,9 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--baselines", default="resident,leaf_fp8")
+    ap.add_argument("--sweep", default="")
+    ap.add_argument("--sweep-steps", type=int, default=6)
+    ap.add_argument("--profile", default="")
     ap.add_argument("--out-dir", default="bench")
     a = ap.parse_args()
     pipe, build_s = build_random_pipeline("full")
@@ -173,7 +229,13 @@ def main():
     if "resident" in baselines:
         data["diffusers"].append(run_diffusers(pipe, "resident", job, control))
     engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), dev, pipe=pipe)
-    for tier in a.tiers.split(","):
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in filter(None, a.sweep.split(",")):
+        data.setdefault("sweep", []).append(run_variant(engine, spec, job.with_(steps=a.sweep_steps)))
+        write(out / "results.json", data)
+    if a.profile:
+        data["profile"] = profile_tier(engine, a.profile, job, out)
+    for tier in filter(None, a.tiers.split(",")):
         data["tiers"].append(run_tier(engine, tier, job))
         report(out, data)
     engine._undo()

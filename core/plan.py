@@ -12,9 +12,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
-from .residency import UnitSize
+from .residency import UnitSize, _align, buffer_bytes, packed_bytes
+from .timing import simulate_step
 
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
+SLOTS = 2                  # work slots for fp8 units: one in use, one cast ahead
+RINGS = (8, 4)             # copy-ring sizes tried, in units of the largest streamed unit
 CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
 
 
@@ -62,8 +65,8 @@ class Plan:
     budget_gb: float          # GiB the whole job may reserve on the GPU
     dtype: str                # compute dtype
     placement: str            # one code per denoiser unit: B F S Q (core.residency)
-    slots: int                # work slots for managed units
-    text_encoders: str        # "gpu" resident | "stream" (T5 layers through the work slots) | "cpu"
+    slots: int                # work slots for units cast from fp8 (F, Q)
+    text_encoders: str        # "gpu" resident | "stream" (T5 layers through the copy ring) | "cpu"
     vae_tiling: bool
     tile: int                 # generation tile side in px (0: the whole image in one pass)
     overlap: int              # tile overlap in px (generation and upscale)
@@ -72,6 +75,7 @@ class Plan:
     host_ram_gb: float        # pinned host RAM for streamed weights
     notes: tuple[str, ...] = field(default=())
     upscale_tile: int = 0     # tile side of the upscale stages (0: no upscaling)
+    ring: int = 0             # copy ring for streamed units, in units of the largest one
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -108,15 +112,14 @@ def host_ram_bytes(sizes: ModelSizes, placement: str, es: int, text_encoders: st
     return total + (sizes.t5_unit_params * es if text_encoders == "stream" else 0)
 
 
-def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False) -> int:
-    managed = [u.numel for u, c in zip(sizes.units, placement) if c != "B"]
+def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False,
+               ring: int = 6) -> int:
+    """GPU bytes of the work slots and the copy ring (core.residency.buffer_bytes); streamed T5
+    layers pass through the same ring."""
+    units, codes = list(sizes.units), placement
     if text_stream:
-        managed.append(sizes.t5_max_unit)
-    if not managed:
-        return 0
-    work = min(slots, len(managed)) * max(managed) * es
-    q = [u.fp8_numel + (u.numel - u.fp8_numel) * es for u, c in zip(sizes.units, placement) if c == "Q"]
-    return work + (max(q) if q else 0)
+        units, codes = units + [UnitSize("t5", sizes.t5_max_unit, 0)], placement + "S"
+    return buffer_bytes(units, codes, es, slots, ring)
 
 
 def tokens(width: int, height: int) -> int:
@@ -139,11 +142,12 @@ def phase_bytes(sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_t
 
 
 def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str, text_encoders: str,
-                       vae_tiling: bool, w: int, h: int, controls: int, cal: Calibration = CAL) -> float:
+                       vae_tiling: bool, w: int, h: int, controls: int, cal: Calibration = CAL,
+                       ring: int = 6) -> float:
     es = _esize(dtype)
     resident = sizes.fixed_params * es + sizes.vae_params * es
     resident += sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, placement))
-    resident += slot_bytes(sizes, placement, slots, es, text_encoders == "stream")
+    resident += slot_bytes(sizes, placement, slots, es, text_encoders == "stream", ring)
     resident += (sizes.t5_params - sizes.t5_unit_params + sizes.clip_params) * es
     if text_encoders == "gpu":
         resident += sizes.t5_unit_params * es
@@ -151,9 +155,8 @@ def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str
     return (resident + max(ph.values())) * cal.frag + cal.margin_gb * GiB
 
 
-def _step_terms(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
-                device: DeviceInfo) -> tuple[float, float, float]:
-    """(compute, copy + cast, hook overhead) seconds of one denoising step."""
+def compute_s(sizes: ModelSizes, dtype: str, w: int, h: int, controls: int, device: DeviceInfo) -> float:
+    """Seconds of one denoising step's compute with every weight resident."""
     es = _esize(dtype)
     n_tot = tokens(w, h) + sizes.max_seq + 1
     k = [controls if i < sizes.n_cn_units else 1 for i in range(len(sizes.units))]
@@ -161,27 +164,24 @@ def _step_terms(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, c
     flops = 2 * params * n_tot
     n_blocks = len(sizes.units) / 4.5  # ~4.5 units per block; attention cost per block
     flops += 4 * n_tot ** 2 * sizes.hidden * n_blocks
-    rate = device.tflops * 1e12 * (1.0 if es == 2 else 0.25)
-    compute = flops / rate
-    bus = sum(host_bytes(u, c, es) * ki for u, c, ki in zip(sizes.units, placement, k)) / (device.h2d_gbps * GiB)
-    cast = sum(u.numel * 3 * ki for u, c, ki in zip(sizes.units, placement, k) if c in "FQ") / 1.5e12
-    managed = sum(ki for c, ki in zip(placement, k) if c != "B")
-    return compute, bus + cast, managed * 40e-6
+    return flops / (device.tflops * 1e12 * (1.0 if es == 2 else 0.25))
 
 
 def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
-                   device: DeviceInfo) -> float:
-    """Ranks placements: compute and the copy stream overlap, the slower one sets the pace."""
-    compute, copy, hooks = _step_terms(sizes, placement, dtype, w, h, controls, device)
-    return max(compute, copy) + 0.1 * min(compute, copy) + hooks
+                   device: DeviceInfo, ring: int = 6) -> float:
+    """Seconds per denoising step under a placement (core.timing simulates the copy, cast and compute
+    streams). Ranks placements and is shown to the user."""
+    es = _esize(dtype)
+    order = [i for _ in range(controls) for i in range(sizes.n_cn_units)] + \
+        list(range(sizes.n_cn_units, len(sizes.units)))
+    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(sizes.units, placement) if c in "SQ"]
+    ring_bytes = _align(max(moved)) * max(ring, 2) if moved else 0
+    return simulate_step(list(sizes.units), placement, order, es, ring_bytes,
+                         compute_s(sizes, dtype, w, h, controls, device), tokens(w, h), sizes.max_seq + 1,
+                         sizes.hidden, device.h2d_gbps * GiB)
 
 
-def expected_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
-                    device: DeviceInfo) -> float:
-    """What the user is told to expect. Measured on the H100 (bench/NOTES.md), copies do not yet
-    hide under compute, so the terms add; within ~15 % of every measured tier."""
-    compute, copy, hooks = _step_terms(sizes, placement, dtype, w, h, controls, device)
-    return compute * 1.1 + copy + hooks
+expected_step_s = predict_step_s
 
 
 # -- choosing a placement ---------------------------------------------------------------------
@@ -203,44 +203,52 @@ def spread(costs: list[int], budget: int) -> list[bool]:
     return keep
 
 
-def _placement(sizes: ModelSizes, es: int, avail: int, fp8: bool) -> str:
+def candidates(sizes: ModelSizes, es: int, avail: int) -> list[str]:
+    """Placements that fill `avail` bytes of GPU memory in different ways: bf16-resident units first
+    (no per-step cost), fp8-resident next (a cast per step), the rest streamed in bf16 (twice the
+    bus bytes, no cast) or fp8. Each group is spread evenly through the execution order."""
     units = sizes.units
-    if not fp8:
-        keep = spread([u.numel * es for u in units], avail)
-        return "".join("B" if k else "S" for k in keep)
+    bf = [u.numel * es for u in units]
     f8 = [unit_bytes(u, "F", es) for u in units]
-    keep = spread(f8, avail)
-    if all(keep):  # everything fits as fp8: spend what is left on bf16 units
-        extra = [u.numel * es - b for u, b in zip(units, f8)]
-        up = spread(extra, avail - sum(f8))
-        return "".join("B" if x else "F" for x in up)
-    return "".join("F" if k else "Q" for k in keep)
+    out = []
+    for share in (1.0, 0.75, 0.5, 0.25, 0.0):
+        keep = spread(bf, int(avail * share))
+        left = avail - sum(b for b, k in zip(bf, keep) if k)
+        rest = [i for i, k in enumerate(keep) if not k]
+        fp = spread([f8[i] for i in rest], left)
+        codes = ["B" if k else "" for k in keep]
+        for tail in "SQ":
+            c = codes[:]
+            for i, f in zip(rest, fp):
+                c[i] = "F" if f else tail
+            out.append("".join(c))
+        # no fp8-resident units: only bf16-resident and streamed ones
+        out.append("".join("B" if k else "S" for k in keep))
+    return list(dict.fromkeys(out))
 
 
 def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_tiling: bool,
-            w: int, h: int, controls: int, device: DeviceInfo, slots: int) -> tuple[str, float, float] | None:
+            w: int, h: int, controls: int, device: DeviceInfo, slots: int,
+            ring: int) -> tuple[str, float, float] | None:
     """Best placement for a budget: (placement, peak bytes, step s), or None if nothing fits."""
     es = _esize(dtype)
     best = None
     host_cap = max(device.host_ram_gb * 0.85, 8.0) * GiB
-    for fp8 in (False, True):
-        base = predict_peak_bytes(sizes, "Q" * len(sizes.units) if fp8 else "S" * len(sizes.units), slots,
-                                  dtype, text_encoders, vae_tiling, w, h, controls)
-        avail = int((budget - base) / CAL.frag)
-        if avail < 0:
+    n = len(sizes.units)
+    # memory left for weights once the buffers of the largest streaming placement are paid for
+    base = max(predict_peak_bytes(sizes, c * n, slots, dtype, text_encoders, vae_tiling, w, h, controls, ring=ring)
+               for c in "QS")
+    avail = int((budget - base) / CAL.frag)
+    if avail < 0:
+        return None
+    for p in candidates(sizes, es, avail):
+        peak = predict_peak_bytes(sizes, p, slots, dtype, text_encoders, vae_tiling, w, h, controls, ring=ring)
+        if peak > budget or host_ram_bytes(sizes, p, es, text_encoders) > host_cap:
             continue
-        p = _placement(sizes, es, avail, fp8)
-        if "F" not in p and "Q" not in p and fp8:
-            continue  # same as the bf16 candidate
-        # a placement without streamed units needs no slots: give that memory back
-        peak = predict_peak_bytes(sizes, p, slots, dtype, text_encoders, vae_tiling, w, h, controls)
-        if peak > budget:
-            continue
-        if host_ram_bytes(sizes, p, es, text_encoders) > host_cap:
-            continue
-        t = predict_step_s(sizes, p, dtype, w, h, controls, device)
-        # prefer exact compute-dtype weights unless fp8 is clearly faster
-        if best is None or t < best[2] * (0.97 if fp8 else 1.0):
+        t = predict_step_s(sizes, p, dtype, w, h, controls, device, ring)
+        if "F" in p or "Q" in p:
+            t *= 1.02  # prefer exact compute-dtype weights unless fp8 is clearly faster
+        if best is None or t < best[2]:
             best = (p, peak, t)
     return best
 
@@ -296,21 +304,25 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         cands = []
         for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
             for vae_tiling in ((True,) if vae_needed else (False, True)):
-                for slots in (3, 2):
-                    got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device, slots)
+                for ring in RINGS:
+                    got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device,
+                                  SLOTS, ring)
                     if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
-                        cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, slots, got))
+                        cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, ring, got))
             if cands and text_enc == "gpu":
                 break  # resident text encoders fit: no need to stream them
         if cands:
-            _, text_enc, vae_tiling, slots, (p, peak, _) = min(cands, key=lambda c: c[0])
-            step = expected_step_s(sizes, p, dtype, pw, ph, shape.controls, device) * _n_tiles(shape, t)
+            _, text_enc, vae_tiling, ring, (p, peak, _) = min(cands, key=lambda c: c[0])
+            streams = any(c in "SQ" for c in p) or text_enc == "stream"
+            slots = SLOTS if any(c in "FQ" for c in p) else 0
+            step = expected_step_s(sizes, p, dtype, pw, ph, shape.controls, device, ring) * _n_tiles(shape, t)
             if t:
                 notes.append(f"generation runs in {t}px tiles fused at every step")
             hostb = host_ram_bytes(sizes, p, _esize(dtype), text_enc)
             return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
                         t, tile_overlap(t) if t else 128, round(peak / GiB, 2), round(step, 3),
-                        round(hostb / GiB, 1), tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0)
+                        round(hostb / GiB, 1), tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0,
+                        ring=ring if streams else 0)
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
                      f"streamed and the smallest tile (or the streamed weights need more than the "
                      f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
