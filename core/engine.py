@@ -6,6 +6,7 @@ memory, steps down to the next smaller plan and retries; the Result says what ha
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from . import fast
 from .device import DeviceInfo, detect
 from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
 from .job import Job
@@ -44,7 +46,8 @@ class Result:
         return dict(size=list(self.image.size), tier=self.plan.tier, demo=self.demo,
                     predicted_peak_gb=self.plan.predicted_peak_gb,
                     measured_peak_reserved_gb=self.report["peak_reserved_gb"],
-                    seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary())
+                    seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary(),
+                    fast=self.report.get("fast"))
 
 
 class Faults:
@@ -88,6 +91,11 @@ class Engine:
         self.faults = Faults()
         self._monitor: MemoryMonitor | None = None
         self._owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
+        # all-resident plans: fused QKV, compiled blocks, attention kernel (core/fast.py). On ZeroGPU
+        # a call may run in a fresh process, where compiling would be paid by every job.
+        self.fast = fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
+        self._fast: fast.Fast | None = None   # what is applied now
+        self._fast_dirty = False               # modules may differ from diffusers' (even half-way)
         if pipe is not None:
             self._init_pipe(pipe)
 
@@ -141,6 +149,7 @@ class Engine:
                                  f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier.")
 
     def _undo(self) -> None:
+        self._undo_fast()
         if self.residency is not None:
             self.residency.remove()
             self.residency = None
@@ -224,7 +233,9 @@ class Engine:
                 except JobCancelled:
                     free_memory()
                     raise
-                except Exception as e:  # noqa: BLE001 - only OOM is retried
+                except Exception as e:  # noqa: BLE001 - only OOM (and a compile error) is retried
+                    if not is_oom(e) and self._fast_failed(e, events):
+                        continue
                     if not is_oom(e):
                         free_memory()
                         raise
@@ -249,6 +260,8 @@ class Engine:
         mon = self._monitor = MemoryMonitor(plan.device, hook=self.faults.check)
         with mon.phase("load"):
             self.apply(plan)
+            speed = self._apply_fast(job, plan, events, progress)
+        compiled_before = fast.compile_seconds()
         rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,
                      plan.upscale_tile, self.residency, progress, cancel)
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
@@ -267,4 +280,53 @@ class Engine:
                           depth_device)
         if self.faults.black():
             out = Image.new("RGB", out.size)
-        return Result(out, job, plan, mon.report(), tuple(events), tuple(controls), self.demo)
+        report = mon.report()
+        if speed is not None:
+            compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
+            report["fast"] = dict(speed.describe(), compile_s=compile_s)
+            if compile_s >= 0.5:
+                events.append(f"compiled the denoiser blocks in {compile_s:.0f} s (once per process, dtype and "
+                              f"image size; included in the denoise time)")
+        return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)
+
+    # -- the fast path (core/fast.py): only while the whole denoiser is resident ------------------
+    def _apply_fast(self, job: Job, plan: Plan, events: list[str], progress=None) -> fast.Fast | None:
+        use_fp8, why = fast.fp8_decision(plan, self.fast, job.fp8_compute)
+        if why:
+            events.append(why)
+        cfg = self.fast
+        if not fast.eligible(plan, cfg):
+            self._undo_fast()
+            return None
+        compile_ = cfg.compile and fast.can_compile(cfg.backend, plan.device)
+        if cfg.compile and not compile_:
+            events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
+        before, self._fast_dirty = self._fast, True
+        self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
+                                     backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
+        if use_fp8:
+            events.append(f"fp8 compute: {self._fast.fp8_layers} block matmuls in fp8 (row-wise scales)")
+        if progress is not None and compile_ and self._fast != before:
+            progress("compiling for this GPU (first job only)", 0, job.steps)
+        return self._fast
+
+    def _undo_fast(self) -> None:
+        """Plain diffusers modules again (exactly): Residency hooks the children of the blocks."""
+        if self._fast_dirty:
+            fast.undo_fast(self.pipe)
+            self._fast, self._fast_dirty = None, False
+
+    def _fast_failed(self, err: Exception, events: list[str]) -> bool:
+        """An error from the fast path (a torch.compile error, or a kernel this GPU refuses): note it,
+        run this job (and the next ones) without that part of it. False: not ours, raise it."""
+        if self._fast is None or isinstance(err, ValueError) or not isinstance(err, RuntimeError):
+            return False
+        what = str(err).strip().split("\n")[0][:120]
+        if self._fast.compiled and fast.is_compile_error(err):
+            events.append(f"torch.compile failed ({what}): ran without compiling")
+            self.fast = replace(self.fast, compile=False)
+        else:
+            events.append(f"the fast path failed ({what}): ran without it")
+            self.fast = replace(self.fast, enabled=False)
+        log.warning(events[-1])
+        return True

@@ -76,6 +76,7 @@ class Job:
     tier: str = "auto"
     upscale_strength: float = 0.3   # img2img denoise of each upscale stage
     upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
+    fp8_compute: bool = False       # fp8 matmuls when the whole model is resident on an fp8 GPU (core/fast.py)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -108,6 +109,8 @@ class Job:
         if str(self.tier).lower() not in TIERS:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
         object.__setattr__(self, "tier", str(self.tier).lower())
+        if not isinstance(self.fp8_compute, bool):
+            raise ValueError(f"fp8_compute must be true or false, got {self.fp8_compute!r}.")
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -123,5 +126,6 @@ class Job:
         return dict(prompt=self.prompt, width=self.width, height=self.height, steps=self.steps,
                     guidance=self.guidance, seed=self.seed, upscale=self.upscale, tier=self.tier,
                     upscale_strength=self.upscale_strength, upscale_steps=self.upscale_steps,
+                    fp8_compute=self.fp8_compute,
                     controls=[dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end,
                                    params=dict(c.params)) for c in self.controls])

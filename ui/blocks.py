@@ -82,12 +82,13 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
     # -- handlers ---------------------------------------------------------------------------------
     async def generate(image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2,
                        control_3, scale_3, end_3, tier, upscale, seed, randomize_seed, steps, guidance,
-                       max_side, canny_auto=True, canny_low=100, canny_high=200,
+                       max_side, canny_auto=True, canny_low=100, canny_high=200, fp8_compute=False,
                        request: gr.Request = None, progress=gr.Progress()):
         rows = [(control_1, scale_1, end_1), (control_2, scale_2, end_2), (control_3, scale_3, end_3)]
         try:
             job = H.build_job(image, prompt, rows, tier, upscale, seed, randomize_seed, steps, guidance,
-                              max_side, None if canny_auto else (canny_low, canny_high))
+                              max_side, None if canny_auto else (canny_low, canny_high),
+                              fp8_compute=fp8_compute)
         except ValueError as e:
             raise _error(e) from None
         key = getattr(request, "session_hash", None)
@@ -157,7 +158,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         gr.Info("Settings loaded from the PNG (seed fixed: randomize is off).")
         return (s.prompt, *rows, s.tier, s.upscale, s.seed, False, min(max(s.steps, 1), 100),
                 min(max(s.guidance, 0.0), 20.0), min(max(s.max_side, 64), 2048),
-                s.canny is None, canny[0], canny[1])
+                s.canny is None, canny[0], canny[1], s.fp8_compute)
 
     def refresh_tier(tier):
         return gr.update(choices=H.tier_choices(detect()), value=tier)
@@ -212,6 +213,10 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                     max_side = gr.Slider(64, 2048, value=d.max_side, step=16, precision=0,
                                          label="Max side (generation size before upscaling)",
                                          elem_id="max-side")
+                    fp8_compute = gr.Checkbox(
+                        False, label="fp8 compute: faster on Ada/Hopper GPUs when the whole model is on the "
+                        "GPU (48 GB tier); fine detail changes slightly. Ignored on other tiers and GPUs, "
+                        "with a note.", elem_id="fp8-compute")
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -232,7 +237,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
 
         controls = [x for c, s, e, _ in rows for x in (c, s, e)]
         inputs = [image, prompt, *controls, tier, upscale, seed, randomize, steps, guidance, max_side,
-                  canny_auto, canny_low, canny_high]
+                  canny_auto, canny_low, canny_high, fp8_compute]
 
         # -- events ---------------------------------------------------------------------------------
         run_evt = run.click(generate, inputs, [png, summary, seed, last], api_name="generate",
@@ -250,7 +255,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
               api_visibility="private", show_progress="hidden", trigger_mode="always_last")
         settings_png.upload(load_settings, settings_png, [prompt, *controls, tier, upscale, seed, randomize,
                                                           steps, guidance, max_side, canny_auto, canny_low,
-                                                          canny_high], api_visibility="private")
+                                                          canny_high, fp8_compute], api_visibility="private")
         demo.load(refresh_tier, tier, tier, api_visibility="private", queue=False)
 
         if examples:

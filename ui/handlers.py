@@ -114,7 +114,8 @@ def open_input(image) -> Image.Image:
 
 
 def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=False, steps=28,
-              guidance=3.5, max_side=1024, canny=None, rng: random.Random | None = None) -> Job:
+              guidance=3.5, max_side=1024, canny=None, rng: random.Random | None = None,
+              fp8_compute=False) -> Job:
     """A validated Job from the UI's values (image: path, PIL or array). The seed is drawn here when
     `randomize` is set, so the Job (and the PNG) hold the seed that was used."""
     img = open_input(image)
@@ -126,7 +127,8 @@ def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=F
     seed = _whole("seed", seed, 0, SEED_MAX)
     return Job(prompt=prompt if isinstance(prompt, str) else "", image=img, controls=controls,
                width=width, height=height, steps=_whole("steps", steps, 1, 100), guidance=guidance,
-               seed=seed, upscale=upscale_factor(upscale), tier=tier or "auto")
+               seed=seed, upscale=upscale_factor(upscale), tier=tier or "auto",
+               fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute)
 
 
 def preview_control(image, kind, canny=None, demo: bool = False, side: int = PREVIEW_SIDE):
@@ -210,6 +212,7 @@ def plan_markdown(summary: dict) -> str:
                         + (" (process RAM on the CPU)" if cpu else " reserved")),
         ("Seconds per step", f"predicted {p['predicted_step_s']:.2f}, measured {step_s:.2f}"),
         ("Pinned host RAM", _gb(p["host_ram_gb"])),
+        ("Speed-ups", _fast_label(summary.get("fast"))),
         ("Seconds per phase", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "—"),
         ("Size", "×".join(map(str, summary.get("size", []))) + f", seed {summary.get('seed')}"),
     ]
@@ -218,6 +221,15 @@ def plan_markdown(summary: dict) -> str:
     if lines:
         md += "\n\n**Notes and events**\n" + "\n".join(lines)
     return md
+
+
+def _fast_label(fast: dict | None) -> str:
+    """'fused QKV, compiled blocks, cuDNN attention' for all-resident GPU plans, else '—'."""
+    if not fast:
+        return "—"
+    from core.fast import Fast
+    known = {k: v for k, v in fast.items() if k in Fast.__dataclass_fields__}
+    return Fast(**known).label()
 
 
 def gallery_add(gallery: list | None, path, caption: str, limit: int = 24) -> list:
@@ -239,6 +251,7 @@ class Settings:
     max_side: int
     canny: tuple[int, int] | None = None
     dropped: list[str] = field(default_factory=list)
+    fp8_compute: bool = False
 
 
 def settings_from_png(source) -> Settings:
@@ -265,7 +278,7 @@ def settings_from_png(source) -> Settings:
                     upscale=upscale, seed=int(job.get("seed", 0)), steps=int(job.get("steps", 28)),
                     guidance=float(job.get("guidance", 3.5)),
                     max_side=max(int(job.get("width", 1024)), int(job.get("height", 1024))),
-                    canny=canny, dropped=dropped)
+                    canny=canny, dropped=dropped, fp8_compute=job.get("fp8_compute") is True)
 
 
 # -- cancelling -------------------------------------------------------------------------------------

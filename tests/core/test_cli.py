@@ -59,9 +59,10 @@ def generate_args(photo, out, *extra):
 def generated(inputs):
     d, photo, _ = inputs
     outs = [d / "out1.png", d / "out2.png"]
+    fp8 = d / "fp8.png"
     results = run_all([("plan", "--tier", "8", "--width", "1024", "--height", "1024")]
-                      + [generate_args(photo, o) for o in outs])
-    return results[0], list(zip(results[1:], outs))
+                      + [generate_args(photo, o) for o in outs] + [generate_args(photo, fp8, "--fp8-compute")])
+    return results[0], list(zip(results[1:3], outs)), (results[3], fp8)
 
 
 def test_plan_prints_one_json_object_within_the_tier(generated):
@@ -124,3 +125,13 @@ def test_bad_inputs_exit_2_with_one_sentence_and_write_nothing(inputs):
         assert line.startswith("error: ") and line.endswith("."), (word, line)
         assert word in line, (word, line)
     assert sorted(p.name for p in d.rglob("*")) == before, "nothing may be written"
+
+
+def test_fp8_compute_flag_is_kept_and_ignored_on_the_cpu_with_a_note(generated):
+    (rc, out, err), path = generated[2]
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert any(e.startswith("fp8 compute was ignored") for e in summary["events"]), summary["events"]
+    assert read_params(path)["job"]["fp8_compute"] is True
+    (_, plain), _ = generated[1]
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(plain)))

@@ -154,3 +154,29 @@ def test_gallery_drops_missing_files(tmp_path):
     Image.new("RGB", (8, 8)).save(a)
     g = H.gallery_add([(str(tmp_path / "gone.png"), "old")], a, "new")
     assert g == [(str(a), "new")]
+
+
+def test_fp8_compute_travels_from_the_checkbox_to_the_png_and_back(photo_path, tmp_path):
+    assert job_from(photo_path).fp8_compute is False
+    assert job_from(photo_path, fp8_compute=None).fp8_compute is False     # an API call leaving it out
+    job = job_from(photo_path, fp8_compute=True)
+    assert job.fp8_compute is True
+    with pytest.raises(ValueError, match="fp8_compute"):
+        job_from(photo_path, fp8_compute="yes")
+    path = save_png(job.image, tmp_path / "fp8.png", dict(job=job.describe(), plan={}, demo=True))
+    s = H.settings_from_png(str(path))
+    assert s.fp8_compute is True
+    old = save_png(job.image, tmp_path / "old.png", dict(job={k: v for k, v in job.describe().items()
+                                                              if k != "fp8_compute"}, plan={}, demo=True))
+    assert H.settings_from_png(str(old)).fp8_compute is False                # PNGs from before the option
+
+
+def test_plan_panel_names_the_speed_ups():
+    plan = dict(tier="48", device="cuda", dtype="bfloat16", placement=dict(B=312, F=0, S=0, Q=0), slots=3,
+                text_encoders="gpu", vae_tiling=False, tile=0, overlap=128, predicted_peak_gb=41.0,
+                predicted_step_s=0.2, host_ram_gb=0.0, notes=[])
+    fast = dict(fused=True, compiled=True, fp8=True, attention="cudnn", fp8_layers=500, compiled_blocks=72,
+                compile_s=40.0)
+    md = H.plan_markdown(dict(plan=plan, fast=fast, seconds={}, size=[1024, 1024], seed=1))
+    assert "| Speed-ups | fused QKV, compiled blocks, cuDNN attention, fp8 compute (500 layers) |" in md
+    assert "| Speed-ups | — |" in H.plan_markdown(dict(plan=plan, seconds={}, size=[1024, 1024], seed=1))

@@ -1,0 +1,324 @@
+"""Top speed with the whole model resident: diffusers (eager, regional compile) against ours.
+
+Full-size FLUX.1-dev + Union-Pro architecture, random bf16 weights, built once; 1024², 28 steps,
+guidance 3.5, 512 T5 tokens; one control (canny) and two (canny + tile), control_guidance_end 1.0
+(diffusers runs the ControlNet at every step whatever the end, so 1.0 is the like-for-like setting).
+Every variant runs a short warm-up (compiles, if it compiles), then `--repeats` timed images; s/image
+is wall time from inputs to a PIL image, synchronized (ours through core.Engine.run: preprocessing
+and decoding included). Each optimized image is compared with eager diffusers' on the same seed.
+
+variants (run in this order; each one's failure is recorded and the rest still run):
+  eager              pipe(...) on the resident pipeline
+  diffusers_compile  pipe.transformer.compile_repeated_blocks(fullgraph=True) (diffusers' recipe)
+  ours_bf16          core.Engine, 48 GB tier: fused QKV + compiled transformer and ControlNet blocks
+                     + attention "auto" (cuDNN on Hopper) + idle-ControlNet skip
+  ours_fp8           the same with Job(fp8_compute=True)
+  ours_bf16_end08    ours_bf16 with control_guidance_end 0.8 (the UI default): the skip's saving
+  ours_bf16_flash    ours_bf16 with flash attention forced, against cuDNN
+  ours_bf16_static   ours_bf16 compiled with static shapes (dynamic=False); not run by default
+
+usage: python -m bench.bench_speed [--steps 28] [--size 1024] [--controls 1,2] [--repeats 2]
+                                   [--variants eager,...] [--budget-s 380] [--out-dir bench]
+       python -m bench.bench_speed --cpu-smoke      # the script's logic on the tiny model, on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.env import environment, md_table, write
+
+T0 = time.perf_counter()
+GiB = 2**30
+PROMPT = "a photo of an astronaut on the moon, detailed, sharp"
+VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
+EXTRA = ("ours_bf16_static",)
+KINDS = ("canny", "tile")
+BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
+
+
+class Bench:
+    def __init__(self, a):
+        from bench.random_model import build_random_pipeline
+        from core import fast
+        from core.device import detect
+        from core.engine import Engine
+        from core.job import ControlSpec, Job
+        from core.models import ModelSpec
+
+        self.a, self.fast = a, fast
+        self.cuda = not a.cpu_smoke
+        dev = "cuda" if self.cuda else "cpu"
+        self.pipe, self.build_s = build_random_pipeline("tiny" if a.cpu_smoke else "full", device=dev)
+        log("built the random model in", self.build_s, "s")
+        self.engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(),
+                             pipe=self.pipe)
+        self.base_fast = self.engine.fast
+        if a.cpu_smoke:  # logic check only: compile with the eager backend, fp8 emulated, bf16 on the CPU
+            self.base_fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
+            fast.fp8_supported = lambda index=0: True
+            plan = self.engine._plan
+            self.engine.plan = lambda job, tier=None: plan(job, tier, dtype="bfloat16")
+        self.engine.fast = self.base_fast
+        import skimage.data
+        img = Image.fromarray(skimage.data.astronaut()).resize((a.size, a.size), Image.LANCZOS)
+        self.jobs = {n: Job(PROMPT, img, tuple(ControlSpec(k, 0.7, end=1.0) for k in KINDS[:n]), a.size, a.size,
+                            steps=a.steps, seed=0, tier="cpu" if a.cpu_smoke else a.tier)
+                     for n in a.controls}
+        first = self.jobs[a.controls[0]]
+        self.plan = self.engine.plan(first)
+        self.engine.check_fits(self.plan)
+        self.engine.apply(self.plan)          # resident: the diffusers variants run on the same placement
+        log("placed:", self.plan.summary()["placement"], "text encoders", self.plan.text_encoders)
+        self.eager_images: dict[int, Image.Image] = {}
+        self.images: dict[tuple[str, int], Image.Image] = {}
+        self.last_image_s = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self):
+        return round(torch.cuda.max_memory_reserved() / GiB, 2) if self.cuda else None
+
+    def diffusers_call(self, job):
+        """Eager diffusers with exactly the engine's inputs (resized photo, control images, lists)."""
+        from core.generate import control_args, control_images
+        image = job.image.resize((job.width, job.height), Image.LANCZOS)
+        controls = control_images(job, image)
+
+        def call(steps):
+            return self.pipe(PROMPT, control_image=controls, height=job.height, width=job.width,
+                             num_inference_steps=steps, guidance_scale=job.guidance,
+                             generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=512,
+                             output_type="pil", **control_args(self.pipe, job.controls)).images[0]
+        return call
+
+    def timed(self, fn):
+        self.sync()
+        t = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - t
+
+    # -- one variant, one control count ----------------------------------------------------------
+    def run(self, variant: str, n: int) -> dict:
+        a, fast = self.a, self.fast
+        job = self.jobs[n]
+        row = dict(variant=variant, controls=n, steps=a.steps, size=a.size)
+        self.reset_peak()
+        c0 = fast.compile_seconds()
+        if variant in ("eager", "diffusers_compile"):
+            call = self.diffusers_call(job)
+            warm = lambda: call(a.warmup_steps)  # noqa: E731
+            image = lambda: call(a.steps)       # noqa: E731
+        else:
+            end = 0.8 if variant == "ours_bf16_end08" else 1.0
+            job = job.with_(controls=tuple(replace(c, end=end) for c in job.controls),
+                            fp8_compute=variant == "ours_fp8")
+            cfg = self.base_fast
+            if variant == "ours_bf16_flash":
+                cfg = replace(cfg, attention="flash")
+            if variant == "ours_bf16_static":
+                cfg = replace(cfg, dynamic=False)
+            self.engine.fast = cfg
+            results = []
+
+            def warm():
+                return self.engine.run(job.with_(steps=a.warmup_steps))
+
+            def image():
+                r = self.engine.run(job)
+                results.append(r)
+                return r.image
+        _, warm_s = self.timed(warm)
+        row["warmup_s"] = round(warm_s, 2)
+        row["compile_s"] = round(max(0.0, fast.compile_seconds() - c0), 1)
+        times, img = [], None
+        for _ in range(a.repeats):
+            img, dt = self.timed(image)
+            times.append(dt)
+        row["image_s"] = round(statistics.median(times), 3)
+        row["image_s_all"] = [round(t, 3) for t in times]
+        row["peak_reserved_gb"] = self.peak_gb()
+        row["compile_s_timed"] = round(max(0.0, fast.compile_seconds() - c0 - row["compile_s"]), 1)  # should be 0
+        if variant.startswith("ours"):
+            r = results[-1]
+            row.update(fast=r.report.get("fast"), seconds=r.report["seconds"], events=list(r.events),
+                       placement=r.plan.summary()["placement"], tier=r.plan.tier,
+                       denoise_s=r.report["seconds"].get("denoise"), decode_s=r.report["seconds"].get("decode"))
+        self.images[(variant, n)] = img
+        if variant == "eager":
+            self.eager_images[n] = img
+        elif n in self.eager_images and variant != "ours_bf16_end08":
+            a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
+            b8 = np.asarray(self.eager_images[n].convert("RGB"), dtype=np.int16)
+            row["mean_abs_diff_vs_eager"] = round(float(np.abs(a8 - b8).mean()), 3)
+        self.last_image_s = row["image_s"]
+        return row
+
+    def setup(self, variant: str) -> None:
+        """Between variants: diffusers' compiled blocks off, dynamo's caches cleared before ours."""
+        if variant == "diffusers_compile":
+            kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
+            self.pipe.transformer.compile_repeated_blocks(**kw)
+
+    def teardown(self, variant: str) -> None:
+        if variant == "diffusers_compile":
+            self.fast.uncompile_blocks(self.pipe.transformer)
+            torch._dynamo.reset()
+
+
+def side_by_side(images: list[Image.Image | None], labels: list[str], side: int = 512) -> Image.Image:
+    from PIL import ImageDraw
+    out = Image.new("RGB", (side * len(images), side + 24), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        if im is not None:
+            out.paste(im.convert("RGB").resize((side, side), Image.LANCZOS), (i * side, 24))
+        draw.text((i * side + 6, 5), label if im is not None else f"{label}: missing", fill="black")
+    return out
+
+
+def report(out: Path, data: dict, bench: Bench | None) -> None:
+    rows = data["rows"]
+    ref = {(r["controls"]): r["image_s"] for r in rows if r["variant"] == "eager" and r.get("image_s")}
+    dc = {(r["controls"]): r["image_s"] for r in rows if r["variant"] == "diffusers_compile" and r.get("image_s")}
+    for r in rows:
+        if r.get("image_s"):
+            if r["controls"] in ref:
+                r["speedup_vs_eager"] = round(ref[r["controls"]] / r["image_s"], 2)
+            if r["controls"] in dc:
+                r["speedup_vs_diffusers_compile"] = round(dc[r["controls"]] / r["image_s"], 2)
+            bar = BARS.get(r["variant"]) if r["controls"] == 1 and data["job"]["steps"] == 28 else None
+            if bar and r["variant"].startswith("ours"):
+                r["bar_s"], r["meets_bar"] = bar, r["image_s"] <= bar
+        if r.get("fast"):
+            r["fast_label"] = f"{r['fast']['attention']}, fp8={r['fast']['fp8']}, compiled={r['fast']['compiled']}"
+    write(out / "speed_results.json", data)
+    env = data["env"]
+    md = ["# Speed with the whole model resident\n",
+          f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB), capability "
+          f"{data['device'].get('capability')}, fp8 matmul: {data['device'].get('fp8_supported')}, "
+          f"cuDNN attention: {data['device'].get('cudnn_attention')}; torch {env['torch']}, diffusers "
+          f"{env['diffusers']}, transformers {env['transformers']}, triton {data['device'].get('triton')}",
+          f"- job: {data['job']}", f"- command: `{env['command']}`",
+          f"- our plan: {data.get('plan')}",
+          f"- bars (one control, 28 steps): diffusers eager {BARS['eager']} s, diffusers regional compile "
+          f"{BARS['diffusers_compile']} s; ours ≤ {BARS['ours_bf16']} s bf16, ≤ {BARS['ours_fp8']} s fp8",
+          f"- build {data.get('build_s')} s, total wall {data.get('wall_s')} s\n",
+          md_table(rows, ["variant", "controls", "image_s", "speedup_vs_eager", "speedup_vs_diffusers_compile",
+                          "bar_s", "meets_bar", "denoise_s", "compile_s", "warmup_s", "mean_abs_diff_vs_eager",
+                          "peak_reserved_gb", "fast_label", "error"]),
+          "\nmean_abs_diff_vs_eager: mean |Δ| of the RGB pixels (0..255) against eager diffusers on the same "
+          "seed and inputs (random weights: a numerical-noise measure, not an image-quality one). "
+          "ours_bf16_end08 changes the job (control end 0.8), so it has no such number.",
+          "\n`speed_side_by_side.png`: eager | ours bf16 | ours fp8, one control, downscaled."]
+    (out / "SPEED.md").write_text("\n".join(md) + "\n")
+    if bench is not None:
+        n = data["job"]["controls"][0]
+        ims = [bench.images.get((v, n)) for v in ("eager", "ours_bf16", "ours_fp8")]
+        if any(im is not None for im in ims):
+            side_by_side(ims, ["diffusers eager", "ours bf16", "ours fp8"]).save(out / "speed_side_by_side.png")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--controls", default="1,2")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tier", default="48")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS + EXTRA)}")
+    ap.add_argument("--budget-s", type=float, default=380.0,
+                    help="skip what would start after this many seconds of wall time (recorded as skipped)")
+    ap.add_argument("--out-dir", default="bench")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, not speed")
+    a = ap.parse_args(argv)
+    if a.cpu_smoke:
+        a.size, a.steps, a.warmup_steps, a.repeats = min(a.size, 128), min(a.steps, 2), 1, 1
+    a.controls = [int(c) for c in a.controls.split(",") if c]
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS + EXTRA]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {VARIANTS + EXTRA}")
+    if not a.cpu_smoke and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (or --cpu-smoke)")
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(env=environment(), job=dict(size=a.size, steps=a.steps, controls=a.controls, kinds=KINDS,
+                                            guidance=3.5, t5_tokens=512, control_end=1.0, repeats=a.repeats,
+                                            warmup_steps=a.warmup_steps, tier=a.tier),
+                device={}, rows=[])
+    bench = None
+    try:
+        from core import fast
+        if torch.cuda.is_available() and not a.cpu_smoke:
+            from torch.utils._triton import has_triton
+            import importlib.metadata as md
+            data["device"] = dict(capability=".".join(map(str, torch.cuda.get_device_capability())),
+                                  fp8_supported=fast.fp8_supported(), cudnn_attention=fast.attention_available("cudnn"),
+                                  flash_attention=fast.attention_available("flash"),
+                                  auto_attention=fast.resolve_attention("auto", "cuda"),
+                                  triton=md.version("triton") if has_triton() else None)
+        log("device", data["device"])
+        bench = Bench(a)
+        data["build_s"], data["plan"] = bench.build_s, dict(tier=bench.plan.tier, **bench.plan.summary()["placement"])
+        for v in variants:
+            for n in a.controls:
+                est = (90 if v in ("diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_flash",
+                                   "ours_bf16_static") and n == a.controls[0] else 5)
+                est += a.repeats * (bench.last_image_s or 10)
+                if time.perf_counter() - T0 + est > a.budget_s:
+                    data["rows"].append(dict(variant=v, controls=n, error=f"skipped: the {a.budget_s:.0f} s budget"))
+                    log("SKIP", v, n)
+                    continue
+                log("RUN", v, f"{n} control(s)")
+                try:
+                    if n == a.controls[0]:
+                        bench.setup(v)
+                    row = bench.run(v, n)
+                except Exception as e:  # noqa: BLE001 - a benchmark records failures
+                    row = dict(variant=v, controls=n, error=f"{type(e).__name__}: {str(e)[:300]}")
+                    traceback.print_exc()
+                    bench.engine.fast = bench.base_fast
+                    if bench.cuda:
+                        torch.cuda.empty_cache()
+                data["rows"].append(row)
+                log("ROW", {k: row.get(k) for k in ("variant", "controls", "image_s", "compile_s",
+                                                     "mean_abs_diff_vs_eager", "peak_reserved_gb", "error")})
+                data["wall_s"] = round(time.perf_counter() - T0, 1)
+                report(out, data, bench)
+            try:
+                bench.teardown(v)
+            except Exception as e:  # noqa: BLE001
+                log("teardown failed", v, e)
+    except Exception as e:  # noqa: BLE001 - building or placing failed: still write what we have
+        data["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        traceback.print_exc()
+    data["wall_s"] = round(time.perf_counter() - T0, 1)
+    report(out, data, bench)
+    print((out / "SPEED.md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Top speed when the whole denoiser is resident: fused QKV, regional compilation, the attention
+kernel, and (opt-in) fp8 compute.
+
+Only for plans whose every denoiser unit is resident ("B") on a CUDA GPU: core.residency hooks the
+children of the transformer blocks, and fused or compiled blocks would hide them. Every change here
+has an exact inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
+
+- fused QKV: one matmul instead of three per attention input (q, k, v concatenated); the unfused
+  Linears are deleted so that fusing costs no memory, and recreated exactly on undo.
+- regional compilation: torch.compile on each repeated block (FluxTransformerBlock,
+  FluxSingleTransformerBlock) of the transformer *and* the ControlNet, with a symbolic sequence
+  length: blocks of one class share one graph (the ControlNet's text is one token longer), so this
+  compiles two graphs, not 72, and a new image size compiles nothing; they stay cached for the process.
+- attention: PyTorch picks its SDPA kernel itself ("sdpa"), or cuDNN / flash attention is forced per
+  attention processor (not diffusers' global backend, so other pipelines in the process are untouched).
+- fp8 compute: block Linears become `Fp8Linear` (e4m3 weights with one scale per output row,
+  activations quantized per row on the fly, `torch._scaled_mm`): the row-wise recipe of torchao's
+  Float8DynamicActivationFloat8WeightConfig(PerRow()). It changes pixels (fine detail), so it is the
+  user's choice. The bf16 originals wait in host memory and come back exactly on undo.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)        # 448
+BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+ATTENTION = {"sdpa": None, "cudnn": "_native_cudnn", "flash": "_native_flash"}   # name → diffusers backend
+ATTENTION_CHOICES = ("auto",) + tuple(ATTENTION)
+_UNFUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+# -- which modules --------------------------------------------------------------------------------
+def denoisers(pipe) -> tuple[nn.Module, ...]:
+    """The transformer and the ControlNet (the pipeline wraps it in a FluxMultiControlNetModel)."""
+    cn = pipe.controlnet
+    nets = tuple(getattr(cn, "nets", None) or (cn,))
+    return (pipe.transformer,) + nets
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks torch.compile compiles. FluxControlNetModel does not declare `_repeated_blocks`
+    (diffusers' compile_repeated_blocks would refuse it), but its blocks are the same classes."""
+    names = tuple(getattr(model, "_repeated_blocks", None) or BLOCK_CLASSES)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def attentions(model: nn.Module) -> list[nn.Module]:
+    from diffusers.models.attention import AttentionModuleMixin
+    return [m for m in model.modules() if isinstance(m, AttentionModuleMixin) and hasattr(m, "processor")]
+
+
+# -- fused QKV ------------------------------------------------------------------------------------
+@torch.no_grad()
+def fuse_qkv(model: nn.Module) -> int:
+    """Fuse q, k, v (and the context stream's) projections of every attention; returns how many.
+    diffusers' fuse_projections keeps the unfused Linears: deleting them keeps the memory the plan
+    counted (the transformer alone would grow by 4.3 GB)."""
+    n = 0
+    for attn in attentions(model):
+        if getattr(attn, "fused_projections", False) or not getattr(attn, "_supports_qkv_fusion", False):
+            continue
+        attn.fuse_projections()
+        for fused, parts in _UNFUSED.items():
+            if hasattr(attn, fused):
+                for name in parts:
+                    delattr(attn, name)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def unfuse_qkv(model: nn.Module) -> int:
+    """Exact inverse of fuse_qkv: the fused weights are split back into the original Linears."""
+    n = 0
+    for attn in attentions(model):
+        if not getattr(attn, "fused_projections", False):
+            continue
+        for fused, parts in _UNFUSED.items():
+            lin = getattr(attn, fused, None)
+            if lin is None:
+                continue
+            if not isinstance(lin, nn.Linear):
+                raise RuntimeError(f"{fused} is a {type(lin).__name__}: dequantize before unfusing")
+            ws = lin.weight.chunk(3, dim=0)
+            bs = lin.bias.chunk(3) if lin.bias is not None else (None,) * 3
+            for name, w, b in zip(parts, ws, bs):
+                new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+                new.weight = nn.Parameter(w.clone(), requires_grad=lin.weight.requires_grad)
+                if b is not None:
+                    new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
+                setattr(attn, name, new)
+        attn.unfuse_projections()   # deletes the fused Linears, clears the flag
+        n += 1
+    return n
+
+
+# -- fp8 compute ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def fp8_supported(index: int = 0) -> bool:
+    """fp8 matmuls run on this CUDA GPU: compute capability 8.9+ (Ada, Hopper, newer) and a row-wise
+    scaled `torch._scaled_mm` with a bias works (checked once on a tiny matrix)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(index) < (8, 9):
+        return False
+    try:
+        dev = torch.device("cuda", index)
+        a = torch.ones(16, 32, device=dev).to(FP8)
+        w = torch.ones(16, 32, device=dev).to(FP8)
+        out = torch._scaled_mm(a, w.t(), scale_a=torch.ones(16, 1, device=dev),
+                               scale_b=torch.ones(1, 16, device=dev), bias=torch.ones(16, device=dev,
+                               dtype=torch.bfloat16), out_dtype=torch.bfloat16, use_fast_accum=True)
+        return bool((out.float() == 33).all())
+    except RuntimeError as e:
+        log.info("fp8 matmul unavailable: %s", e)
+        return False
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and float32 scales (one per row, over the last dim) with x ≈ q * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A Linear computing in fp8. The weight is stored (out, in) row-major as e4m3 with one scale per
+    output row, so `.t()` is the column-major operand `_scaled_mm` needs; activations are quantized
+    per row (token) at every call. Output in bf16, like torchao's row-wise float8 inference.
+
+    `scaled_mm=False` emulates the same arithmetic (dequantize, float32 matmul, bf16 rounding) for
+    devices without fp8 matmuls; it exists for tests, it is not fast."""
+
+    def __init__(self, linear: nn.Linear, scaled_mm: bool, fast_accum: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w, s = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", w)                                  # (out, in) e4m3
+        self.register_buffer("weight_scale", s.reshape(1, -1).contiguous())  # (1, out) float32
+        b = linear.bias
+        self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16 if scaled_mm else b.dtype))
+        self.scaled_mm, self.fast_accum = scaled_mm, fast_accum
+        self._original = (linear,)   # in a tuple: not a submodule, so model.to() never moves it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, s = quantize_rows(x.reshape(-1, x.shape[-1]))                   # (M, in), (M, 1)
+        if self.scaled_mm:
+            out = torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.weight_scale, bias=self.bias,
+                                   out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
+        else:
+            out = (q.float() * s) @ (self.weight.float() * self.weight_scale.t()).t()
+            if self.bias is not None:
+                out = out + self.bias.float()
+            out = out.to(torch.bfloat16)
+        return out.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scaled_mm={self.scaled_mm}")
+
+
+def _fp8_targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, Linear) of the block Linears that take fp8: attention, feed-forward and the
+    single blocks' MLP/output. Not the modulation Linears (norm*.linear): they see one row per image,
+    so they are memory-bound (fp8 saves nothing there) and they scale every activation. Embedders and
+    the final layers are outside the blocks and stay bf16."""
+    out = []
+    for attr in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(model, attr, None) or ():
+            for name, m in block.named_modules():
+                if not isinstance(m, nn.Linear) or name.split(".")[0].startswith("norm"):
+                    continue
+                if m.in_features % 16 or m.out_features % 16:   # _scaled_mm's shape rule
+                    continue
+                parent, _, leaf = name.rpartition(".")
+                out.append((block.get_submodule(parent) if parent else block, leaf, m))
+    return out
+
+
+@torch.no_grad()
+def quantize_fp8(model: nn.Module, scaled_mm: bool | None = None, backup: str | torch.device = "cpu") -> int:
+    """Swap the block Linears for Fp8Linear; returns how many. The bf16 originals move to `backup`
+    (host memory: the GPU keeps only the fp8 copy) and come back with dequantize_fp8.
+    scaled_mm: None uses `_scaled_mm` where the GPU supports it, else the emulation."""
+    n = 0
+    for parent, name, lin in _fp8_targets(model):
+        dev = lin.weight.device
+        use = scaled_mm if scaled_mm is not None else (dev.type == "cuda" and fp8_supported(dev.index or 0))
+        setattr(parent, name, Fp8Linear(lin, use))
+        lin.to(backup)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def dequantize_fp8(model: nn.Module) -> int:
+    """Put the original Linears back, on the device the fp8 ones were on; returns how many."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, Fp8Linear):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        lin = m._original[0].to(m.weight.device)
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, lin)
+        n += 1
+    return n
+
+
+def fp8_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+# -- attention kernel -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def attention_available(name: str, index: int = 0) -> bool:
+    """The forced SDPA kernel runs on this GPU (bf16, head dim 128) and agrees with the math kernel."""
+    if name == "sdpa":
+        return True
+    if name not in ATTENTION or not torch.cuda.is_available():
+        return False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    try:
+        g = torch.Generator("cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 4, 333, 128, device=f"cuda:{index}", generator=g).to(torch.bfloat16)
+                   for _ in range(3))   # an odd length, like the ControlNet's 4096 + 513 tokens
+        with sdpa_kernel(kernel):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        return bool((out.float() - ref).abs().max() < 0.03)
+    except RuntimeError as e:
+        log.info("%s attention unavailable: %s", name, e)
+        return False
+
+
+def resolve_attention(name: str, device: torch.device | str = "cuda") -> str:
+    """'auto': cuDNN attention on Hopper and newer where it works (the fastest PyTorch-native kernel
+    there for FLUX's head dim 128; bench/bench_speed.py compares it with flash), else PyTorch's choice."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {name!r}.")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "sdpa"
+    if name == "auto":
+        ok = torch.cuda.get_device_capability(dev.index or 0) >= (9, 0) and attention_available("cudnn", dev.index or 0)
+        return "cudnn" if ok else "sdpa"
+    return name if attention_available(name, dev.index or 0) else "sdpa"
+
+
+def set_attention(model: nn.Module, name: str) -> None:
+    """Per processor, so diffusers' process-wide active backend stays as it was."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    value = ATTENTION[name]
+    backend = AttentionBackendName(value) if value else None
+    for attn in attentions(model):
+        if hasattr(attn.processor, "_attention_backend"):
+            attn.processor._attention_backend = backend
+
+
+# -- regional compilation -------------------------------------------------------------------------
+def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                   fullgraph: bool = True, dynamic: bool | None = True) -> int:
+    """torch.compile each repeated block in place (what nn.Module.compile does, plus _same_form);
+    returns how many were newly compiled. Compilation happens on the first call. dynamic=True: the
+    sequence length is symbolic, so the ControlNet (one extra mode token) and the transformer share
+    one graph per block class, and a new image size does not recompile."""
+    _raise_recompile_limit()
+    n = 0
+    for block in repeated_blocks(model):
+        if not is_compiled(block):
+            compiled = torch.compile(block._call_impl, backend=backend, mode=mode, fullgraph=fullgraph,
+                                     dynamic=dynamic)
+            block._compiled_call_impl = functools.partial(_same_form, compiled)
+            n += 1
+    return n
+
+
+def _same_form(compiled, *args, **kwargs):
+    """Call a compiled block with its arguments in one form. Guards tell apart arguments that are the
+    same to the block, and each difference is one more graph to compile (~10-20 s each at full size)
+    and more of the recompile limit: the ControlNet passes no joint_attention_kwargs where the
+    transformer passes {}; after the first single block the inputs are slices of one tensor (views
+    that alias each other) unless a ControlNet residual was just added. Views are copied (≤ 25 MB,
+    ~15 µs on an H100, ~1 ms per step), so every block of a class runs one graph."""
+    if not kwargs.get("joint_attention_kwargs", True):
+        del kwargs["joint_attention_kwargs"]
+    for name in ("hidden_states", "encoder_hidden_states"):
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and x._base is not None:
+            kwargs[name] = x.clone(memory_format=torch.contiguous_format)
+    return compiled(*args, **kwargs)
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Every dtype, fp8 on/off and attention kernel is a graph per block class; with fullgraph=True
+    going past dynamo's limit (8) is an error, not a fallback."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit))
+            break
+
+
+def uncompile_blocks(model: nn.Module) -> int:
+    n = 0
+    for block in repeated_blocks(model):
+        if is_compiled(block):
+            block._compiled_call_impl = None
+            n += 1
+    return n
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (dynamo's own metric; 0 if absent)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+        return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+    except Exception:  # noqa: BLE001 - a private metric: never let it break a job
+        return 0.0
+
+
+def can_compile(backend: str, device: torch.device | str) -> bool:
+    """Inductor on a GPU needs Triton."""
+    if backend != "inductor" or torch.device(device).type != "cuda":
+        return True
+    try:
+        from torch.utils._triton import has_triton
+        return has_triton()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def is_compile_error(err: BaseException) -> bool:
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(err, TorchDynamoException)
+
+
+# -- all together ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastConfig:
+    """How the engine runs all-resident plans. `devices`: where the fast path applies (the CPU only
+    in tests); `backend`: torch.compile's ("eager" in tests)."""
+    enabled: bool = True
+    compile: bool = True
+    attention: str = "auto"
+    backend: str | Callable = "inductor"
+    mode: str | None = None
+    dynamic: bool | None = True
+    devices: tuple[str, ...] = ("cuda",)
+
+
+@dataclass(frozen=True)
+class Fast:
+    """What apply_fast applied."""
+    fused: bool
+    compiled: bool
+    fp8: bool
+    attention: str
+    fp8_layers: int = 0
+    compiled_blocks: int = 0
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        parts = (["fused QKV"] if self.fused else []) + (["compiled blocks"] if self.compiled else [])
+        parts.append({"cudnn": "cuDNN attention", "flash": "flash attention"}.get(self.attention, "SDPA attention"))
+        if self.fp8:
+            parts.append(f"fp8 compute ({self.fp8_layers} layers)")
+        return ", ".join(parts)
+
+
+def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "auto",
+               backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True) -> Fast:
+    """Bring the transformer and ControlNet of a resident pipeline to the wanted state. Idempotent:
+    every step looks at the modules, so a second call changes only what differs (fp8 on or off,
+    the attention kernel); compiled blocks stay compiled and keep their cache."""
+    models = denoisers(pipe)
+    device = next(pipe.transformer.parameters()).device
+    for m in models:   # fuse before quantizing: the fused Linears are the ones that take fp8
+        fused = all(getattr(a, "fused_projections", False) for a in attentions(m))
+        if not fp8 or not fused:
+            dequantize_fp8(m)
+        fuse_qkv(m)
+        if fp8 and not fp8_layers(m):
+            quantize_fp8(m)
+    att = resolve_attention(attention, device)
+    for m in models:
+        set_attention(m, att)
+        if compile:
+            compile_blocks(m, backend=backend, mode=mode, dynamic=dynamic)
+        else:
+            uncompile_blocks(m)
+    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att,
+                fp8_layers=sum(fp8_layers(m) for m in models),
+                compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)))
+
+
+def undo_fast(pipe) -> None:
+    """Back to the plain diffusers modules, bit for bit (the inverse of apply_fast)."""
+    for m in denoisers(pipe):
+        uncompile_blocks(m)
+        set_attention(m, "sdpa")
+        dequantize_fp8(m)
+        unfuse_qkv(m)
+
+
+def eligible(plan, cfg: FastConfig) -> bool:
+    """The fast path applies to plans that keep every denoiser unit resident in the compute dtype."""
+    return cfg.enabled and plan.device in cfg.devices and bool(plan.placement) and set(plan.placement) == {"B"}
+
+
+def fp8_decision(plan, cfg: FastConfig, wanted: bool) -> tuple[bool, str | None]:
+    """(use fp8 compute, a sentence for the user when it was asked for but not used)."""
+    if not wanted:
+        return False, None
+    if not eligible(plan, cfg):
+        tier = f"{plan.tier} GB" if plan.tier.isdigit() else f"'{plan.tier}'"
+        why = ("this job ran on the CPU" if plan.device == "cpu" else
+               "the fast path is turned off" if not cfg.enabled else
+               f"the {tier} plan streams part of the model")
+        return False, (f"fp8 compute was ignored: it applies only when the whole model is resident on a CUDA GPU "
+                       f"({why}; computed in {plan.dtype})")
+    if plan.dtype != "bfloat16":
+        return False, f"fp8 compute was ignored: this job computes in {plan.dtype} for precision"
+    cuda = plan.device == "cuda" and torch.cuda.is_available()
+    if not fp8_supported(torch.cuda.current_device() if cuda else 0):
+        cap = "compute capability " + ".".join(map(str, torch.cuda.get_device_capability())) if cuda else "no fp8"
+        return False, (f"fp8 compute was ignored: it needs fp8 matmuls (compute capability 8.9+: Ada, Hopper "
+                       f"or newer); this device has {cap}: ran in {plan.dtype}")
+    return True, None
