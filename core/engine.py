@@ -96,6 +96,7 @@ class Engine:
         self.fast = fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
         self._fast: fast.Fast | None = None   # what is applied now
         self._fast_dirty = False               # modules may differ from diffusers' (even half-way)
+        self._fast_want: tuple | None = None   # what _fast was applied for
         if pipe is not None:
             self._init_pipe(pipe)
 
@@ -143,6 +144,8 @@ class Engine:
                              "choose 'auto' or 'cpu'.")
         if plan.device == "cuda":
             held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
+            if self._fast is not None and self._fast.fp8:  # fp8 weights are buffers, not parameters
+                held += sum(fast.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
             free = torch.cuda.mem_get_info()[0] / 2**30 + held
             if plan.budget_gb > free + 0.25 and plan.tier != "auto":
                 raise ValueError(f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "
@@ -301,13 +304,16 @@ class Engine:
         compile_ = cfg.compile and fast.can_compile(cfg.backend, plan.device)
         if cfg.compile and not compile_:
             events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
-        before, self._fast_dirty = self._fast, True
-        self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
-                                     backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
+        want = (use_fp8, compile_, cfg)
+        if self._fast is None or want != self._fast_want:   # walking the modules costs ~70 ms: once
+            before, self._fast_dirty = self._fast, True
+            self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
+                                         backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
+            self._fast_want = want
+            if progress is not None and compile_ and self._fast != before:
+                progress("compiling for this GPU (first job only)", 0, job.steps)
         if use_fp8:
             events.append(f"fp8 compute: {self._fast.fp8_layers} block matmuls in fp8 (row-wise scales)")
-        if progress is not None and compile_ and self._fast != before:
-            progress("compiling for this GPU (first job only)", 0, job.steps)
         return self._fast
 
     def _undo_fast(self) -> None:

@@ -218,6 +218,12 @@ def fp8_layers(model: nn.Module) -> int:
     return sum(isinstance(m, Fp8Linear) for m in model.modules())
 
 
+def fp8_bytes(model: nn.Module) -> int:
+    """GPU bytes of the Fp8Linear buffers (weights, scales, biases)."""
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Fp8Linear)
+               for b in m.buffers())
+
+
 # -- attention kernel -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def attention_available(name: str, index: int = 0) -> bool:

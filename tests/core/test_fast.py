@@ -148,6 +148,9 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     assert isinstance(tr.x_embedder, nn.Linear) and isinstance(tr.proj_out, nn.Linear)
     assert isinstance(tr.transformer_blocks[0].norm1.linear, nn.Linear)
     assert rel_err(out, ref) < 0.1
+    weights = sum(m.out_features * m.in_features for m in tr.modules() if isinstance(m, fast.Fp8Linear))
+    outs = sum(m.out_features for m in tr.modules() if isinstance(m, fast.Fp8Linear))
+    assert fast.fp8_bytes(tr) == weights + outs * (4 + 2)      # e4m3 weights, fp32 scales, bf16 biases
     assert fast.dequantize_fp8(tr) == n and fast.fp8_layers(tr) == 0
     fast.unfuse_qkv(tr)
     assert same_state(state(tr), before)
@@ -279,7 +282,7 @@ def cpu_fast_engine(monkeypatch):
     return engine
 
 
-def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job):
+def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, monkeypatch):
     engine = cpu_fast_engine
     pipe = engine.pipe
     engine.apply(engine.plan(job))                            # placed (cast to bf16), not yet fast
@@ -293,7 +296,10 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job):
     assert f["fused"] and f["compiled"] and not f["fp8"] and f["attention"] == "sdpa"
     assert f["compile_s"] > 0 and any("compiled the denoiser blocks" in e for e in r1.events), r1.events
     assert r1.summary()["fast"] == f
+    applied = []
+    monkeypatch.setattr(fast, "apply_fast", lambda *a, _f=fast.apply_fast, **k: applied.append(1) or _f(*a, **k))
     r2 = engine.run(job)                                      # nothing recompiles for the same job
+    assert not applied, "an unchanged fast path is not walked again"
     assert r2.report["fast"]["compile_s"] < 0.5 and not any("compiled" in e for e in r2.events)
     assert np.array_equal(px(r2.image), px(r1.image))
     engine.run(job.with_(width=160, controls=(ControlSpec("canny", end=0.5), ControlSpec("gray"))))
