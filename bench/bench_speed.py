@@ -240,6 +240,36 @@ def report(out: Path, data: dict, bench: Bench | None) -> None:
             side_by_side(ims, ["diffusers eager", "ours bf16", "ours fp8"]).save(out / "speed_side_by_side.png")
 
 
+def device_info() -> dict:
+    """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
+    import importlib.metadata as md
+
+    from core import fast
+    items = dict(capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
+                 fp8_supported=fast.fp8_supported, cudnn_attention=lambda: fast.attention_available("cudnn"),
+                 flash_attention=lambda: fast.attention_available("flash"),
+                 auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
+                 can_compile=lambda: fast.can_compile("inductor", "cuda"),
+                 triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton")
+                                      if _installed(md, n)), None),
+                 cudnn=lambda: torch.backends.cudnn.version())
+    out = {}
+    for k, f in items.items():
+        try:
+            out[k] = f()
+        except Exception as e:  # noqa: BLE001
+            out[k] = f"error: {type(e).__name__}: {str(e)[:100]}"
+    return out
+
+
+def _installed(md, name: str) -> bool:
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=28)
@@ -271,15 +301,8 @@ def main(argv=None):
                 device={}, rows=[])
     bench = None
     try:
-        from core import fast
         if torch.cuda.is_available() and not a.cpu_smoke:
-            from torch.utils._triton import has_triton
-            import importlib.metadata as md
-            data["device"] = dict(capability=".".join(map(str, torch.cuda.get_device_capability())),
-                                  fp8_supported=fast.fp8_supported(), cudnn_attention=fast.attention_available("cudnn"),
-                                  flash_attention=fast.attention_available("flash"),
-                                  auto_attention=fast.resolve_attention("auto", "cuda"),
-                                  triton=md.version("triton") if has_triton() else None)
+            data["device"] = device_info()
         log("device", data["device"])
         bench = Bench(a)
         data["build_s"], data["plan"] = bench.build_s, dict(tier=bench.plan.tier, **bench.plan.summary()["placement"])
