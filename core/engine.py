@@ -163,7 +163,7 @@ class Engine:
 
     def apply(self, plan: Plan) -> None:
         """Place the pipeline as the plan says (a no-op if it already is)."""
-        key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.text_encoders)
+        key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.ring, plan.text_encoders)
         pipe = self.pipe
         if key != self._applied:
             t5_code = "B" if plan.text_encoders == "gpu" else "S"
@@ -203,7 +203,7 @@ class Engine:
                     if id(p) not in in_units:
                         p.data = p.data.to(dev)
                 units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
-                self.residency = Residency(units, full, dev, dtype, plan.slots)
+                self.residency = Residency(units, full, dev, dtype, plan.slots, plan.ring)
                 free_memory()
             self._applied = key
         if plan.vae_tiling:
