@@ -48,8 +48,7 @@ def main():
     engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(), pipe=pipe)
     img = photo(a.size)
     cap(float(a.tier) - 0.5)
-    controls = ((ControlSpec("canny", 0.7),), (ControlSpec("canny", 0.6, end=0.5),),
-                (ControlSpec("canny", 0.7), ControlSpec("gray", 0.4)))
+    controls = ((ControlSpec("canny", 0.7),), (ControlSpec("canny", 0.6, end=0.5),), (ControlSpec("gray", 0.5),))
     rows = []
     t0 = time.perf_counter()
     for k in range(a.jobs):
