@@ -176,7 +176,15 @@ class Bench:
         return row
 
     def setup(self, variant: str) -> None:
-        """Between variants: diffusers' compiled blocks off, dynamo's caches cleared before ours."""
+        """Between variants: diffusers' variants run on plain diffusers modules (our fused, fp8 and
+        compiled blocks undone: once they were not, and 'diffusers_compile' measured our fp8 path);
+        diffusers' compiled blocks off, dynamo's caches cleared before ours."""
+        if variant in ("eager", "diffusers_compile"):
+            self.engine._undo_fast()
+            plain = self.fast.attentions(self.pipe.transformer)
+            if any(getattr(x, "fused_projections", False) for x in plain) or any(
+                    isinstance(m, self.fast.Fp8Linear) for m in self.pipe.transformer.modules()):
+                raise RuntimeError("our fast path is still applied: a diffusers variant would not measure diffusers")
         if variant == "diffusers_compile":
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
             self.pipe.transformer.compile_repeated_blocks(**kw)

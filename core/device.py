@@ -42,16 +42,22 @@ def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
     return 4 * nbytes / GiB / (time.perf_counter() - t)
 
 
-def _measure_tflops(n: int = 4096) -> float:
+def _measure_tflops(n: int = 4096, rounds: int = 3, reps: int = 8) -> float:
+    """Best of a few rounds after a warm-up: a single short round read 666 to 729 TFLOP/s on the
+    same H100 (clocks ramping up), which moved the plans' time model by 9 %."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(8):
+    for _ in range(4):
         a @ b
-    torch.cuda.synchronize()
-    return 8 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    best = 0.0
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t) / 1e12)
+    return best
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ from .generate import JobCancelled, PromptCache, Runtime, control_images, genera
 from .job import Job
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import ModelSpec, load_pipeline
-from .plan import JobShape, Plan, plan_for, step_down
+from .plan import JobShape, Plan, keep_placement, plan_for, step_down
 from .residency import Residency, denoiser_units, text_encoder_units
 from .sizes import sizes_from_pipeline
 from .upscale import upscale
@@ -87,6 +87,7 @@ class Engine:
         self.cache = PromptCache()
         self.residency: Residency | None = None
         self._applied: tuple | None = None
+        self._placed: Plan | None = None      # the plan whose placement is on the device now
         self._lock = threading.Lock()
         self.faults = Faults()
         self._monitor: MemoryMonitor | None = None
@@ -135,7 +136,8 @@ class Engine:
     def _plan(self, job: Job, tier: str | None = None, dtype: str | None = None) -> Plan:
         self.load()
         shape = JobShape(job.width, job.height, len(job.controls), job.upscale)
-        return plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
+        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
+        return keep_placement(self._placed, new, shape, self.sizes, self.device)
 
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""
@@ -158,7 +160,7 @@ class Engine:
             self.residency = None
         for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
             getattr(self.pipe, name).to("cpu")
-        self._applied = None
+        self._applied = self._placed = None
         free_memory()
 
     def apply(self, plan: Plan) -> None:
@@ -205,7 +207,7 @@ class Engine:
                 units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
                 self.residency = Residency(units, full, dev, dtype, plan.slots, plan.ring)
                 free_memory()
-            self._applied = key
+            self._applied, self._placed = key, plan
         if plan.vae_tiling:
             pipe.vae.enable_tiling()
             pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64

@@ -17,6 +17,9 @@ from .timing import simulate_step
 
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
 SLOTS = 2                  # work slots for fp8 units: one in use, one cast ahead
+MODEL_EFF = 0.92           # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
+                           # resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
+FP8_MARGIN = 1.05          # fp8 placements must be predicted this much faster than exact bf16 ones
 RINGS = (8,)               # copy-ring size in units of the largest streamed unit: on the H100 the 8 GB
                            # plan ran 0.300 / 0.282 / 0.283 s/step with rings of 4 / 8 / 16
 CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
@@ -165,7 +168,7 @@ def compute_s(sizes: ModelSizes, dtype: str, w: int, h: int, controls: int, devi
     flops = 2 * params * n_tot
     n_blocks = len(sizes.units) / 4.5  # ~4.5 units per block; attention cost per block
     flops += 4 * n_tot ** 2 * sizes.hidden * n_blocks
-    return flops / (device.tflops * 1e12 * (1.0 if es == 2 else 0.25))
+    return flops / (device.tflops * 1e12 * MODEL_EFF * (1.0 if es == 2 else 0.25))
 
 
 def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
@@ -248,7 +251,7 @@ def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_
             continue
         t = predict_step_s(sizes, p, dtype, w, h, controls, device, ring)
         if "F" in p or "Q" in p:
-            t *= 1.02  # prefer exact compute-dtype weights unless fp8 is clearly faster
+            t *= FP8_MARGIN  # prefer exact compute-dtype weights unless fp8 is clearly faster
         if best is None or t < best[2]:
             best = (p, peak, t)
     return best
@@ -270,6 +273,16 @@ def budget_for(tier: str, device: DeviceInfo) -> float:
     if tier == "auto":
         return max(device.free_gb - CONTEXT_GB, 0.0)
     return float(tier) - CONTEXT_GB
+
+
+def pass_size(shape: JobShape, tile: int) -> tuple[int, int]:
+    """The largest denoiser pass of a job: the generation tile (or image), or the ≤ 1024² px tiles
+    the upscale stages refine, whichever is larger."""
+    gw, gh = (shape.width, shape.height) if tile == 0 else (min(tile, shape.width), min(tile, shape.height))
+    if shape.upscale <= 1:
+        return gw, gh
+    out_w, out_h = round(shape.width * shape.upscale / 16) * 16, round(shape.height * shape.upscale / 16) * 16
+    return max(gw, min(gw if tile else 1024, out_w)), max(gh, min(gh if tile else 1024, out_h))
 
 
 def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None,
@@ -295,12 +308,9 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
     # generation tile: the whole image if it fits, else the largest square tile that does
     tiles = [tile] if tile else [0, 1024, 768, 512, 384]
     for t in tiles:
-        gw, gh = (shape.width, shape.height) if t == 0 else (min(t, shape.width), min(t, shape.height))
         if t == 0 and big > 1024 * 1024 and shape.upscale > 1:
             continue  # upscale stages run in tiles of at most 1024 anyway
-        # upscale stages refine tiles of ≤ 1024² px: plan for the larger of the two passes
-        uw, uh = (min(gw if t else 1024, out_w), min(gh if t else 1024, out_h)) if shape.upscale > 1 else (gw, gh)
-        pw, ph = max(gw, uw), max(gh, uh)
+        pw, ph = pass_size(shape, t)
         vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
         cands = []
         for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
@@ -327,6 +337,27 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
                      f"streamed and the smallest tile (or the streamed weights need more than the "
                      f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
+
+
+def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan:
+    """`new`, but with the placement already on the GPU (`prev`) when that one also holds this job
+    and is at most 15 % slower per step: moving the weights again costs 10-25 s (full size), a few
+    percent of the step time costs less. A different tier, dtype or device always takes `new`."""
+    if prev is None or prev.device != "cuda" or (prev.tier, prev.dtype) != (new.tier, new.dtype) \
+            or (prev.placement, prev.text_encoders, prev.ring) == (new.placement, new.text_encoders, new.ring):
+        return new
+    w, h = pass_size(shape, new.tile)
+    peak = predict_peak_bytes(sizes, prev.placement, prev.slots, prev.dtype, prev.text_encoders, new.vae_tiling,
+                              w, h, shape.controls, ring=prev.ring)
+    if peak > new.budget_gb * GiB:
+        return new
+    n_tiles = _n_tiles(shape, new.tile) if new.tile else 1
+    step = expected_step_s(sizes, prev.placement, prev.dtype, w, h, shape.controls, device, prev.ring)
+    if step * n_tiles > 1.15 * new.predicted_step_s:
+        return new
+    return replace(new, placement=prev.placement, slots=prev.slots, ring=prev.ring, text_encoders=prev.text_encoders,
+                   predicted_peak_gb=round(peak / GiB, 2), predicted_step_s=round(step * n_tiles, 3),
+                   host_ram_gb=prev.host_ram_gb)
 
 
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:

@@ -7,7 +7,7 @@ import pytest
 
 from core.device import GiB, DeviceInfo
 from core.residency import _align
-from core.plan import (CAL, CONTEXT_GB, GPU_TIERS, JobShape, ModelSizes, Plan, budget_for, host_bytes,
+from core.plan import (CAL, keep_placement, pass_size, CONTEXT_GB, GPU_TIERS, JobShape, ModelSizes, Plan, budget_for, host_bytes,
                        phase_bytes, plan_for, predict_peak_bytes, predict_step_s, slot_bytes, spread,
                        step_down, tokens, unit_bytes)
 from core.residency import UnitSize
@@ -342,3 +342,47 @@ def test_step_time_prefers_resident_weights(full):
 
 def test_plan_is_a_frozen_record():
     assert Plan.__dataclass_params__.frozen
+
+
+H100 = DeviceInfo("cuda", "H100", 79.2, 79.2, True, 86.5, 51.4, 740.0)
+
+
+def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
+    """One more control at the same tier: the weights stay where they are if the placement still
+    fits the budget and is at most 15 % slower (moving them again costs 10-25 s)."""
+    two = plan_for("8", JobShape(1024, 1024, 2), full, H100)
+    one_shape = JobShape(1024, 1024, 1)
+    one = plan_for("8", one_shape, full, H100)
+    assert one.placement != two.placement
+    kept = keep_placement(two, one, one_shape, full, H100)
+    assert kept.placement == two.placement and kept.ring == two.ring and kept.slots == two.slots
+    again = predict_peak_bytes(full, two.placement, two.slots, "bfloat16", two.text_encoders, kept.vae_tiling,
+                               1024, 1024, 1, ring=two.ring) / GiB
+    assert kept.predicted_peak_gb == pytest.approx(again, abs=0.006) and kept.predicted_peak_gb <= kept.budget_gb
+    assert one.predicted_step_s <= kept.predicted_step_s <= 1.15 * one.predicted_step_s
+    # nothing on the GPU, another tier or dtype: the new plan as it is
+    assert keep_placement(None, one, one_shape, full, H100) is one
+    assert keep_placement(plan_for("12", JobShape(1024, 1024, 2), full, H100), one, one_shape, full, H100) is one
+    f32 = plan_for("8", one_shape, full, H100, dtype="float32")
+    assert keep_placement(two, f32, one_shape, full, H100) is f32
+
+
+def test_placement_is_moved_when_it_would_not_fit_or_is_much_slower(full):
+    small = plan_for("24", JobShape(768, 768, 1), full, H100)       # more resident: less room for activations
+    big_shape = JobShape(1024, 1024, 3)
+    big = plan_for("24", big_shape, full, H100)
+    over = predict_peak_bytes(full, small.placement, small.slots, "bfloat16", small.text_encoders, big.vae_tiling,
+                              1024, 1024, 3, ring=small.ring) / GiB
+    assert small.placement != big.placement and over > big.budget_gb
+    assert keep_placement(small, big, big_shape, full, H100) is big
+    large = plan_for("24", JobShape(1024, 1024, 2), full, H100)
+    small_shape = JobShape(768, 768, 2)
+    new = plan_for("24", small_shape, full, H100)
+    assert keep_placement(large, new, small_shape, full, H100) is new   # 1.5x slower per step: move
+
+
+def test_pass_size_is_the_larger_of_generation_and_upscale_tiles():
+    assert pass_size(JobShape(1024, 768, 1), 0) == (1024, 768)
+    assert pass_size(JobShape(768, 768, 1, 2.0), 0) == (1024, 1024)     # upscale tiles of 1024
+    assert pass_size(JobShape(768, 768, 1, 1.25), 0) == (960, 960)      # the whole 960² output
+    assert pass_size(JobShape(2048, 2048, 1), 768) == (768, 768)
