@@ -203,7 +203,7 @@ def plan_markdown(summary: dict) -> str:
         ("Tier", f"{p['tier']} on {p['device'].upper()}" + (" (demo model)" if summary.get("demo") else "")),
         ("Compute dtype", p["dtype"]),
         ("Denoiser units", f"{pl['B']} resident, {pl['F']} resident fp8, {pl['S']} streamed, "
-                           f"{pl['Q']} streamed fp8; {p['slots']} work slots"),
+                           f"{pl['Q']} streamed fp8" + (f"; copy ring of {p['ring']} units" if p.get("ring") else "")),
         ("Text encoders", p["text_encoders"]),
         ("VAE tiling", "on" if p["vae_tiling"] else "off"),
         ("Generation tile", f"{p['tile']} px (overlap {p['overlap']})" if p["tile"] else "whole image"),
