@@ -179,3 +179,35 @@ def test_ring_hands_out_regions_in_order_and_waits_for_release():
     assert d[0] == 512 and wd == []
     with pytest.raises(ValueError, match="does not fit"):
         ring.alloc(2000)
+
+
+# -- the scheduler under any call order ----------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _units(n, seed=0):
+    torch.manual_seed(seed)
+    return [(f"u{i}", torch.nn.Linear(8 + 8 * (i % 3), 8 + 8 * (i % 3))) for i in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(placement=st.lists(st.sampled_from("BFSQ"), min_size=6, max_size=6).map("".join),
+       ring=st.integers(2, 5), slots=st.integers(1, 3), cast=st.sampled_from(["side", "compute"]),
+       calls=st.lists(st.one_of(st.integers(0, 5), st.just(-1)), min_size=1, max_size=40))
+def test_any_call_order_computes_with_the_right_weights(placement, ring, slots, cast, calls):
+    """Units called in any order (repeats, skips, step ends at any point: -1) always run with their
+    own weights: the ring never hands a unit's bytes to another one before it has run."""
+    units = _units(6)
+    ref = copy.deepcopy(units)
+    res = Residency(units, placement, torch.device("cpu"), torch.float32, slots=slots, ring=ring, cast=cast)
+    for i, (_, m) in enumerate(ref):  # the reference: the same rounding fp8 storage applies
+        if placement[i] in "FQ":
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn).float()
+    with torch.no_grad():
+        for c in calls:
+            if c < 0:
+                res.end_step()
+                continue
+            x = torch.randn(2, units[c][1].in_features)
+            assert torch.equal(units[c][1](x), ref[c][1](x)), (placement, c)
+    res.remove()
