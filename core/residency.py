@@ -261,6 +261,7 @@ class Residency:
             pack.point_params(self.work[0] if code in "FQ" else self.ring_buf.view(dtype))  # originals freed
         if cuda and managed:
             torch.cuda.synchronize(device)
+        # the plan's memory model counts exactly these buffers
         assert self.gpu_bytes_buffers == buffer_bytes(unit_sizes(units), placement, es, slots, ring)
         self.free_slots: deque[tuple[int, object]] = deque((s, None) for s in range(len(self.work)))
         # per scheduled position: what is ready for it
@@ -270,7 +271,7 @@ class Residency:
         self.trace: list[int] = []
         self.cur = -1                         # absolute position of the unit in use
         self.fetch_k = self.cast_k = 0        # next positions the copy / cast pipelines consider
-        self.in_use: tuple | None = None      # (unit, pos, region or None, slot or None)
+        self.in_use: tuple | None = None      # (unit, ring region or None, work slot or None, in the order?)
         for i in managed:
             m = units[i][1]
             self.hooks.append(m.register_forward_pre_hook(lambda mod, args, i=i: self._before(i)))
