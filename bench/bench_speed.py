@@ -16,6 +16,7 @@ variants (run in this order; each one's failure is recorded and the rest still r
   ours_bf16_end08    ours_bf16 with control_guidance_end 0.8 (the UI default): the skip's saving
   ours_bf16_flash    ours_bf16 with flash attention forced, against cuDNN
   ours_bf16_static   ours_bf16 compiled with static shapes (dynamic=False); not run by default
+  ours_bf16_autotune ours_bf16 compiled with mode="max-autotune-no-cudagraphs"; not run by default
 
 usage: python -m bench.bench_speed [--steps 28] [--size 1024] [--controls 1,2] [--repeats 2]
                                    [--variants eager,...] [--budget-s 380] [--out-dir bench]
@@ -40,7 +41,8 @@ T0 = time.perf_counter()
 GiB = 2**30
 PROMPT = "a photo of an astronaut on the moon, detailed, sharp"
 VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
-EXTRA = ("ours_bf16_static",)
+EXTRA = ("ours_bf16_static", "ours_bf16_autotune")
+RECOMPILE = EXTRA          # variants whose compile settings differ from the engine's default
 KINDS = ("canny", "tile")
 BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
 
@@ -139,6 +141,8 @@ class Bench:
                 cfg = replace(cfg, attention="flash")
             if variant == "ours_bf16_static":
                 cfg = replace(cfg, dynamic=False)
+            if variant == "ours_bf16_autotune":
+                cfg = replace(cfg, mode="max-autotune-no-cudagraphs")
             self.engine.fast = cfg
             results = []
 
@@ -188,10 +192,16 @@ class Bench:
         if variant == "diffusers_compile":
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
             self.pipe.transformer.compile_repeated_blocks(**kw)
+        if variant in RECOMPILE:  # compiled blocks are kept as they are: other settings need new ones
+            self.engine._undo_fast()
+            torch._dynamo.reset()
 
     def teardown(self, variant: str) -> None:
         if variant == "diffusers_compile":
             self.fast.uncompile_blocks(self.pipe.transformer)
+            torch._dynamo.reset()
+        if variant in RECOMPILE:
+            self.engine._undo_fast()
             torch._dynamo.reset()
 
 
@@ -317,7 +327,7 @@ def main(argv=None):
         for v in variants:
             for n in a.controls:
                 est = (90 if v in ("diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_flash",
-                                   "ours_bf16_static") and n == a.controls[0] else 5)
+                                   "ours_bf16_static", "ours_bf16_autotune") and n == a.controls[0] else 5)
                 est += a.repeats * (bench.last_image_s or 10)
                 if time.perf_counter() - T0 + est > a.budget_s:
                     data["rows"].append(dict(variant=v, controls=n, error=f"skipped: the {a.budget_s:.0f} s budget"))
