@@ -188,7 +188,7 @@ def report(out_dir: Path, data: dict) -> None:
             r["vs_resident"] = round(r["step_s"] / ref, 2)
     write(out_dir / "results.json", data)
     env = data["env"]
-    md = [f"# Tier benchmark\n", f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB); "
+    md = ["# Tier benchmark\n", f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB); "
           f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}",
           f"- host→device {data['device']['h2d_gbps']} GiB/s pinned, matmul {data['device']['tflops']} TFLOP/s",
           f"- job: {data['job']}", f"- command: `{env['command']}`",

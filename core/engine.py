@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,7 +20,8 @@ from .job import Job
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import ModelSpec, load_pipeline
 from .plan import JobShape, Plan, keep_placement, plan_for, step_down
-from .residency import Residency, denoiser_units, text_encoder_units
+from .residency import Residency
+from .units import denoiser_units, text_encoder_units
 from .sizes import sizes_from_pipeline
 from .upscale import upscale
 

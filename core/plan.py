@@ -9,11 +9,10 @@ placements and is what the user is shown (within 8 % of the H100 runs).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
-from .residency import UnitSize, _align, buffer_bytes, packed_bytes
+from .units import UnitSize, align, buffer_bytes, packed_bytes
 from .timing import simulate_step
 
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
@@ -119,7 +118,7 @@ def host_ram_bytes(sizes: ModelSizes, placement: str, es: int, text_encoders: st
 
 def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False,
                ring: int = 6) -> int:
-    """GPU bytes of the work slots and the copy ring (core.residency.buffer_bytes); streamed T5
+    """GPU bytes of the work slots and the copy ring (core.units.buffer_bytes); streamed T5
     layers pass through the same ring."""
     units, codes = list(sizes.units), placement
     if text_stream:
@@ -180,7 +179,7 @@ def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int
     order = [i for _ in range(controls) for i in range(sizes.n_cn_units)] + \
         list(range(sizes.n_cn_units, len(sizes.units)))
     moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(sizes.units, placement) if c in "SQ"]
-    ring_bytes = _align(max(moved)) * max(ring, 2) if moved else 0
+    ring_bytes = align(max(moved)) * max(ring, 2) if moved else 0
     return simulate_step(list(sizes.units), placement, order, es, ring_bytes,
                          compute_s(sizes, dtype, w, h, controls, device), tokens(w, h), sizes.max_seq + 1,
                          sizes.hidden, device.h2d_gbps * GiB)

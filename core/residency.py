@@ -27,179 +27,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from .buffers import Pack, Ring, pinned
+from .units import align, buffer_bytes, unit_sizes
 
 log = logging.getLogger(__name__)
-FP8 = torch.float8_e4m3fn
 CODES = "BFSQ"
 CASTS = ("side", "compute")
 DEFAULT_CAST = "side"      # where casts run unless a caller says (a benchmark knob)
-
-
-@dataclass(frozen=True)
-class UnitSize:
-    name: str
-    numel: int        # all parameters of the unit
-    fp8_numel: int    # the part stored as fp8 when the unit is F or Q (Linear weights)
-
-
-def block_lists(transformer, controlnet) -> list[tuple[str, nn.ModuleList]]:
-    """Transformer-block lists in execution order: the ControlNet runs first in every step."""
-    out = []
-    for prefix, model in (("controlnet", controlnet), ("transformer", transformer)):
-        for attr in ("transformer_blocks", "single_transformer_blocks"):
-            blocks = getattr(model, attr, None)
-            if blocks is not None and len(blocks):
-                out.append((f"{prefix}.{attr}", blocks))
-    return out
-
-
-def denoiser_units(transformer, controlnet) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every unit, in execution order."""
-    units = []
-    for prefix, blocks in block_lists(transformer, controlnet):
-        for i, block in enumerate(blocks):
-            for child_name, child in block.named_children():
-                if any(True for _ in child.parameters()):
-                    units.append((f"{prefix}.{i}.{child_name}", child))
-    return units
-
-
-def text_encoder_units(t5) -> list[tuple[str, nn.Module]]:
-    """The T5 encoder's Linear layers, in execution order (q, k, v, o, wi_0, wi_1, wo per block):
-    streamed through the same ring as the denoiser while a prompt is encoded."""
-    return [(f"text_encoder_2.block.{i}.{n}", m) for i, block in enumerate(t5.encoder.block)
-            for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _fp8_params(module: nn.Module) -> set[int]:
-    return {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
-
-
-def unit_sizes(units) -> list[UnitSize]:
-    out = []
-    for name, m in units:
-        f8 = _fp8_params(m)
-        out.append(UnitSize(name, sum(p.numel() for p in m.parameters()),
-                            sum(p.numel() for p in m.parameters() if id(p) in f8)))
-    return out
-
-
-def _align(n: int, a: int = 256) -> int:
-    return (n + a - 1) // a * a
-
-
-def packed_bytes(numel: int, fp8_numel: int, es: int, fp8: bool) -> int:
-    """Bytes of one unit's pack: [fp8 part (aligned) | compute-dtype part]."""
-    n8 = fp8_numel if fp8 else 0
-    return _align(n8) + (numel - n8) * es if n8 else numel * es
-
-
-def buffer_bytes(units: list[UnitSize], placement: str, es: int, slots: int, ring: int) -> int:
-    """GPU bytes of the streaming buffers: `slots` work slots of the largest F/Q unit (compute dtype)
-    plus a ring of `ring` times the largest S/Q pack. The plan and Residency both use this."""
-    cast = [u.numel for u, c in zip(units, placement) if c in "FQ"]
-    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(units, placement) if c in "SQ"]
-    work = min(max(slots, 1), len(cast)) * max(cast) * es if cast else 0
-    return work + (_align(max(moved)) * max(ring, 2) if moved else 0)
-
-
-class _Packed:
-    """One unit's weights as one flat byte buffer: [fp8 part | compute-dtype part], a view into an
-    arena (GPU for F, pinned host for S/Q) so that thousands of packs cost two allocations and the
-    allocator never fragments."""
-
-    def __init__(self, module: nn.Module, fp8: bool, dtype: torch.dtype):
-        f8 = _fp8_params(module) if fp8 else set()
-        params = [p for p in module.parameters()]
-        params.sort(key=lambda p: id(p) not in f8)       # fp8 part first
-        self.params = params
-        self.n8 = sum(p.numel() for p in params if id(p) in f8)
-        self.numel = sum(p.numel() for p in params)
-        self.dtype = dtype
-        self.esize = torch.empty((), dtype=dtype).element_size()
-        self.off = _align(self.n8) if self.n8 else 0     # byte offset of the compute-dtype part
-        self.nbytes = self.off + (self.numel - self.n8) * self.esize
-        self.buf: torch.Tensor | None = None
-
-    def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:
-        """Write the module's current weights into `buf` (nbytes), casting on scratch's device
-        (through `stage`, a GPU byte buffer, when buf is host memory)."""
-        off = 0
-        for p in self.params:  # flatten in pack order into the scratch buffer
-            n = p.numel()
-            scratch[off:off + n].copy_(p.data.reshape(-1))
-            off += n
-        tmp = buf if buf.device == scratch.device else stage
-        tmp[:self.n8].view(FP8).copy_(scratch[:self.n8])
-        tmp[self.off:self.nbytes].view(self.dtype).copy_(scratch[self.n8:self.numel])
-        if tmp is not buf:
-            buf.copy_(tmp[:self.nbytes])
-        self.buf = buf
-
-    def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:
-        """Cast the packed bytes (self.buf or a copy of it) into a flat compute-dtype tensor."""
-        src = self.buf if src is None else src
-        if self.n8:
-            dst[:self.n8].copy_(src[:self.n8].view(FP8), non_blocking=True)
-        dst[self.n8:self.numel].copy_(src[self.off:self.nbytes].view(self.dtype), non_blocking=True)
-
-    def point_params(self, flat: torch.Tensor) -> None:
-        off = 0
-        for p in self.params:
-            n = p.numel()
-            p.data = flat[off:off + n].view(p.shape)
-            off += n
-
-
-def _pinned(nbytes: int, pin: bool) -> torch.Tensor:
-    """Host memory for streamed weights. Registered with cudaHostRegister at its exact size (the
-    caching host allocator would round a 13 GB request up to 16 GB)."""
-    t = torch.empty(nbytes, dtype=torch.uint8)
-    if pin and nbytes:
-        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({rc}): not enough host RAM to pin")
-    return t
-
-
-class _Ring:
-    """A circular byte buffer handed out in order. A region is reused once its last reader has
-    released it; `alloc` returns the events the writer must wait for (None: still in use)."""
-
-    def __init__(self, size: int):
-        self.size, self.head = size, 0
-        self.live: deque[list] = deque()   # [start, end, released, event] in allocation order
-
-    def alloc(self, n: int):
-        if n > self.size:
-            raise ValueError(f"a {n}-byte unit does not fit the {self.size}-byte ring")
-        wrap = self.head + n > self.size
-        spans = [(self.head, self.size), (0, n)] if wrap else [(self.head, self.head + n)]
-        waits, k = [], 0
-        for r in self.live:  # the regions in the way are the oldest ones
-            if not any(r[0] < b and a < r[1] for a, b in spans):
-                break
-            if not r[2]:
-                return None
-            k += 1
-        for _ in range(k):
-            r = self.live.popleft()
-            if r[3] is not None:
-                waits.append(r[3])
-        start = 0 if wrap else self.head
-        region = [start, start + n, False, None]
-        self.live.append(region)
-        self.head = start + _align(n)
-        return region, waits
-
-    @staticmethod
-    def release(region: list, event) -> None:
-        region[2], region[3] = True, event
-
 
 class Residency:
     """Applies a placement to the denoiser units; `remove()` puts every weight back on the CPU.
@@ -222,7 +59,7 @@ class Residency:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.cast_stream = torch.cuda.Stream(device, priority=-1) if cuda and cast == "side" else None
         self.cast_mode = cast
-        self.packs: dict[int, _Packed] = {}
+        self.packs: dict[int, Pack] = {}
         self.hooks = []
         self.stats = dict(hits=0, misses=0, copied_bytes=0)
         managed = [i for i, c in enumerate(placement) if c != "B"]
@@ -230,12 +67,12 @@ class Residency:
             if placement[i] == "B":
                 m.to(device=device, dtype=dtype)
             else:
-                self.packs[i] = _Packed(m, fp8=placement[i] in "FQ", dtype=dtype)
+                self.packs[i] = Pack(m, fp8=placement[i] in "FQ", dtype=dtype)
         es = torch.empty((), dtype=dtype).element_size()
         # pack every managed unit: F into a GPU arena, S/Q into one pinned host arena
-        self.gpu_arena = torch.empty(sum(_align(self.packs[i].nbytes) for i in managed if placement[i] == "F"),
+        self.gpu_arena = torch.empty(sum(align(self.packs[i].nbytes) for i in managed if placement[i] == "F"),
                                      dtype=torch.uint8, device=device)
-        self.host_arena = _pinned(sum(_align(self.packs[i].nbytes) for i in managed if placement[i] in "SQ"),
+        self.host_arena = pinned(sum(align(self.packs[i].nbytes) for i in managed if placement[i] in "SQ"),
                                   pin=cuda)
         self._pinned = cuda and self.host_arena.numel() > 0
         # streaming buffers, allocated once; they also serve as scratch while the packs are filled
@@ -243,16 +80,16 @@ class Residency:
         moved = [self.packs[i].nbytes for i in managed if placement[i] in "SQ"]
         self.work = [torch.empty(max(cast_n), dtype=dtype, device=device)
                      for _ in range(min(max(slots, 1), len(cast_n)))] if cast_n else []
-        m_b = _align(max(moved)) if moved else 0
+        m_b = align(max(moved)) if moved else 0
         self.ring_buf = torch.empty(m_b * max(ring, 2), dtype=torch.uint8, device=device) if moved else None
-        self.ring = _Ring(self.ring_buf.numel()) if moved else None
+        self.ring = Ring(self.ring_buf.numel()) if moved else None
         goff = hoff = 0
         for i in managed:
             pack, code = self.packs[i], placement[i]
             if code == "F":
-                buf, goff = self.gpu_arena[goff:goff + pack.nbytes], goff + _align(pack.nbytes)
+                buf, goff = self.gpu_arena[goff:goff + pack.nbytes], goff + align(pack.nbytes)
             else:
-                buf, hoff = self.host_arena[hoff:hoff + pack.nbytes], hoff + _align(pack.nbytes)
+                buf, hoff = self.host_arena[hoff:hoff + pack.nbytes], hoff + align(pack.nbytes)
             if code == "S":  # flatten in the ring's first part, stage through its second
                 scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b:2 * m_b]
             else:            # flatten in a work slot, stage (Q) through the ring
@@ -329,7 +166,7 @@ class Residency:
                 region, copied = self.fetched.pop(pos)
                 self._wait(stream, [copied])
                 pack.unpack_into(self.work[slot], self.ring_buf[region[0]:region[0] + pack.nbytes])
-                _Ring.release(region, self._event(stream))   # the ring bytes are free once cast
+                Ring.release(region, self._event(stream))   # the ring bytes are free once cast
             else:
                 pack.unpack_into(self.work[slot])
             self.casted[pos] = (slot, self._event(stream))
@@ -361,7 +198,7 @@ class Residency:
         """Forget what was prepared for positions before `upto` (all if None): the units there were
         skipped, or the order changed. Their buffers are free at once (same-stream order)."""
         for pos in [p for p in self.fetched if upto is None or p < upto]:
-            _Ring.release(self.fetched.pop(pos)[0], None)
+            Ring.release(self.fetched.pop(pos)[0], None)
         for pos in [p for p in self.casted if upto is None or p < upto]:
             self.free_slots.append((self.casted.pop(pos)[0], None))
         if upto is None:
@@ -409,7 +246,7 @@ class Residency:
         i, region, slot, known = self.in_use
         evt = self._event(self._compute())
         if region is not None:
-            _Ring.release(region, evt)
+            Ring.release(region, evt)
         if slot is not None:
             self.free_slots.append((slot, evt))
         self.in_use = None

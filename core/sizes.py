@@ -6,7 +6,7 @@ import functools
 from torch import nn
 
 from .plan import ModelSizes
-from .residency import denoiser_units, text_encoder_units, unit_sizes
+from .units import denoiser_units, text_encoder_units, unit_sizes
 
 
 def _count(m: nn.Module) -> int:

@@ -6,11 +6,11 @@ import math
 import pytest
 
 from core.device import GiB, DeviceInfo
-from core.residency import _align
+from core.units import align as _align
 from core.plan import (CAL, keep_placement, pass_size, CONTEXT_GB, GPU_TIERS, JobShape, ModelSizes, Plan, budget_for, host_bytes,
                        phase_bytes, plan_for, predict_peak_bytes, predict_step_s, slot_bytes, spread,
                        step_down, tokens, unit_bytes)
-from core.residency import UnitSize
+from core.units import UnitSize
 
 NOMINAL = DeviceInfo("cuda", "test", 80, 80, True, 128.0, 25.0, 150.0)
 NO_BF16 = DeviceInfo("cuda", "old", 24, 24, False, 128.0, 12.0, 30.0)

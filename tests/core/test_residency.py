@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from core.configs import TINY
-from core.residency import Residency, denoiser_units, unit_sizes
+from core.residency import Residency
+from core.units import denoiser_units, unit_sizes
 
 GPU = torch.cuda.is_available()
 
@@ -164,17 +165,17 @@ def test_learned_order_has_no_misses():
 
 
 def test_ring_hands_out_regions_in_order_and_waits_for_release():
-    from core.residency import _Ring
-    ring = _Ring(1024)
+    from core.buffers import Ring
+    ring = Ring(1024)
     a, wa = ring.alloc(400)
     b, wb = ring.alloc(400)
     assert (a[0], b[0]) == (0, 512) and wa == wb == []
     assert ring.alloc(300) is None            # wraps onto a, which is still in use
-    _Ring.release(a, "evt-a")
+    Ring.release(a, "evt-a")
     c, wc = ring.alloc(300)                   # reuses a's bytes after a's event
     assert c[0] == 0 and wc == ["evt-a"]
     assert ring.alloc(300) is None            # b still in use
-    _Ring.release(b, None)                    # released with no event: same-stream order suffices
+    Ring.release(b, None)                    # released with no event: same-stream order suffices
     d, wd = ring.alloc(500)
     assert d[0] == 512 and wd == []
     with pytest.raises(ValueError, match="does not fit"):

@@ -3,7 +3,6 @@ a bounded queue turns overflow away with a clear answer and keeps serving."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from core.job import ControlSpec, Job
