@@ -54,7 +54,7 @@ def log(*a):
 class Bench:
     def __init__(self, a):
         from bench.random_model import build_random_pipeline
-        from core import fast
+        from core import fast, fp8_compute
         from core.device import detect
         from core.engine import Engine
         from core.job import ControlSpec, Job
@@ -70,7 +70,7 @@ class Bench:
         self.base_fast = self.engine.fast
         if a.cpu_smoke:  # logic check only: compile with the eager backend, fp8 emulated, bf16 on the CPU
             self.base_fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
-            fast.fp8_supported = lambda index=0: True
+            fp8_compute.fp8_supported = lambda index=0: True
             plan = self.engine._plan
             self.engine.plan = lambda job, tier=None: plan(job, tier, dtype="bfloat16")
         self.engine.fast = self.base_fast
@@ -184,10 +184,11 @@ class Bench:
         compiled blocks undone: once they were not, and 'diffusers_compile' measured our fp8 path);
         diffusers' compiled blocks off, dynamo's caches cleared before ours."""
         if variant in ("eager", "diffusers_compile"):
+            from core.fp8_compute import Fp8Linear
             self.engine._undo_fast()
             plain = self.fast.attentions(self.pipe.transformer)
             if any(getattr(x, "fused_projections", False) for x in plain) or any(
-                    isinstance(m, self.fast.Fp8Linear) for m in self.pipe.transformer.modules()):
+                    isinstance(m, Fp8Linear) for m in self.pipe.transformer.modules()):
                 raise RuntimeError("our fast path is still applied: a diffusers variant would not measure diffusers")
         if variant == "diffusers_compile":
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
@@ -262,9 +263,9 @@ def device_info() -> dict:
     """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
     import importlib.metadata as md
 
-    from core import fast
+    from core import fast, fp8_compute
     items = dict(capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
-                 fp8_supported=fast.fp8_supported, cudnn_attention=lambda: fast.attention_available("cudnn"),
+                 fp8_supported=fp8_compute.fp8_supported, cudnn_attention=lambda: fast.attention_available("cudnn"),
                  flash_attention=lambda: fast.attention_available("flash"),
                  auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
                  can_compile=lambda: fast.can_compile("inductor", "cuda"),

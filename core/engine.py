@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import fast
+from . import fast, fp8_compute
 from .device import DeviceInfo, detect
 from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
 from .job import Job
@@ -147,7 +147,7 @@ class Engine:
         if plan.device == "cuda":
             held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
             if self._fast is not None and self._fast.fp8:  # fp8 weights are buffers, not parameters
-                held += sum(fast.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
+                held += sum(fp8_compute.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
             free = torch.cuda.mem_get_info()[0] / 2**30 + held
             if plan.budget_gb > free + 0.25 and plan.tier != "auto":
                 raise ValueError(f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from core import fast
+from core import fast, fp8_compute
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
@@ -62,12 +62,12 @@ def transformer_inputs(n=48, t=8, dtype=torch.float32):
 # -- fp8 numerics -----------------------------------------------------------------------------------
 def test_quantize_rows_scales_each_row_to_the_fp8_range():
     x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 10.0, 300.0, 0.0])[:, None]
-    q, s = fast.quantize_rows(x)
+    q, s = fp8_compute.quantize_rows(x)
     assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (5, 1)
     back = q.float() * s
     assert torch.isfinite(back).all() and back[4].abs().max() == 0            # an all-zero row stays zero
     for i in range(4):
-        assert q[i].float().abs().max() == fast.FP8_MAX                       # the row's largest value uses the range
+        assert q[i].float().abs().max() == fp8_compute.FP8_MAX                       # the row's largest value uses the range
         assert rel_err(back[i], x[i]) < 0.05
 
 
@@ -78,7 +78,7 @@ def test_fp8_linear_is_close_to_the_bf16_matmul(shape, bias):
     lin = nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
     x = torch.randn(*shape, dtype=torch.bfloat16)
     ref = lin(x)
-    f8 = fast.Fp8Linear(lin, scaled_mm=False)
+    f8 = fp8_compute.Fp8Linear(lin, scaled_mm=False)
     out = f8(x)
     assert out.shape == ref.shape == (*shape[:-1], 48) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 0.06, "e4m3 keeps 3 mantissa bits; row scales keep the error at a few %"
@@ -89,7 +89,7 @@ def test_fp8_linear_is_close_to_the_bf16_matmul(shape, bias):
 def test_fp8_linear_keeps_the_input_dtype_and_handles_float32():
     lin = nn.Linear(32, 16)
     x = torch.randn(3, 32)
-    out = fast.Fp8Linear(lin, scaled_mm=False)(x)
+    out = fp8_compute.Fp8Linear(lin, scaled_mm=False)(x)
     assert out.dtype == torch.float32 and rel_err(out, lin(x)) < 0.06
 
 
@@ -99,17 +99,17 @@ def test_fp8_linear_emulation_matches_the_real_scaled_mm():
     lin = nn.Linear(64, 48).to(torch.bfloat16)
     x = torch.randn(2, 9, 64, dtype=torch.bfloat16)
     try:
-        real = fast.Fp8Linear(lin, scaled_mm=True, fast_accum=False)(x)
+        real = fp8_compute.Fp8Linear(lin, scaled_mm=True, fast_accum=False)(x)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"no fp8 _scaled_mm on this CPU build: {e}")
-    emulated = fast.Fp8Linear(lin, scaled_mm=False)(x)
+    emulated = fp8_compute.Fp8Linear(lin, scaled_mm=False)(x)
     assert rel_err(real, emulated) < 0.01
 
 
 def test_fp8_supported_is_false_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("reports the GPU's capability")
-    assert fast.fp8_supported() is False
+    assert fp8_compute.fp8_supported() is False
 
 
 # -- whole models ----------------------------------------------------------------------------------
@@ -137,21 +137,21 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     with torch.no_grad():
         ref = tr(**kw)[0]
         fast.fuse_qkv(tr)
-        n = fast.quantize_fp8(tr)
+        n = fp8_compute.quantize_fp8(tr)
         out = tr(**kw)[0]
     # per double block: to_qkv, to_added_qkv, to_out.0, to_add_out, ff (2), ff_context (2) = 8;
     # per single block: to_qkv, proj_mlp, proj_out = 3
-    assert n == 2 * 8 + 2 * 3 == fast.fp8_layers(tr)
-    names = {name for name, m in tr.named_modules() if isinstance(m, fast.Fp8Linear)}
+    assert n == 2 * 8 + 2 * 3 == fp8_compute.fp8_layers(tr)
+    names = {name for name, m in tr.named_modules() if isinstance(m, fp8_compute.Fp8Linear)}
     assert "transformer_blocks.0.attn.to_qkv" in names and "single_transformer_blocks.1.proj_out" in names
     assert not any(".norm" in name for name in names), "modulation stays in bf16"
     assert isinstance(tr.x_embedder, nn.Linear) and isinstance(tr.proj_out, nn.Linear)
     assert isinstance(tr.transformer_blocks[0].norm1.linear, nn.Linear)
     assert rel_err(out, ref) < 0.1
-    weights = sum(m.out_features * m.in_features for m in tr.modules() if isinstance(m, fast.Fp8Linear))
-    outs = sum(m.out_features for m in tr.modules() if isinstance(m, fast.Fp8Linear))
-    assert fast.fp8_bytes(tr) == weights + outs * (4 + 2)      # e4m3 weights, fp32 scales, bf16 biases
-    assert fast.dequantize_fp8(tr) == n and fast.fp8_layers(tr) == 0
+    weights = sum(m.out_features * m.in_features for m in tr.modules() if isinstance(m, fp8_compute.Fp8Linear))
+    outs = sum(m.out_features for m in tr.modules() if isinstance(m, fp8_compute.Fp8Linear))
+    assert fp8_compute.fp8_bytes(tr) == weights + outs * (4 + 2)      # e4m3 weights, fp32 scales, bf16 biases
+    assert fp8_compute.dequantize_fp8(tr) == n and fp8_compute.fp8_layers(tr) == 0
     fast.unfuse_qkv(tr)
     assert same_state(state(tr), before)
 
@@ -184,7 +184,7 @@ def test_apply_fast_is_idempotent_and_undo_fast_restores_every_bit(parts):
                             compiled_blocks=6)
     assert "fp8 compute (33 layers)" in got.label() and "fused QKV" in got.label()
     again = fast.apply_fast(parts, fp8=True, compile=True, backend="eager")
-    assert again == got and fast.fp8_layers(parts.transformer) == 22
+    assert again == got and fp8_compute.fp8_layers(parts.transformer) == 22
     off = fast.apply_fast(parts, fp8=False, compile=True, backend="eager")    # fp8 off, the rest stays
     assert not off.fp8 and off.fp8_layers == 0 and off.fused and off.compiled
     fast.undo_fast(parts)
@@ -228,10 +228,10 @@ def test_fp8_decision_says_why_it_was_ignored(monkeypatch):
     assert not use and "CPU" in why
     use, why = fast.fp8_decision(plan(dtype="float32"), cfg, wanted=True)
     assert not use and "float32" in why
-    monkeypatch.setattr(fast, "fp8_supported", lambda index=0: False)
+    monkeypatch.setattr(fp8_compute, "fp8_supported", lambda index=0: False)
     use, why = fast.fp8_decision(plan(device="cpu", tier="cpu"), fast.FastConfig(devices=("cpu",)), wanted=True)
     assert not use and "8.9" in why
-    monkeypatch.setattr(fast, "fp8_supported", lambda index=0: True)
+    monkeypatch.setattr(fp8_compute, "fp8_supported", lambda index=0: True)
     assert fast.fp8_decision(plan(device="cpu", tier="cpu"), fast.FastConfig(devices=("cpu",)), True) == (True, None)
 
 
@@ -278,7 +278,7 @@ def cpu_fast_engine(monkeypatch):
     engine.fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
     bf16 = engine._plan
     monkeypatch.setattr(engine, "plan", lambda job, tier=None: bf16(job, tier, dtype="bfloat16"))
-    monkeypatch.setattr(fast, "fp8_supported", lambda index=0: True)
+    monkeypatch.setattr(fp8_compute, "fp8_supported", lambda index=0: True)
     return engine
 
 
