@@ -76,6 +76,11 @@ def is_black_or_nan(image: Image.Image) -> bool:
     return bool(a.max() <= 3)
 
 
+def _placement_key(plan: Plan) -> tuple:
+    """What moving the weights depends on; plans that agree on it share one placement."""
+    return plan.device, plan.dtype, plan.placement, plan.slots, plan.ring, plan.text_encoders
+
+
 class Engine:
     def __init__(self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None,
                  max_seq: int | None = None):
@@ -86,7 +91,6 @@ class Engine:
         self.sizes = None
         self.cache = PromptCache()
         self.residency: Residency | None = None
-        self._applied: tuple | None = None
         self._placed: Plan | None = None      # the plan whose placement is on the device now
         self._lock = threading.Lock()
         self.faults = Faults()
@@ -160,14 +164,13 @@ class Engine:
             self.residency = None
         for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
             getattr(self.pipe, name).to("cpu")
-        self._applied = self._placed = None
+        self._placed = None
         free_memory()
 
     def apply(self, plan: Plan) -> None:
         """Place the pipeline as the plan says (a no-op if it already is)."""
-        key = (plan.device, plan.dtype, plan.placement, plan.slots, plan.ring, plan.text_encoders)
         pipe = self.pipe
-        if key != self._applied:
+        if self._placed is None or _placement_key(plan) != _placement_key(self._placed):
             t5_code = "B" if plan.text_encoders == "gpu" else "S"
             full = t5_code * len(text_encoder_units(pipe.text_encoder_2)) + plan.placement
             old = self.residency.placement if self.residency else ""
@@ -207,7 +210,7 @@ class Engine:
                 units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
                 self.residency = Residency(units, full, dev, dtype, plan.slots, plan.ring)
                 free_memory()
-            self._applied, self._placed = key, plan
+            self._placed = plan
         if plan.vae_tiling:
             pipe.vae.enable_tiling()
             pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64

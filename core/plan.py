@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
-from .units import UnitSize, align, buffer_bytes, packed_bytes
+from .units import UnitSize, buffer_bytes, ring_bytes
 from .timing import simulate_step
 
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
@@ -178,14 +178,9 @@ def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int
     es = _esize(dtype)
     order = [i for _ in range(controls) for i in range(sizes.n_cn_units)] + \
         list(range(sizes.n_cn_units, len(sizes.units)))
-    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(sizes.units, placement) if c in "SQ"]
-    ring_bytes = align(max(moved)) * max(ring, 2) if moved else 0
-    return simulate_step(list(sizes.units), placement, order, es, ring_bytes,
+    return simulate_step(list(sizes.units), placement, order, es, ring_bytes(list(sizes.units), placement, es, ring),
                          compute_s(sizes, dtype, w, h, controls, device), tokens(w, h), sizes.max_seq + 1,
                          sizes.hidden, device.h2d_gbps * GiB)
-
-
-expected_step_s = predict_step_s
 
 
 # -- choosing a placement ---------------------------------------------------------------------
@@ -326,7 +321,7 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
             _, text_enc, vae_tiling, ring, (p, peak, _) = min(cands, key=lambda c: c[0])
             streams = any(c in "SQ" for c in p) or text_enc == "stream"
             slots = SLOTS if any(c in "FQ" for c in p) else 0
-            step = expected_step_s(sizes, p, dtype, pw, ph, shape.controls, device, ring) * _n_tiles(shape, t)
+            step = predict_step_s(sizes, p, dtype, pw, ph, shape.controls, device, ring) * _n_tiles(shape, t)
             if t:
                 notes.append(f"generation runs in {t}px tiles fused at every step")
             hostb = host_ram_bytes(sizes, p, _esize(dtype), text_enc)
@@ -352,7 +347,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
     if peak > new.budget_gb * GiB:
         return new
     n_tiles = _n_tiles(shape, new.tile) if new.tile else 1
-    step = expected_step_s(sizes, prev.placement, prev.dtype, w, h, shape.controls, device, prev.ring)
+    step = predict_step_s(sizes, prev.placement, prev.dtype, w, h, shape.controls, device, prev.ring)
     if step * n_tiles > 1.15 * new.predicted_step_s:
         return new
     return replace(new, placement=prev.placement, slots=prev.slots, ring=prev.ring, text_encoders=prev.text_encoders,

@@ -71,12 +71,17 @@ def packed_bytes(numel: int, fp8_numel: int, es: int, fp8: bool) -> int:
     return align(n8) + (numel - n8) * es if n8 else numel * es
 
 
+def ring_bytes(units: list[UnitSize], placement: str, es: int, ring: int) -> int:
+    """The copy ring: `ring` (at least 2) times the largest S/Q pack; 0 if nothing streams."""
+    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(units, placement) if c in "SQ"]
+    return align(max(moved)) * max(ring, 2) if moved else 0
+
+
 def buffer_bytes(units: list[UnitSize], placement: str, es: int, slots: int, ring: int) -> int:
     """GPU bytes of the streaming buffers: `slots` work slots of the largest F/Q unit (compute dtype)
-    plus a ring of `ring` times the largest S/Q pack. The plan and Residency both use this."""
+    plus the copy ring. The plan and Residency both use this."""
     cast = [u.numel for u, c in zip(units, placement) if c in "FQ"]
-    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(units, placement) if c in "SQ"]
     work = min(max(slots, 1), len(cast)) * max(cast) * es if cast else 0
-    return work + (align(max(moved)) * max(ring, 2) if moved else 0)
+    return work + ring_bytes(units, placement, es, ring)
 
 
