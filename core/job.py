@@ -30,6 +30,11 @@ def _finite(name: str, value, lo: float, hi: float) -> float:
     return v
 
 
+def out_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    """(width, height) scaled by `factor`, rounded to multiples of 16 (what FLUX's latents need)."""
+    return int(round(width * factor / 16)) * 16, int(round(height * factor / 16)) * 16
+
+
 @dataclass(frozen=True)
 class ControlSpec:
     kind: str                   # a name in preprocessors.registry.CONTROLS
@@ -115,8 +120,7 @@ class Job:
     @property
     def out_size(self) -> tuple[int, int]:
         """Final (width, height) after upscaling, multiples of 16."""
-        return (int(round(self.width * self.upscale / 16)) * 16,
-                int(round(self.height * self.upscale / 16)) * 16)
+        return out_size(self.width, self.height, self.upscale)
 
     def with_(self, **changes) -> "Job":
         return replace(self, **changes)

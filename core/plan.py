@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
+from .job import out_size
 from .units import UnitSize, buffer_bytes, ring_bytes
 from .timing import simulate_step
 
@@ -276,7 +277,7 @@ def pass_size(shape: JobShape, tile: int) -> tuple[int, int]:
     gw, gh = (shape.width, shape.height) if tile == 0 else (min(tile, shape.width), min(tile, shape.height))
     if shape.upscale <= 1:
         return gw, gh
-    out_w, out_h = round(shape.width * shape.upscale / 16) * 16, round(shape.height * shape.upscale / 16) * 16
+    out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     return max(gw, min(gw if tile else 1024, out_w)), max(gh, min(gh if tile else 1024, out_h))
 
 
@@ -298,7 +299,7 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
     dtype = dtype or ("bfloat16" if device.bf16 else "float32")
     budget = budget_for(tier, device) * GiB
     notes = [] if dtype != "float32" else ["computing in float32 (no bf16 on this GPU, or a NaN result in bf16)"]
-    out_w, out_h = round(shape.width * shape.upscale / 16) * 16, round(shape.height * shape.upscale / 16) * 16
+    out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     big = shape.width * shape.height
     # generation tile: the whole image if it fits, else the largest square tile that does
     tiles = [tile] if tile else [0, 1024, 768, 512, 384]

@@ -20,7 +20,7 @@ from PIL import Image
 from preprocessors.registry import preprocess
 
 from .generate import PromptCache, Runtime, control_args, control_params, decode, step_callback
-from .job import ControlSpec, Job
+from .job import ControlSpec, Job, out_size
 from .memory import MemoryMonitor
 from .models import has_mode_ids
 from .skip import skip_idle_controls
@@ -42,12 +42,17 @@ def stage_factors(factor: float) -> list[float]:
     return out
 
 
+def stage_steps(job: Job) -> int:
+    """Denoising steps of each upscale stage."""
+    return job.upscale_steps or max(4, min(10, job.steps // 3))
+
+
 def stage_sizes(width: int, height: int, factor: float) -> list[tuple[int, int]]:
     """Pixel size after each stage; the last one is the job's output size."""
     sizes, f = [], 1.0
     for s in stage_factors(factor):
         f *= s
-        sizes.append((int(round(width * f / 16)) * 16, int(round(height * f / 16)) * 16))
+        sizes.append(out_size(width, height, f))
     return sizes
 
 
@@ -75,7 +80,7 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
             monitor: MemoryMonitor, events: list[str], cache: PromptCache, demo: bool = False,
             depth_device: str | None = None) -> Image.Image:
     """Take `image` (job.width × job.height) up to job.out_size in stages."""
-    steps = job.upscale_steps or max(4, min(10, job.steps // 3))
+    steps = stage_steps(job)
     sizes = stage_sizes(job.width, job.height, job.upscale)
     for k, (w, h) in enumerate(sizes, 1):
         label = f"upscale {k}/{len(sizes)} to {w}×{h}"

@@ -21,7 +21,7 @@ import gradio as gr
 from core.device import detect
 from core.engine import OutOfMemory
 from core.generate import JobCancelled
-from core.job import MAX_PROMPT_CHARS, TIERS
+from core.job import MAX_PROMPT_CHARS, TIERS, out_size
 from core.models import ModelUnavailableError
 
 from . import handlers as H
@@ -143,7 +143,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
             w, h = H.fit_size(img.width, img.height, max_side=int(max_side))
         except ValueError as e:
             raise _error(e) from None
-        ow, oh = (int(round(w * float(upscale) / 16)) * 16, int(round(h * float(upscale) / 16)) * 16)
+        ow, oh = out_size(w, h, float(upscale))
         return f"Input {img.width}×{img.height} → generated at **{w}×{h}** → output **{ow}×{oh}**"
 
     def load_settings(path):

@@ -7,8 +7,9 @@ progress and cancel callbacks stay behind (Gradio's own cancel still drops the e
 from __future__ import annotations
 
 import logging
-import math
 import os
+
+from core.upscale import stage_factors, stage_steps
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ def estimate_seconds(engine, job) -> int:
         step_s = engine.plan(job).predicted_step_s
     except Exception:  # noqa: BLE001 - a bad job fails in the run with its own sentence
         return MIN_S * 2
-    stages = math.ceil(math.log2(job.upscale) - 1e-9) if job.upscale > 1 else 0
-    up_steps = job.upscale_steps or max(4, min(10, job.steps // 3))
+    stages = len(stage_factors(job.upscale))
+    up_steps = stage_steps(job)
     tiles = max(1, round(job.upscale ** 2))
     total = step_s * (job.steps + stages * up_steps * tiles)
     return int(min(MAX_S, max(MIN_S, 1.5 * total + MARGIN_S)))
