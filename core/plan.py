@@ -9,6 +9,7 @@ placements and is what the user is shown (within 8 % of the H100 runs).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
@@ -21,7 +22,7 @@ SLOTS = 2                  # work slots for fp8 units: one in use, one cast ahea
 MODEL_EFF = 0.92           # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
                            # resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
 FP8_MARGIN = 1.05          # fp8 placements must be predicted this much faster than exact bf16 ones
-RINGS = (8,)               # copy-ring size in units of the largest streamed unit: on the H100 the 8 GB
+RING = 8                   # copy-ring size in units of the largest streamed unit: on the H100 the 8 GB
                            # plan ran 0.300 / 0.282 / 0.283 s/step with rings of 4 / 8 / 16
 CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
 
@@ -132,7 +133,7 @@ def tokens(width: int, height: int) -> int:
 
 
 def phase_bytes(sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_tiling: bool,
-                text_encoders: str, cal: Calibration = CAL) -> dict[str, float]:
+                cal: Calibration = CAL) -> dict[str, float]:
     """Transient GPU bytes of each phase on top of the resident weights, for a w×h pass."""
     n_img = tokens(w, h)
     n_tot = n_img + sizes.max_seq + 1
@@ -156,7 +157,7 @@ def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str
     resident += (sizes.t5_params - sizes.t5_unit_params + sizes.clip_params) * es
     if text_encoders == "gpu":
         resident += sizes.t5_unit_params * es
-    ph = phase_bytes(sizes, w, h, controls, es, vae_tiling, text_encoders, cal)
+    ph = phase_bytes(sizes, w, h, controls, es, vae_tiling, cal)
     return (resident + max(ph.values())) * cal.frag + cal.margin_gb * GiB
 
 
@@ -311,25 +312,24 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         cands = []
         for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
             for vae_tiling in ((True,) if vae_needed else (False, True)):
-                for ring in RINGS:
-                    got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device,
-                                  SLOTS, ring)
-                    if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
-                        cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, ring, got))
+                got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device,
+                              SLOTS, RING)
+                if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
+                    cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, got))
             if cands and text_enc == "gpu":
                 break  # resident text encoders fit: no need to stream them
         if cands:
-            _, text_enc, vae_tiling, ring, (p, peak, _) = min(cands, key=lambda c: c[0])
+            _, text_enc, vae_tiling, (p, peak, _) = min(cands, key=lambda c: c[0])
             streams = any(c in "SQ" for c in p) or text_enc == "stream"
             slots = SLOTS if any(c in "FQ" for c in p) else 0
-            step = predict_step_s(sizes, p, dtype, pw, ph, shape.controls, device, ring) * _n_tiles(shape, t)
+            step = predict_step_s(sizes, p, dtype, pw, ph, shape.controls, device, RING) * _n_tiles(shape, t)
             if t:
                 notes.append(f"generation runs in {t}px tiles fused at every step")
             hostb = host_ram_bytes(sizes, p, _esize(dtype), text_enc)
             return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
                         t, tile_overlap(t) if t else 128, round(peak / GiB, 2), round(step, 3),
                         round(hostb / GiB, 1), tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0,
-                        ring=ring if streams else 0)
+                        ring=RING if streams else 0)
     raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
                      f"streamed and the smallest tile (or the streamed weights need more than the "
                      f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
@@ -347,7 +347,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
                               w, h, shape.controls, ring=prev.ring)
     if peak > new.budget_gb * GiB:
         return new
-    n_tiles = _n_tiles(shape, new.tile) if new.tile else 1
+    n_tiles = _n_tiles(shape, new.tile)
     step = predict_step_s(sizes, prev.placement, prev.dtype, w, h, shape.controls, device, prev.ring)
     if step * n_tiles > 1.15 * new.predicted_step_s:
         return new
@@ -358,20 +358,17 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
 
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
     """The next smaller plan after an out-of-memory: a smaller tier, then a smaller tile."""
-    smaller = [] if plan.device == "cpu" else [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
-    for t in smaller:
-        try:
-            return plan_for(t, shape, sizes, device, dtype=plan.dtype)
-        except ValueError:
-            break
-    last = plan.tier  # 'auto' keeps its own budget rather than stepping up to a tier
+    if plan.device != "cpu":
+        smaller = [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
+        if smaller:
+            with contextlib.suppress(ValueError):
+                return plan_for(smaller[0], shape, sizes, device, dtype=plan.dtype)
     for t in (768, 512, 384):  # then smaller generation tiles (on the CPU too: RAM-bound activations)
-        if plan.tile == 0 or t < plan.tile:
-            try:
-                return replace(plan, tile=t, overlap=tile_overlap(t),
-                               upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0) \
-                    if last == "cpu" else \
-                    plan_for(last, shape, sizes, device, tile=t, dtype=plan.dtype)
-            except ValueError:
-                continue
+        if plan.tile and t >= plan.tile:
+            continue
+        if plan.device == "cpu":
+            return replace(plan, tile=t, overlap=tile_overlap(t),
+                           upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0)
+        with contextlib.suppress(ValueError):  # 'auto' keeps its own budget rather than stepping up
+            return plan_for(plan.tier, shape, sizes, device, tile=t, dtype=plan.dtype)
     return None

@@ -318,13 +318,13 @@ def test_peak_grows_with_image_size_and_controls(full):
 
 def test_phase_bytes_and_tokens():
     assert tokens(1024, 1024) == 4096 and tokens(1024, 768) == 64 * 48 and tokens(15, 1024) == 0
-    small = phase_bytes(SMALL, 512, 512, 1, 2, False, "stream")
-    big = phase_bytes(SMALL, 1024, 1024, 1, 2, False, "stream")
+    small = phase_bytes(SMALL, 512, 512, 1, 2, False)
+    big = phase_bytes(SMALL, 1024, 1024, 1, 2, False)
     assert set(small) == {"denoise", "encode_image", "decode", "text"}
     assert big["denoise"] > small["denoise"] and big["decode"] == pytest.approx(4 * small["decode"])
-    tiled = phase_bytes(SMALL, 2048, 2048, 1, 2, True, "stream")
-    assert tiled["decode"] < phase_bytes(SMALL, 2048, 2048, 1, 2, False, "stream")["decode"] / 4
-    f32 = phase_bytes(SMALL, 512, 512, 1, 4, False, "stream")
+    tiled = phase_bytes(SMALL, 2048, 2048, 1, 2, True)
+    assert tiled["decode"] < phase_bytes(SMALL, 2048, 2048, 1, 2, False)["decode"] / 4
+    f32 = phase_bytes(SMALL, 512, 512, 1, 4, False)
     assert f32["denoise"] > small["denoise"]
 
 
