@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 
+from .patch import patched_forwards
+
 
 @contextlib.contextmanager
-def skip_idle_controls(pipe, counter: dict | None = None):
+def skip_idle_controls(pipe):
     net = pipe.controlnet
-    had = net.__dict__.get("forward")
     inner = net.forward
-    stats = counter if counter is not None else {}
-    stats.setdefault("ran", 0)
-    stats.setdefault("skipped", 0)
+    stats = {"ran": 0, "skipped": 0}
 
     def forward(*args, controlnet_cond=None, controlnet_mode=None, conditioning_scale=None, **kwargs):
         scales = list(conditioning_scale) if isinstance(conditioning_scale, (list, tuple)) else None
@@ -33,11 +32,5 @@ def skip_idle_controls(pipe, counter: dict | None = None):
                      controlnet_mode=[controlnet_mode[i] for i in keep],
                      conditioning_scale=[scales[i] for i in keep], **kwargs)
 
-    net.forward = forward
-    try:
+    with patched_forwards((net, forward)):
         yield stats
-    finally:
-        if had is None:
-            del net.forward
-        else:
-            net.forward = had

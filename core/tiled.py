@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from .patch import patched_forwards
 from .tiling import Tile, tile_grid, tile_weights, tokens_of
 
 
@@ -40,6 +41,18 @@ def tiled_denoising(pipe, width: int, height: int, tile_px: int, overlap_px: int
     stash: dict = {}
     index = [tokens_of(t, cols) for t in tiles]
     weights = [tile_weights(t, rows, cols, ov).reshape(-1) for t in tiles]
+    on_device: dict = {}
+
+    def prepared(dev):
+        """Tile indices, weights and their sum on the latents' device, moved once (a copy from
+        pageable memory waits for the GPU: per tile and step it would stall the queue)."""
+        if dev not in on_device:
+            idx, ws = [i.to(dev) for i in index], [w.to(dev) for w in weights]
+            wsum = torch.zeros(rows * cols, device=dev, dtype=torch.float32)
+            for i, w in zip(idx, ws):
+                wsum[i] += w
+            on_device[dev] = idx, ws, wsum[None, :, None]
+        return on_device[dev]
 
     def deferred_controlnet(**kwargs):
         stash.clear()
@@ -49,9 +62,8 @@ def tiled_denoising(pipe, width: int, height: int, tile_px: int, overlap_px: int
     def tiled_transformer(hidden_states, img_ids=None, controlnet_block_samples=None,
                           controlnet_single_block_samples=None, return_dict=True, **kwargs):
         out = torch.zeros_like(hidden_states, dtype=torch.float32)
-        wsum = torch.zeros(hidden_states.shape[1], device=hidden_states.device, dtype=torch.float32)
-        for n, (idx, w) in enumerate(zip(index, weights)):
-            idx_d = idx.to(hidden_states.device)
+        idx_all, w_all, wsum = prepared(hidden_states.device)
+        for n, (idx_d, w_d) in enumerate(zip(idx_all, w_all)):
             hs, ids = hidden_states[:, idx_d], img_ids[idx_d]
             blocks = singles = None
             if stash:
@@ -60,21 +72,13 @@ def tiled_denoising(pipe, width: int, height: int, tile_px: int, overlap_px: int
                 blocks, singles = cn_forward(**ckw)
             pred = tr_forward(hidden_states=hs, img_ids=ids, controlnet_block_samples=blocks,
                               controlnet_single_block_samples=singles, return_dict=False, **kwargs)[0]
-            w_d = w.to(hidden_states.device)
             out[:, idx_d] += pred.float() * w_d[None, :, None]
-            wsum[idx_d] += w_d
             if on_tile is not None:
                 on_tile(n + 1, len(tiles))
-        return ((out / wsum[None, :, None]).to(hidden_states.dtype),)
+        return ((out / wsum).to(hidden_states.dtype),)
 
-    own = {m: m.__dict__.get("forward") for m in (cn, tr)}  # instance-level forwards (hooks) to restore
-    cn.forward, tr.forward = deferred_controlnet, tiled_transformer
     try:
-        yield tiles
+        with patched_forwards((cn, deferred_controlnet), (tr, tiled_transformer)):
+            yield tiles
     finally:
-        for m, f in own.items():
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
         stash.clear()
