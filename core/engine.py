@@ -18,7 +18,7 @@ from .device import DeviceInfo, detect
 from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
 from .job import Job
 from .memory import MemoryMonitor, free_memory, is_oom
-from .models import ModelSpec, load_pipeline
+from .models import ModelSpec, load_pipeline, union_net
 from .plan import JobShape, Plan, keep_placement, plan_for, step_down
 from .residency import Residency
 from .units import denoiser_units, text_encoder_units
@@ -26,6 +26,9 @@ from .sizes import sizes_from_pipeline
 from .upscale import upscale
 
 log = logging.getLogger(__name__)
+
+
+MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")   # the pipeline's placed parts
 
 
 class OutOfMemory(RuntimeError):
@@ -76,6 +79,10 @@ def is_black_or_nan(image: Image.Image) -> bool:
     return bool(a.max() <= 3)
 
 
+def _shape(job: Job) -> JobShape:
+    return JobShape(job.width, job.height, len(job.controls), job.upscale)
+
+
 def _placement_key(plan: Plan) -> tuple:
     """What moving the weights depends on; plans that agree on it share one placement."""
     return plan.device, plan.dtype, plan.placement, plan.slots, plan.ring, plan.text_encoders
@@ -94,7 +101,6 @@ class Engine:
         self._placed: Plan | None = None      # the plan whose placement is on the device now
         self._lock = threading.Lock()
         self.faults = Faults()
-        self._monitor: MemoryMonitor | None = None
         self._owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         # all-resident plans: fused QKV, compiled blocks, attention kernel (core/fast.py). On ZeroGPU
         # a call may run in a fresh process, where compiling would be paid by every job.
@@ -139,7 +145,7 @@ class Engine:
 
     def _plan(self, job: Job, tier: str | None = None, dtype: str | None = None) -> Plan:
         self.load()
-        shape = JobShape(job.width, job.height, len(job.controls), job.upscale)
+        shape = _shape(job)
         new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
         return keep_placement(self._placed, new, shape, self.sizes, self.device)
 
@@ -162,7 +168,7 @@ class Engine:
         if self.residency is not None:
             self.residency.remove()
             self.residency = None
-        for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
+        for name in MODELS:
             getattr(self.pipe, name).to("cpu")
         self._placed = None
         free_memory()
@@ -179,7 +185,7 @@ class Engine:
             self._undo()
             if lossy and self._owns_pipe:
                 log.info("reloading the weights: the previous plan stored some in fp8")
-                self.pipe = None
+                pipe = self.pipe = self.img2img = None  # every reference: the old weights go first
                 free_memory()
                 self.load()
                 pipe = self.pipe
@@ -190,12 +196,12 @@ class Engine:
                 from diffusers.utils import logging as dlogging
                 level = dlogging.get_verbosity()
                 dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
-                for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
+                for name in MODELS:
                     getattr(pipe, name).to(dtype)
                 dlogging.set_verbosity(level)
             if plan.device == "cuda":
                 dev = torch.device("cuda")
-                for model in (pipe.transformer, pipe.controlnet.nets[0]):
+                for model in (pipe.transformer, union_net(pipe)):
                     for name, child in model.named_children():
                         if name not in ("transformer_blocks", "single_transformer_blocks"):
                             child.to(dev)
@@ -207,7 +213,7 @@ class Engine:
                 for p in t5.parameters():  # embedding, norms, position bias: resident
                     if id(p) not in in_units:
                         p.data = p.data.to(dev)
-                units = t5_units + denoiser_units(pipe.transformer, pipe.controlnet.nets[0])
+                units = t5_units + denoiser_units(pipe.transformer, union_net(pipe))
                 self.residency = Residency(units, full, dev, dtype, plan.slots, plan.ring)
                 free_memory()
             self._placed = plan
@@ -221,14 +227,14 @@ class Engine:
     def run(self, job: Job, progress=None, cancel=None, source: Image.Image | None = None) -> Result:
         """Run a job to its final image, stepping down on out-of-memory."""
         with self._lock:
-            self.load()
             plan = self.plan(job)
             self.check_fits(plan)
             events: list[str] = []
             while True:
                 err = None
                 try:
-                    result = self._run_once(job, plan, events, progress, cancel, source)
+                    mon = MemoryMonitor(plan.device, hook=self.faults.check)
+                    result = self._run_once(job, plan, mon, events, progress, cancel, source)
                     if not is_black_or_nan(result.image):
                         return result
                     if plan.dtype == "float32":
@@ -247,12 +253,11 @@ class Engine:
                     if not is_oom(e):
                         free_memory()
                         raise
-                    where = self._monitor.phases[-1].name if self._monitor and self._monitor.phases else "?"
+                    where = mon.phases[-1].name if mon.phases else "?"
                     err = f"in {where}: " + str(e).split("\n")[0][:100]
                 # outside the except block, so the traceback's tensors can be freed
                 free_memory()
-                nxt = step_down(plan, JobShape(job.width, job.height, len(job.controls), job.upscale),
-                                self.sizes, self.device)
+                nxt = step_down(plan, _shape(job), self.sizes, self.device)
                 if nxt is None and plan.device == "cpu":
                     raise OutOfMemory("Out of memory on the CPU even with the smallest tiles; close other "
                                       "programs or lower the size or upscale factor.")
@@ -264,8 +269,7 @@ class Engine:
                 log.warning(events[-1])
                 plan = nxt
 
-    def _run_once(self, job, plan, events, progress, cancel, source) -> Result:
-        mon = self._monitor = MemoryMonitor(plan.device, hook=self.faults.check)
+    def _run_once(self, job, plan, mon, events, progress, cancel, source) -> Result:
         with mon.phase("load"):
             self.apply(plan)
             speed = self._apply_fast(job, plan, events, progress)
@@ -310,7 +314,7 @@ class Engine:
         if cfg.compile and not compile_:
             events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
         want = (use_fp8, compile_, cfg)
-        if self._fast is None or want != self._fast_want:   # walking the modules costs ~70 ms: once
+        if want != self._fast_want:   # walking the modules costs ~70 ms: once
             before, self._fast_dirty = self._fast, True
             self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
                                          backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
@@ -325,7 +329,7 @@ class Engine:
         """Plain diffusers modules again (exactly): Residency hooks the children of the blocks."""
         if self._fast_dirty:
             fast.undo_fast(self.pipe)
-            self._fast, self._fast_dirty = None, False
+            self._fast, self._fast_want, self._fast_dirty = None, None, False
 
     def _fast_failed(self, err: Exception, events: list[str]) -> bool:
         """An error from the fast path (a torch.compile error, or a kernel this GPU refuses): note it,
