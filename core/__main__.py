@@ -53,7 +53,7 @@ def cmd_generate(a) -> dict:
     if a.width and a.height:
         w, h = a.width, a.height
     else:
-        w, h = fit_size(image.width, image.height, max_side=a.max_side, max_pixels=a.max_side ** 2)
+        w, h = fit_size(image.width, image.height, max_side=a.max_side)
     job = Job(prompt=a.prompt, image=image, controls=controls, width=w, height=h, steps=a.steps,
               guidance=a.guidance, seed=a.seed, upscale=a.upscale, tier=a.tier, fp8_compute=a.fp8_compute)
     out = Path(a.out)

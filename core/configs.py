@@ -7,9 +7,6 @@ from __future__ import annotations
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 UNION_PRO = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
-UNION_INSTANTX = "InstantX/FLUX.1-dev-Controlnet-Union"
-UNION_PRO2 = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0"
-DEPTH_ANYTHING = "depth-anything/Depth-Anything-V2-Small-hf"
 
 _FLUX_COMMON = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
                     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,

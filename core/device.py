@@ -25,14 +25,20 @@ class DeviceInfo:
     h2d_gbps: float = 25.0     # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
     tflops: float = 150.0      # effective bf16 matmul rate, TFLOP/s
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.kind)
-
 
 def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
-    x = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    y = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    """Pinned the way streamed weights are (cudaHostRegister) and unpinned after: PyTorch's caching
+    host allocator would keep a pin_memory=True block locked for the life of the process."""
+    from .buffers import pinned
+    x = pinned(nbytes, True)
+    try:
+        return _copy_rate(x, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
+    finally:
+        torch.cuda.cudart().cudaHostUnregister(x.data_ptr())
+
+
+def _copy_rate(x: torch.Tensor, y: torch.Tensor) -> float:
+    nbytes = x.numel()
     y.copy_(x, non_blocking=True)
     torch.cuda.synchronize()
     t = time.perf_counter()

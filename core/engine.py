@@ -59,17 +59,19 @@ class Faults:
     def __init__(self, **counts: int):
         self.counts = dict(counts)
 
+    def _take(self, name: str) -> bool:
+        if self.counts.get(name, 0) > 0:
+            self.counts[name] -= 1
+            return True
+        return False
+
     def check(self, phase: str) -> None:
-        if self.counts.get(phase, 0) > 0:
-            self.counts[phase] -= 1
+        if self._take(phase):
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected in {phase})")
 
     def black(self) -> bool:
         """Injected precision fault: the next result comes out black."""
-        if self.counts.get("black", 0) > 0:
-            self.counts["black"] -= 1
-            return True
-        return False
+        return self._take("black")
 
 
 def is_black_or_nan(image: Image.Image) -> bool:

@@ -4,7 +4,6 @@ Phases are explicit so the memory monitor can time them and an out-of-memory say
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +19,6 @@ from .models import has_mode_ids
 from .skip import skip_idle_controls
 from .tiled import tiled_denoising
 
-log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]     # (stage label, done, total)
 
 
@@ -82,11 +80,12 @@ def control_params(c: ControlSpec, demo: bool, depth_device: str | None = None) 
 
 def control_args(pipe, controls: tuple[ControlSpec, ...]) -> dict:
     """Lists for the multi-ControlNet call; Union-Pro-2.0 takes no mode ids."""
-    if not has_mode_ids(pipe):
+    modes = has_mode_ids(pipe)
+    if not modes:
         bad = [c.kind for c in controls if not CONTROLS[c.kind].in_pro2]
         if bad:
             raise ValueError(f"This ControlNet (no mode ids, like Union-Pro-2.0) does not support: {', '.join(bad)}.")
-    return dict(control_mode=[c.mode_id for c in controls] if has_mode_ids(pipe) else None,
+    return dict(control_mode=[c.mode_id for c in controls] if modes else None,
                 controlnet_conditioning_scale=[c.scale for c in controls],
                 control_guidance_start=[c.start for c in controls],
                 control_guidance_end=[c.end for c in controls])

@@ -13,7 +13,8 @@ from PIL import Image
 
 from preprocessors.registry import CONTROLS
 
-TIERS = ("auto", "cpu", "4", "6", "8", "12", "16", "24", "48")
+GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
+TIERS = ("auto", "cpu") + GPU_TIERS[::-1]
 MAX_PROMPT_CHARS = 2000
 MAX_CONTROLS = 4
 MAX_SIDE = 2048          # generation size before upscaling

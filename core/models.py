@@ -71,15 +71,19 @@ def _check_local(source: str, what: str) -> None:
                                     "only safetensors are loaded.")
 
 
+def _load(source: str, what: str, load):
+    """load() for a Hub id or local folder; any failure becomes one sentence for the user."""
+    _check_local(source, what)
+    try:
+        return load()
+    except Exception as e:  # hub, network, missing files
+        raise _explain(source, what, e) from e
+
+
 def load_controlnet(source: str, dtype: torch.dtype):
     from diffusers import FluxControlNetModel
-    _check_local(source, "controlnet")
-    try:
-        return FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
-    except ModelUnavailableError:
-        raise
-    except Exception as e:  # hub, network, missing files: one sentence for the user
-        raise _explain(source, "controlnet", e) from e
+    return _load(source, "controlnet",
+                 lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True))
 
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
@@ -89,15 +93,8 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
     controlnet = load_controlnet(spec.controlnet, dtype)
-    _check_local(spec.base, "model")
-    try:
-        pipe = FluxControlNetPipeline.from_pretrained(
-            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype,
-            use_safetensors=True)
-    except ModelUnavailableError:
-        raise
-    except Exception as e:
-        raise _explain(spec.base, "model", e) from e
+    pipe = _load(spec.base, "model", lambda: FluxControlNetPipeline.from_pretrained(
+        spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype, use_safetensors=True))
     pipe.set_progress_bar_config(disable=True)
     log.info("loaded %s + %s in %s%s", spec.base, spec.controlnet, dtype, " (demo model)" if spec.demo else "")
     return pipe

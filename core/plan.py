@@ -13,11 +13,10 @@ import contextlib
 from dataclasses import asdict, dataclass, field, replace
 
 from .device import GiB, DeviceInfo
-from .job import out_size
+from .job import GPU_TIERS, out_size
 from .units import UnitSize, buffer_bytes, ring_bytes
 from .timing import simulate_step
 
-GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
 SLOTS = 2                  # work slots for fp8 units: one in use, one cast ahead
 MODEL_EFF = 0.92           # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
                            # resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)

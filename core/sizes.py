@@ -5,6 +5,7 @@ import functools
 
 from torch import nn
 
+from .models import union_net
 from .plan import ModelSizes
 from .units import denoiser_units, text_encoder_units, unit_sizes
 
@@ -18,8 +19,8 @@ def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes
     us = unit_sizes(units)
     n_cn = sum(1 for name, _ in units if name.startswith("controlnet."))
     in_units = sum(u.numel for u in us)
-    t5_units = sum(p.numel() for _, m in text_encoder_units(t5) for p in m.parameters())
-    t5_max = max(p.numel() for _, m in text_encoder_units(t5) for p in m.parameters())
+    t5u = unit_sizes(text_encoder_units(t5))
+    t5_units, t5_max = sum(u.numel for u in t5u), max(u.numel for u in t5u)
     return ModelSizes(units=tuple(us), n_cn_units=n_cn,
                       fixed_params=_count(transformer) + _count(controlnet) - in_units,
                       t5_params=_count(t5), t5_unit_params=t5_units, t5_max_unit=t5_max,
@@ -29,7 +30,7 @@ def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes
 
 
 def sizes_from_pipeline(pipe, max_seq: int) -> ModelSizes:
-    return sizes_of(pipe.transformer, pipe.controlnet.nets[0], pipe.text_encoder_2, pipe.text_encoder,
+    return sizes_of(pipe.transformer, union_net(pipe), pipe.text_encoder_2, pipe.text_encoder,
                     pipe.vae, max_seq)
 
 

@@ -190,8 +190,7 @@ def load_image(source: Any) -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # malformed EXIF should not cost the user the image
-        pass
-    _check_size(*img.size)
+        pass  # (a rotation swaps width and height: the size was checked before decoding)
     return _to_rgb(img)  # always a new image: edits never reach the caller's object
 
 
