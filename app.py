@@ -49,11 +49,11 @@ def main(argv=None) -> int:
     if engine.demo:
         why = "--demo" if args.demo else "no CUDA GPU found"
         print(f"Demo model in use ({why}): tiny FLUX with random weights, the images are noise.", flush=True)
+    from preprocessors.image_io import MAX_UPLOAD_BYTES
     from ui import create_demo
 
     demo = create_demo(engine, default_tier=args.tier)
-    demo.queue(max_size=8).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                  max_file_size="50mb")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES)
     return 0
 
 

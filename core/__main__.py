@@ -63,10 +63,8 @@ def cmd_generate(a) -> dict:
     engine = Engine(spec)
     result = engine.run(job)
     summary = result.summary()
-    save_png(result.image, out, dict(job=job.describe(), plan=result.plan.summary(), demo=result.demo))
+    save_png(result.image, out, result.png_params())
     summary.update(out=str(out), total_s=round(time.perf_counter() - t0, 2))
-    if result.demo:
-        summary["note"] = "demo model with random weights: the image is noise"
     return summary
 
 

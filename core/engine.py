@@ -46,11 +46,18 @@ class Result:
     demo: bool = False
 
     def summary(self) -> dict:
-        return dict(size=list(self.image.size), tier=self.plan.tier, demo=self.demo,
-                    predicted_peak_gb=self.plan.predicted_peak_gb,
-                    measured_peak_reserved_gb=self.report["peak_reserved_gb"],
-                    seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary(),
-                    fast=self.report.get("fast"))
+        s = dict(size=list(self.image.size), tier=self.plan.tier, demo=self.demo,
+                 predicted_peak_gb=self.plan.predicted_peak_gb,
+                 measured_peak_reserved_gb=self.report["peak_reserved_gb"],
+                 seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary(),
+                 fast=self.report.get("fast"))
+        if self.demo:
+            s["note"] = "demo model with random weights: the image is noise"
+        return s
+
+    def png_params(self) -> dict:
+        """What the PNG's metadata holds: every parameter of the job and the plan."""
+        return dict(job=self.job.describe(), plan=self.plan.summary(), demo=self.demo)
 
 
 class Faults:

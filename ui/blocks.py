@@ -85,10 +85,10 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                        max_side, canny_auto=True, canny_low=100, canny_high=200, fp8_compute=False,
                        request: gr.Request = None, progress=gr.Progress()):
         rows = [(control_1, scale_1, end_1), (control_2, scale_2, end_2), (control_3, scale_3, end_3)]
-        try:
-            job = H.build_job(image, prompt, rows, tier, upscale, seed, randomize_seed, steps, guidance,
-                              max_side, None if canny_auto else (canny_low, canny_high),
-                              fp8_compute=fp8_compute)
+        try:  # decoding a large upload takes a while: off the event loop, like every slow step here
+            job = await asyncio.to_thread(
+                H.build_job, image, prompt, rows, tier, upscale, seed, randomize_seed, steps, guidance,
+                max_side, None if canny_auto else (canny_low, canny_high), fp8_compute=fp8_compute)
         except ValueError as e:
             raise _error(e) from None
         key = getattr(request, "session_hash", None)
@@ -111,9 +111,9 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         finally:
             flags.finish(key, ev)
         finished = time.time()
-        path = await asyncio.to_thread(H.save_result, result, out_dir)
+        path, pair = await asyncio.to_thread(lambda: (H.save_result(result, out_dir), H.slider_pair(job, result.image)))
         summary = H.summary_of(result, started, finished, path)
-        last = dict(pair=H.slider_pair(job, result.image), path=str(path), summary=summary)
+        last = dict(pair=pair, path=str(path), summary=summary)
         return str(path), summary, job.seed, last
 
     def show(last, gallery):

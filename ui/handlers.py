@@ -135,28 +135,22 @@ def preview_control(image, kind, canny=None, demo: bool = False, side: int = PRE
     """The control image for one row, on a small copy of the input (None without image or type)."""
     if image is None or kind in (None, "", NONE):
         return None
+    from core.generate import control_params
     from preprocessors.registry import preprocess
     img = open_input(image)
     img.thumbnail((side, side), Image.LANCZOS)
-    params = {}
-    if kind == "canny" and canny is not None:
-        params = dict(controls_from_rows([("canny", None, 0.8)], canny)[0].params)
-    if kind == "depth":  # previews stay off the GPU: a job may be using all of its budget
-        params.update(device="cpu", **({"demo": True} if demo else {}))
-    return preprocess(kind, img, **params)
+    spec = controls_from_rows([(kind, None, 0.8)], canny)[0]
+    # previews stay off the GPU (depth on the CPU): a job may be using all of its budget
+    return preprocess(kind, img, **control_params(spec, demo, "cpu"))
 
 
 # -- Result → outputs ------------------------------------------------------------------------------
-def png_params(result) -> dict:
-    return dict(job=result.job.describe(), plan=result.plan.summary(), demo=result.demo)
-
-
 def save_result(result, folder: Path, keep: int = 32) -> Path:
     """The PNG with every parameter, in `folder` (older files beyond `keep` are removed: Gradio has
     copied them into its own cache by then)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"flux-{result.job.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.png"
-    path = save_png(result.image, folder / name, png_params(result))
+    path = save_png(result.image, folder / name, result.png_params())
     old = sorted(folder.glob("flux-*.png"), key=lambda p: p.stat().st_mtime)[:-keep]
     for p in old:
         p.unlink(missing_ok=True)
@@ -171,8 +165,6 @@ def summary_of(result, started: float, finished: float, path: Path | None = None
              peak_alloc_gb=result.report.get("peak_alloc_gb"), memory=result.report.get("device"))
     if path is not None:
         s["file"] = Path(path).name
-    if result.demo:
-        s["note"] = "demo model with random weights: the image is noise"
     return s
 
 

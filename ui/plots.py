@@ -18,9 +18,10 @@ def memory_figure(summary: dict) -> Figure:
     colors: dict[str, str] = {}
     for ph in phases:
         base = ph["name"].rstrip("0123456789")
+        first = base not in colors
         color = colors.setdefault(base, COLORS[len(colors) % len(COLORS)])
         ax.axvspan(ph["start_s"], ph["start_s"] + max(ph["seconds"], 1e-3), color=color, alpha=0.18,
-                   lw=0, label=base if base not in ax.get_legend_handles_labels()[1] else None)
+                   lw=0, label=base if first else None)
     if timeline:
         ts = [t[0] for t in timeline]
         gb = [t[1] for t in timeline]
