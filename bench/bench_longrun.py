@@ -16,13 +16,11 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_tiers import cap, photo
+from bench.bench_tiers import cap
+from bench.random_model import photo
 from bench.env import environment, md_table, write
-from bench.random_model import build_random_pipeline
-from core.device import detect
-from core.engine import Engine
+from bench.random_model import random_engine
 from core.job import ControlSpec, Job
-from core.models import ModelSpec
 
 GiB, MiB = 2**30, 2**20
 PROMPTS = ("a photo of an astronaut on the moon", "a red fox in the snow, golden hour",
@@ -44,8 +42,7 @@ def main():
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--out-dir", default="bench")
     a = ap.parse_args()
-    pipe, build_s = build_random_pipeline("full")
-    engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(), pipe=pipe)
+    engine, build_s = random_engine()
     img = photo(a.size)
     cap(float(a.tier) - 0.5)
     controls = ((ControlSpec("canny", 0.7),), (ControlSpec("canny", 0.6, end=0.5),), (ControlSpec("gray", 0.5),))

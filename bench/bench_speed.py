@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 from bench.env import environment, md_table, write
+from bench.random_model import PROMPT
 
 T0 = time.perf_counter()
 GiB = 2**30
-PROMPT = "a photo of an astronaut on the moon, detailed, sharp"
 VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
 EXTRA = ("ours_bf16_static", "ours_bf16_autotune")
 RECOMPILE = EXTRA          # variants whose compile settings differ from the engine's default
@@ -53,20 +53,16 @@ def log(*a):
 
 class Bench:
     def __init__(self, a):
-        from bench.random_model import build_random_pipeline
+        from bench.random_model import photo, random_engine
         from core import fast, fp8_compute
-        from core.device import detect
-        from core.engine import Engine
         from core.job import ControlSpec, Job
-        from core.models import ModelSpec
 
         self.a, self.fast = a, fast
         self.cuda = not a.cpu_smoke
         dev = "cuda" if self.cuda else "cpu"
-        self.pipe, self.build_s = build_random_pipeline("tiny" if a.cpu_smoke else "full", device=dev)
+        self.engine, self.build_s = random_engine("tiny" if a.cpu_smoke else "full", device=dev)
+        self.pipe = self.engine.pipe
         log("built the random model in", self.build_s, "s")
-        self.engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(),
-                             pipe=self.pipe)
         self.base_fast = self.engine.fast
         if a.cpu_smoke:  # logic check only: compile with the eager backend, fp8 emulated, bf16 on the CPU
             self.base_fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
@@ -74,8 +70,7 @@ class Bench:
             plan = self.engine._plan
             self.engine.plan = lambda job, tier=None: plan(job, tier, dtype="bfloat16")
         self.engine.fast = self.base_fast
-        import skimage.data
-        img = Image.fromarray(skimage.data.astronaut()).resize((a.size, a.size), Image.LANCZOS)
+        img = photo(a.size)
         self.jobs = {n: Job(PROMPT, img, tuple(ControlSpec(k, 0.7, end=1.0) for k in KINDS[:n]), a.size, a.size,
                             steps=a.steps, seed=0, tier="cpu" if a.cpu_smoke else a.tier)
                      for n in a.controls}

@@ -22,21 +22,14 @@ import torch
 from PIL import Image
 
 from bench.env import environment, md_table, write
-from bench.random_model import build_random_pipeline
+from bench.random_model import PROMPT, photo, random_engine
 from core.device import detect
 from core.engine import Engine
 from core.generate import PromptCache
 from core.job import ControlSpec, Job
-from core.models import ModelSpec
 from preprocessors.registry import preprocess
 
 GiB = 2**30
-PROMPT = "a photo of an astronaut on the moon, detailed, sharp"
-
-
-def photo(size: int) -> Image.Image:
-    import skimage.data
-    return Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.LANCZOS)
 
 
 def cap(gib: float | None) -> None:
@@ -117,23 +110,14 @@ def run_variant(engine: Engine, spec: str, job: Job) -> dict:
 
 def profile_tier(engine: Engine, tier: str, job: Job, out: Path) -> dict:
     """Two profiled steps of a tier: copy time, the share of it under a compute kernel, kernel time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench.profile_streaming import summarize
+    from bench.profile_streaming import profile_steps
     engine._undo()
     cap(float(tier) - 0.5)
-    engine.run(job.with_(tier=tier, steps=2))  # plan applied, order learned
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        res = engine.run(job.with_(tier=tier, steps=3))
-    torch.cuda.synchronize()
-    cap(None)
-    events = [(e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
-              for e in prof.events()]
-    row = dict(tier=tier, seconds=res.report["seconds"], **summarize(events))
     try:
-        prof.export_chrome_trace(str(out / f"trace_tier{tier}.json"))
-    except Exception:  # noqa: BLE001 - the numbers matter more than the trace
-        pass
+        res, summary = profile_steps(engine, job.with_(tier=tier), 3, out / f"trace_tier{tier}.json")
+    finally:
+        cap(None)
+    row = dict(tier=tier, seconds=res.report["seconds"], **summary)
     engine._undo()
     print("PROFILE", row, flush=True)
     return row
@@ -219,8 +203,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="let the 48 GB plan compile its blocks")
     ap.add_argument("--out-dir", default="bench")
     a = ap.parse_args()
-    pipe, build_s = build_random_pipeline("full")
     dev = detect()
+    engine, build_s = random_engine(info=dev)
+    pipe = engine.pipe
     print("built in", build_s, "s;", dev, flush=True)
     img = photo(a.size)
     control = preprocess("canny", img)
@@ -233,7 +218,6 @@ def main():
     baselines = [b for b in a.baselines.split(",") if b]
     if "resident" in baselines:
         data["diffusers"].append(run_diffusers(pipe, "resident", job, control))
-    engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), dev, pipe=pipe)
     if not a.compile:  # the 48 GB row runs eager here; bench_speed measures the compiled fast path
         from dataclasses import replace
         engine.fast = replace(engine.fast, compile=False)

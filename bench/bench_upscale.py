@@ -15,12 +15,9 @@ import torch
 
 from bench.bench_tiers import PROMPT, cap, photo
 from bench.env import environment, md_table
-from bench.random_model import build_random_pipeline
-from core.device import detect
-from core.engine import Engine
+from bench.random_model import random_engine
 from core.generate import PromptCache
 from core.job import ControlSpec, Job
-from core.models import ModelSpec
 from core.tiled import token_tiles
 from core.tiling import seam_ratio
 
@@ -33,8 +30,7 @@ def main():
     ap.add_argument("--upscale-steps", type=int, default=4, help="steps per upscale stage")
     ap.add_argument("--out-dir", default="bench")
     a = ap.parse_args()
-    pipe, build_s = build_random_pipeline("full")
-    engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(), pipe=pipe)
+    engine, build_s = random_engine()
     img = photo(1024)
     rows = []
     for tier in a.tiers.split(","):

@@ -51,41 +51,52 @@ def summarize(events) -> dict:
                 hook_cpu_ms=round(sum(b - a for a, b in hooks) / 1e3, 1))
 
 
-def main():
+def profile_steps(engine, job, steps: int, trace: Path | None = None):
+    """(result, summary) of `steps` profiled denoising steps after a 2-step warm-up (plan applied,
+    order learned), with the residency hooks labelled in the trace; the trace goes to `trace`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.bench_tiers import PROMPT, cap, photo
-    from bench.random_model import build_random_pipeline
-    from core.device import detect
-    from core.engine import Engine
+    from core.residency import Residency
+    originals = {name: getattr(Residency, name) for name in ("_before", "_after")}
+    for name, fn in originals.items():  # label hook time in the trace
+        setattr(Residency, name, lambda self, i, fn=fn, name=name: _timed(fn, self, i, name))
+    try:
+        engine.run(job.with_(steps=2))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            res = engine.run(job.with_(steps=steps))
+        torch.cuda.synchronize()
+    finally:
+        for name, fn in originals.items():
+            setattr(Residency, name, fn)
+    events = [(e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
+              for e in prof.events()]
+    if trace is not None:
+        try:
+            prof.export_chrome_trace(str(trace))
+        except Exception:  # noqa: BLE001 - the numbers matter more than the trace
+            pass
+    return res, summarize(events)
+
+
+def main():
+    from bench.bench_tiers import cap
+    from bench.random_model import PROMPT, photo, random_engine
     from core.job import ControlSpec, Job
-    from core.models import ModelSpec
-    from core import residency
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tier", default="8")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out-dir", default="bench")
     a = ap.parse_args()
-    pipe, _ = build_random_pipeline("full")
-    engine = Engine(ModelSpec("random full-size FLUX.1-dev", "random full-size Union"), detect(), pipe=pipe)
-    for name in ("_before", "_after"):  # label hook time in the trace
-        fn = getattr(residency.Residency, name)
-        setattr(residency.Residency, name, lambda self, i, fn=fn, name=name: _timed(fn, self, i, name))
+    engine, _ = random_engine()
     cap(float(a.tier) - 0.5)
     job = Job(prompt=PROMPT, image=photo(1024), controls=(ControlSpec("canny", 0.7),), width=1024, height=1024,
               steps=2, tier=a.tier)
-    engine.run(job)  # warm-up: plan applied, order learned
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        res = engine.run(job.with_(steps=a.steps))
-    torch.cuda.synchronize()
-    events = [(e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
-              for e in prof.events()]
-    out = dict(tier=a.tier, steps=a.steps, seconds=res.report["seconds"], placement=res.plan.summary()["placement"],
-               **summarize(events))
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(Path(a.out_dir) / f"trace_tier{a.tier}.json"))
+    res, summary = profile_steps(engine, job, a.steps, Path(a.out_dir) / f"trace_tier{a.tier}.json")
+    out = dict(tier=a.tier, steps=a.steps, seconds=res.report["seconds"], placement=res.plan.summary()["placement"],
+               **summary)
     (Path(a.out_dir) / f"profile_tier{a.tier}.json").write_text(json.dumps(out, indent=1))
     print("PROFILE", json.dumps(out))
 

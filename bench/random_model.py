@@ -56,3 +56,23 @@ def build_random_pipeline(size: str = "full", device: str = "cuda", to_cpu: bool
         controlnet=FluxMultiControlNetModel([parts["controlnet"]]))
     pipe.set_progress_bar_config(disable=True)
     return pipe, round(time.time() - t0, 1)
+
+
+PROMPT = "a photo of an astronaut on the moon, detailed, sharp"
+
+
+def photo(size: int):
+    """The benchmarks' input: scikit-image's astronaut, size × size."""
+    import skimage.data
+    from PIL import Image
+    return Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.LANCZOS)
+
+
+def random_engine(size: str = "full", device: str = "cuda", info=None):
+    """(Engine over the random-weight pipeline, its build seconds): what every benchmark starts from."""
+    from core.device import detect
+    from core.engine import Engine
+    from core.models import ModelSpec
+    pipe, build_s = build_random_pipeline(size, device=device)
+    return Engine(ModelSpec(f"random {size}-size FLUX.1-dev", f"random {size}-size Union"), info or detect(),
+                  pipe=pipe), build_s
