@@ -326,7 +326,8 @@ class Engine:
         if want != self._fast_want:   # walking the modules costs ~70 ms: once
             before, self._fast_dirty = self._fast, True
             self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
-                                         backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
+                                         backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic,
+                                         options=cfg.options, fuse=cfg.fuse_blocks)
             self._fast_want = want
             if progress is not None and compile_ and self._fast != before:
                 progress("compiling for this GPU (first job only)", 0, job.steps)

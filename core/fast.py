@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import fp8_compute
+from . import fp8_compute, fused_blocks
 from .fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -151,17 +151,18 @@ def set_attention(model: nn.Module, name: str) -> None:
 
 # -- regional compilation -------------------------------------------------------------------------
 def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                   fullgraph: bool = True, dynamic: bool | None = True) -> int:
+                   fullgraph: bool = True, dynamic: bool | None = True, options: tuple = ()) -> int:
     """torch.compile each repeated block in place (what nn.Module.compile does, plus _same_form);
     returns how many were newly compiled. Compilation happens on the first call. dynamic=True: the
     sequence length is symbolic, so the ControlNet (one extra mode token) and the transformer share
-    one graph per block class, and a new image size does not recompile."""
+    one graph per block class, and a new image size does not recompile. options: Inductor settings
+    as (name, value) pairs (torch.compile takes them or a mode, not both)."""
     _raise_recompile_limit()
     n = 0
     for block in repeated_blocks(model):
         if not is_compiled(block):
             compiled = torch.compile(block._call_impl, backend=backend, mode=mode, fullgraph=fullgraph,
-                                     dynamic=dynamic)
+                                     dynamic=dynamic, options=dict(options) or None)
             block._compiled_call_impl = functools.partial(_same_form, compiled)
             n += 1
     return n
@@ -245,6 +246,8 @@ class FastConfig:
     backend: str | Callable = "inductor"
     mode: str | None = None
     dynamic: bool | None = True
+    options: tuple[tuple[str, object], ...] = ()
+    fuse_blocks: bool = True     # core.fused_blocks: GELU in the matmul, no concatenation before proj_out
     devices: tuple[str, ...] = ("cuda",)
 
 
@@ -257,12 +260,14 @@ class Fast:
     attention: str
     fp8_layers: int = 0
     compiled_blocks: int = 0
+    fused_blocks: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
 
     def label(self) -> str:
-        parts = (["fused QKV"] if self.fused else []) + (["compiled blocks"] if self.compiled else [])
+        parts = (["fused QKV"] if self.fused else []) + (["GELU in the matmul"] if self.fused_blocks else []) + (
+            ["compiled blocks"] if self.compiled else [])
         parts.append({"cudnn": "cuDNN attention", "flash": "flash attention"}.get(self.attention, "SDPA attention"))
         if self.fp8:
             parts.append(f"fp8 compute ({self.fp8_layers} layers)")
@@ -270,7 +275,8 @@ class Fast:
 
 
 def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "auto",
-               backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True) -> Fast:
+               backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True,
+               options: tuple = (), fuse: bool = True) -> Fast:
     """Bring the transformer and ControlNet of a resident pipeline to the wanted state. Idempotent:
     every step looks at the modules, so a second call changes only what differs (fp8 on or off,
     the attention kernel); compiled blocks stay compiled and keep their cache."""
@@ -278,19 +284,23 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "
     device = next(pipe.transformer.parameters()).device
     for m in models:   # fuse before quantizing: the fused Linears are the ones that take fp8
         fused = all(getattr(a, "fused_projections", False) for a in attentions(m))
-        if not fp8 or not fused:
+        if not fp8 or not fused or fuse != fused_blocks.is_fused(m):
             dequantize_fp8(m)
         fuse_qkv(m)
+        if fuse:
+            fused_blocks.fuse_blocks(m)
+        else:
+            fused_blocks.unfuse_blocks(m)
         if fp8 and not fp8_layers(m):
             quantize_fp8(m)
     att = resolve_attention(attention, device)
     for m in models:
         set_attention(m, att)
         if compile:
-            compile_blocks(m, backend=backend, mode=mode, dynamic=dynamic)
+            compile_blocks(m, backend=backend, mode=mode, dynamic=dynamic, options=options)
         else:
             uncompile_blocks(m)
-    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att,
+    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse,
                 fp8_layers=sum(fp8_layers(m) for m in models),
                 compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)))
 
@@ -301,6 +311,7 @@ def undo_fast(pipe) -> None:
         uncompile_blocks(m)
         set_attention(m, "sdpa")
         dequantize_fp8(m)
+        fused_blocks.unfuse_blocks(m)
         unfuse_qkv(m)
 
 

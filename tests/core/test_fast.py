@@ -106,6 +106,29 @@ def test_fp8_linear_emulation_matches_the_real_scaled_mm():
     assert rel_err(real, emulated) < 0.01
 
 
+def test_fp8_linear_split_into_column_blocks_matches_the_whole_matmul():
+    """A proj_out reading cat(a, b) computed per block of columns, each with its own row scales."""
+    torch.manual_seed(2)
+    lin = nn.Linear(96, 40).to(torch.bfloat16)
+    a = torch.randn(3, 7, 32, dtype=torch.bfloat16)
+    b = 20 * torch.randn(3, 7, 64, dtype=torch.bfloat16)      # a part with another range: its own scale
+    x = torch.cat([a, b], dim=-1)
+    split = fp8_compute.Fp8Linear(lin, scaled_mm=False, split=(32, 64))
+    whole = fp8_compute.Fp8Linear(lin, scaled_mm=False)
+    ref = lin(x)
+    assert split(x).shape == ref.shape and rel_err(split(x), ref) < 0.06
+    assert rel_err(split(x), ref) <= rel_err(whole(x), ref) * 1.5
+    assert split.weight.shape == (40, 32) and split.weight1.shape == (40, 64) and split.weight1_scale.shape == (1, 40)
+    try:
+        real = fp8_compute.Fp8Linear(lin, scaled_mm=True, fast_accum=False, split=(32, 64))(x)
+    except (RuntimeError, NotImplementedError):
+        real = None   # no fp8 _scaled_mm on this CPU build
+    if real is not None:
+        assert rel_err(real, split(x)) < 0.01
+    with pytest.raises(ValueError, match="does not add up to 96"):
+        fp8_compute.Fp8Linear(lin, scaled_mm=False, split=(32, 32))
+
+
 def test_fp8_supported_is_false_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("reports the GPU's capability")
@@ -148,9 +171,12 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     assert isinstance(tr.x_embedder, nn.Linear) and isinstance(tr.proj_out, nn.Linear)
     assert isinstance(tr.transformer_blocks[0].norm1.linear, nn.Linear)
     assert rel_err(out, ref) < 0.1
-    weights = sum(m.out_features * m.in_features for m in tr.modules() if isinstance(m, fp8_compute.Fp8Linear))
-    outs = sum(m.out_features for m in tr.modules() if isinstance(m, fp8_compute.Fp8Linear))
-    assert fp8_compute.fp8_bytes(tr) == weights + outs * (4 + 2)      # e4m3 weights, fp32 scales, bf16 biases
+    f8s = [m for m in tr.modules() if isinstance(m, fp8_compute.Fp8Linear)]
+    weights = sum(m.out_features * m.in_features for m in f8s)
+    scales = sum(m.out_features * len(m.split) for m in f8s)
+    assert fp8_compute.fp8_bytes(tr) == weights + scales * 4 + sum(m.out_features for m in f8s) * 2
+    proj_out = tr.single_transformer_blocks[0].proj_out      # reads cat(attention, MLP): one matmul per part
+    assert proj_out.split == (32, 128) and fp8_compute.Fp8Linear(nn.Linear(8, 4), False).split == (8,)
     assert fp8_compute.dequantize_fp8(tr) == n and fp8_compute.fp8_layers(tr) == 0
     fast.unfuse_qkv(tr)
     assert same_state(state(tr), before)
@@ -181,7 +207,7 @@ def test_apply_fast_is_idempotent_and_undo_fast_restores_every_bit(parts):
     before = (state(parts.transformer), state(parts.cn))
     got = fast.apply_fast(parts, fp8=True, compile=True, backend="eager")
     assert got == fast.Fast(fused=True, compiled=True, fp8=True, attention="sdpa", fp8_layers=22 + 11,
-                            compiled_blocks=6)
+                            compiled_blocks=6, fused_blocks=True)
     assert "fp8 compute (33 layers)" in got.label() and "fused QKV" in got.label()
     again = fast.apply_fast(parts, fp8=True, compile=True, backend="eager")
     assert again == got and fp8_compute.fp8_layers(parts.transformer) == 22
