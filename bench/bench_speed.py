@@ -15,11 +15,17 @@ variants (run in this order; each one's failure is recorded and the rest still r
   ours_fp8           the same with Job(fp8_compute=True)
   ours_bf16_end08    ours_bf16 with control_guidance_end 0.8 (the UI default): the skip's saving
   ours_bf16_flash    ours_bf16 with flash attention forced, against cuDNN
-  ours_bf16_static   ours_bf16 compiled with static shapes (dynamic=False); not run by default
-  ours_bf16_autotune ours_bf16 compiled with mode="max-autotune-no-cudagraphs"; not run by default
+  ours_<bf16|fp8>_<mod>[_<mod>...]  not run by default; each mod changes how ours compiles (and so
+                     recompiles from scratch): static (dynamic=False), autotune
+                     (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
+                     graphs), tuned (Inductor's coordinate-descent tuning), flash (flash attention),
+                     nofuse (without core.fused_blocks)
+
+--profile: for the first control count of each variant, the GPU time of a denoising step by kernel
+kind, the GPU's idle share and the largest kernels (bench/kernels.py), in speed_results.json.
 
 usage: python -m bench.bench_speed [--steps 28] [--size 1024] [--controls 1,2] [--repeats 2]
-                                   [--variants eager,...] [--budget-s 380] [--out-dir bench]
+                                   [--variants eager,...] [--budget-s 380] [--out-dir bench] [--profile]
        python -m bench.bench_speed --cpu-smoke      # the script's logic on the tiny model, on a CPU
 """
 from __future__ import annotations
@@ -41,10 +47,33 @@ from bench.random_model import PROMPT
 T0 = time.perf_counter()
 GiB = 2**30
 VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
-EXTRA = ("ours_bf16_static", "ours_bf16_autotune")
-RECOMPILE = EXTRA          # variants whose compile settings differ from the engine's default
+TUNED = (("coordinate_descent_tuning", True), ("coordinate_descent_check_all_directions", True))
+MODS = dict(static=dict(dynamic=False), autotune=dict(mode="max-autotune-no-cudagraphs"),
+            cudagraphs=dict(mode="reduce-overhead"), tuned=dict(options=TUNED),
+            flash=dict(attention="flash"), nofuse=dict(fuse_blocks=False))
+RECOMPILE = {"static", "autotune", "cudagraphs", "tuned"}   # mods whose compiled blocks differ from the default
 KINDS = ("canny", "tile")
 BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
+
+
+def parse_variant(v: str) -> tuple[bool, float, dict] | None:
+    """ours_<bf16|fp8>[_mod...] → (fp8, control end, FastConfig changes); None if not one of ours."""
+    parts = v.split("_")
+    if parts[0] != "ours" or len(parts) < 2 or parts[1] not in ("bf16", "fp8"):
+        return None
+    cfg, end = {}, 1.0
+    for mod in parts[2:]:
+        if mod == "end08":
+            end = 0.8
+        elif mod in MODS:
+            cfg.update(MODS[mod])
+        else:
+            raise ValueError(f"unknown modifier {mod!r} in {v!r}; choose from end08, {', '.join(MODS)}")
+    return parts[1] == "fp8", end, cfg
+
+
+def recompiles(v: str) -> bool:
+    return bool(RECOMPILE & set(v.split("_")[2:]))
 
 
 def log(*a):
@@ -89,8 +118,9 @@ class Bench:
             torch.cuda.synchronize()
 
     def reset_peak(self):
-        if self.cuda:
+        if self.cuda:   # cached blocks of the previous variant would count as this one's reserved peak
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
     def peak_gb(self):
@@ -128,17 +158,9 @@ class Bench:
             warm = lambda: call(a.warmup_steps)  # noqa: E731
             image = lambda: call(a.steps)       # noqa: E731
         else:
-            end = 0.8 if variant == "ours_bf16_end08" else 1.0
-            job = job.with_(controls=tuple(replace(c, end=end) for c in job.controls),
-                            fp8_compute=variant == "ours_fp8")
-            cfg = self.base_fast
-            if variant == "ours_bf16_flash":
-                cfg = replace(cfg, attention="flash")
-            if variant == "ours_bf16_static":
-                cfg = replace(cfg, dynamic=False)
-            if variant == "ours_bf16_autotune":
-                cfg = replace(cfg, mode="max-autotune-no-cudagraphs")
-            self.engine.fast = cfg
+            fp8, end, changes = parse_variant(variant)
+            job = job.with_(controls=tuple(replace(c, end=end) for c in job.controls), fp8_compute=fp8)
+            self.engine.fast = replace(self.base_fast, **changes)
             results = []
 
             def warm():
@@ -164,10 +186,16 @@ class Bench:
             row.update(fast=r.report.get("fast"), seconds=r.report["seconds"], events=list(r.events),
                        placement=r.plan.summary()["placement"], tier=r.plan.tier,
                        denoise_s=r.report["seconds"].get("denoise"), decode_s=r.report["seconds"].get("decode"))
+        if a.profile and n == a.controls[0] and self.cuda:
+            from bench.kernels import kernel_breakdown
+            steps = (lambda k: call(k)) if variant in ("eager", "diffusers_compile") else (  # noqa: E731
+                lambda k: self.engine.run(job.with_(steps=k)))
+            row["profile"] = kernel_breakdown(steps)
+            log("PROFILE", variant, row["profile"])
         self.images[(variant, n)] = img
         if variant == "eager":
             self.eager_images[n] = img
-        elif n in self.eager_images and variant != "ours_bf16_end08":
+        elif n in self.eager_images and "end08" not in variant:
             a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
             b8 = np.asarray(self.eager_images[n].convert("RGB"), dtype=np.int16)
             row["mean_abs_diff_vs_eager"] = round(float(np.abs(a8 - b8).mean()), 3)
@@ -188,7 +216,7 @@ class Bench:
         if variant == "diffusers_compile":
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
             self.pipe.transformer.compile_repeated_blocks(**kw)
-        if variant in RECOMPILE:  # compiled blocks are kept as they are: other settings need new ones
+        if recompiles(variant):  # compiled blocks are kept as they are: other settings need new ones
             self.engine._undo_fast()
             torch._dynamo.reset()
 
@@ -196,7 +224,7 @@ class Bench:
         if variant == "diffusers_compile":
             self.fast.uncompile_blocks(self.pipe.transformer)
             torch._dynamo.reset()
-        if variant in RECOMPILE:
+        if recompiles(variant):
             self.engine._undo_fast()
             torch._dynamo.reset()
 
@@ -276,6 +304,13 @@ def device_info() -> dict:
     return out
 
 
+def _valid(v: str) -> bool:
+    try:
+        return parse_variant(v) is not None
+    except ValueError:
+        return False
+
+
 def _installed(md, name: str) -> bool:
     try:
         md.version(name)
@@ -292,7 +327,11 @@ def main(argv=None):
     ap.add_argument("--controls", default="1,2")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tier", default="48")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS + EXTRA)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"any of {', '.join(VARIANTS)}, or ours_<bf16|fp8>_<mod> with mods end08, {', '.join(MODS)}")
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="cap the process's GPU memory (GiB; the 48 GB tier's cap is 47.5): proves the tier's peak")
+    ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of a denoising step per variant")
     ap.add_argument("--budget-s", type=float, default=380.0,
                     help="skip what would start after this many seconds of wall time (recorded as skipped)")
     ap.add_argument("--out-dir", default="bench")
@@ -302,9 +341,10 @@ def main(argv=None):
         a.size, a.steps, a.warmup_steps, a.repeats = min(a.size, 128), min(a.steps, 2), 1, 1
     a.controls = [int(c) for c in a.controls.split(",") if c]
     variants = [v for v in a.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS + EXTRA]
+    bad = [v for v in variants if v not in VARIANTS + ("eager", "diffusers_compile") and not _valid(v)]
     if bad:
-        ap.error(f"unknown variants {bad}; choose from {VARIANTS + EXTRA}")
+        ap.error(f"unknown variants {bad}; choose from {VARIANTS} or ours_<bf16|fp8>_<mod> (mods: end08, "
+                 f"{', '.join(MODS)})")
     if not a.cpu_smoke and not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (or --cpu-smoke)")
     out = Path(a.out_dir)
@@ -318,12 +358,17 @@ def main(argv=None):
         if torch.cuda.is_available() and not a.cpu_smoke:
             data["device"] = device_info()
         log("device", data["device"])
+        if a.cap_gb and not a.cpu_smoke:
+            from bench.bench_tiers import cap
+            cap(a.cap_gb)
+            data["job"]["cap_gb"] = a.cap_gb
         bench = Bench(a)
         data["build_s"], data["plan"] = bench.build_s, dict(tier=bench.plan.tier, **bench.plan.summary()["placement"])
         for v in variants:
             for n in a.controls:
-                est = (90 if v in ("diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_flash",
-                                   "ours_bf16_static", "ours_bf16_autotune") and n == a.controls[0] else 5)
+                first = n == a.controls[0]
+                est = 90 if first and (v in ("diffusers_compile", "ours_bf16", "ours_fp8") or recompiles(v)) else 5
+                est += 15 if first and a.profile else 0
                 est += a.repeats * (bench.last_image_s or 10)
                 if time.perf_counter() - T0 + est > a.budget_s:
                     data["rows"].append(dict(variant=v, controls=n, error=f"skipped: the {a.budget_s:.0f} s budget"))
