@@ -65,3 +65,20 @@ def test_fused_blocks_give_the_same_output_and_undo_exactly(parts, fp8):  # noqa
     assert same_state(state(tr), before)
     with torch.no_grad():
         torch.testing.assert_close(tr(**kw)[0], ref if not fp8 else tr(**kw)[0])
+
+
+def test_the_mirrored_forward_is_the_installed_diffusers_one(parts, monkeypatch):  # noqa: F811
+    """single_block_forward copies diffusers' FluxSingleTransformerBlock.forward: when diffusers changes
+    it, this fails (update the mirror and its hash), and the engine leaves those blocks alone."""
+    block = type(parts.transformer.single_transformer_blocks[0])
+    assert fused_blocks._mirrors(block), "diffusers' single block forward changed: re-mirror it"
+    monkeypatch.setattr(fused_blocks, "MIRRORED_FORWARD", "0" * 16)
+    fused_blocks._mirrors.cache_clear()
+    try:
+        assert fused_blocks.fuse_blocks(parts.transformer) == 2 * 2      # only the feed-forward GELUs
+        single = parts.transformer.single_transformer_blocks[0]
+        assert fused_blocks.is_fused(parts.transformer) and "forward" not in vars(single)
+        assert isinstance(single.act_mlp, nn.GELU)
+        assert fused_blocks.unfuse_blocks(parts.transformer) == 2 * 2 and not fused_blocks.is_fused(parts.transformer)
+    finally:
+        fused_blocks._mirrors.cache_clear()
