@@ -135,6 +135,10 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
             log.info("no preview for %s: %s", kind, e)
             return None
 
+    def canny_preview(image, kind, canny_auto, low, high):
+        """The canny thresholds changed: only a canny row's preview depends on them."""
+        return preview(image, kind, canny_auto, low, high) if kind == "canny" else gr.skip()
+
     def size_info(image, max_side, upscale):
         if image is None:
             return ""
@@ -248,8 +252,10 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         stop.click(cancel, None, None, cancels=[run_evt], queue=False, api_visibility="private")
         for c, s, e, p in rows:
             c.input(lambda kind: H.default_scale(kind), c, s, api_visibility="private", queue=False)
-            gr.on([image.change, c.change, canny_auto.change, canny_low.release, canny_high.release],
-                  preview, [image, c, canny_auto, canny_low, canny_high], p, api_visibility="private",
+            gr.on([image.change, c.change], preview, [image, c, canny_auto, canny_low, canny_high], p,
+                  api_visibility="private", show_progress="minimal", trigger_mode="always_last")
+            gr.on([canny_auto.change, canny_low.release, canny_high.release], canny_preview,  # other rows keep theirs
+                  [image, c, canny_auto, canny_low, canny_high], p, api_visibility="private",
                   show_progress="minimal", trigger_mode="always_last")
         gr.on([image.change, max_side.release, upscale.change], size_info, [image, max_side, upscale], info,
               api_visibility="private", show_progress="hidden", trigger_mode="always_last")

@@ -90,3 +90,18 @@ def test_cancel_then_next_request_completes(app_url, example_photo, demo_engine)
                                       api_name="/generate")
     assert Image.open(path).size == (128, 128)
     assert summary["started_at"] > t - 1
+
+
+def test_moving_a_canny_threshold_reruns_only_canny_previews(demo_engine, example_photo):
+    """The depth preview runs a model (~1 s on the CPU): a canny slider must not re-run it."""
+    import gradio as gr
+
+    from ui import create_demo
+
+    demo = create_demo(demo_engine)
+    low = next(b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "low")
+    fns = [f for f in demo.fns.values() if any(t[0] == low._id for t in f.targets)]
+    assert fns and {f.fn.__name__ for f in fns} == {"canny_preview"}, [f.fn.__name__ for f in fns]
+    fn = fns[0].fn
+    assert fn(example_photo, "depth", False, 10, 20) == gr.skip()
+    assert fn(example_photo, "canny", False, 10, 20) is not None
