@@ -18,7 +18,7 @@ variants (run in this order; each one's failure is recorded and the rest still r
   ours_<bf16|fp8>_<mod>[_<mod>...]  not run by default; each mod changes how ours compiles (and so
                      recompiles from scratch): static (dynamic=False), autotune
                      (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
-                     graphs), tuned (Inductor's coordinate-descent tuning), flash (flash attention),
+                     graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's coordinate-descent tuning), flash (flash attention),
                      nofuse (without core.fused_blocks)
 
 --profile: for the first control count of each variant, the GPU time of a denoising step by kernel
@@ -26,6 +26,7 @@ kind, the GPU's idle share and the largest kernels (bench/kernels.py), in speed_
 
 usage: python -m bench.bench_speed [--steps 28] [--size 1024] [--controls 1,2] [--repeats 2]
                                    [--variants eager,...] [--budget-s 380] [--out-dir bench] [--profile]
+                                   [--cap-gb 47.5]
        python -m bench.bench_speed --cpu-smoke      # the script's logic on the tiny model, on a CPU
 """
 from __future__ import annotations
@@ -341,7 +342,7 @@ def main(argv=None):
         a.size, a.steps, a.warmup_steps, a.repeats = min(a.size, 128), min(a.steps, 2), 1, 1
     a.controls = [int(c) for c in a.controls.split(",") if c]
     variants = [v for v in a.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS + ("eager", "diffusers_compile") and not _valid(v)]
+    bad = [v for v in variants if v not in VARIANTS and not _valid(v)]
     if bad:
         ap.error(f"unknown variants {bad}; choose from {VARIANTS} or ours_<bf16|fp8>_<mod> (mods: end08, "
                  f"{', '.join(MODS)})")

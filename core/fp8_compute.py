@@ -49,9 +49,9 @@ class Fp8Linear(nn.Module):
     per row (token) at every call. Output in bf16, like torchao's row-wise float8 inference.
 
     `split`: input column blocks computed as separate matmuls and summed, each with its own scales.
-    A FLUX single block's proj_out reads cat(attention output, GELU(MLP)): quantizing 15360-wide rows
-    made Inductor write the concatenation and read it twice (~330 µs per block on an H100); per block
-    of columns, the quantization fuses into the producers and the concatenation disappears.
+    A FLUX single block's proj_out reads cat(attention output, GELU(MLP)); core.fused_blocks passes
+    the two parts as a tuple, so the concatenation is never made and each part's quantization fuses
+    into the kernel that produces it (H100: 15.6 → 9.0 ms a step for those kernels).
 
     `scaled_mm=False` emulates the same arithmetic (dequantize, float32 matmul, bf16 rounding) for
     devices without fp8 matmuls; it exists for tests, it is not fast."""

@@ -1,7 +1,8 @@
 """Fewer passes over the activations in FLUX's blocks (part of the fast path, core/fast.py).
 
-A profile of a compiled step (bench/SPEED.md) showed ~8 ms of 169 in element-wise kernels that only
-exist because of how the blocks are written, not because the math needs them:
+A profile of a compiled step (bench/SPEED_PROFILE.md) showed element-wise kernels that exist only
+because of how the blocks are written, not because the math needs them; without them the step's
+Triton time went from 17.4 to 9.7 ms (H100, bf16), pixels unchanged beyond rounding:
 
 - GELU after a Linear: Inductor cannot fuse into cuBLAS, so the 4608 × 12288 output is written,
   read back, activated and written again. `LinearGELU` asks cuBLASLt for its GELU epilogue
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
+
 
 @torch.library.custom_op("fluxcn::linear_gelu", mutates_args=())
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
