@@ -19,7 +19,8 @@ variants (run in this order; each one's failure is recorded and the rest still r
                      recompiles from scratch): static (dynamic=False), autotune
                      (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
                      graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's coordinate-descent tuning), flash (flash attention),
-                     nofuse (without core.fused_blocks)
+                     nofuse (without core.fused_blocks), graphs (core.graphs: CUDA graphs around
+                     whole ControlNet and transformer calls)
 
 --profile: for the first control count of each variant, the GPU time of a denoising step by kernel
 kind, the GPU's idle share and the largest kernels (bench/kernels.py), in speed_results.json.
@@ -51,7 +52,7 @@ VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_en
 TUNED = (("coordinate_descent_tuning", True), ("coordinate_descent_check_all_directions", True))
 MODS = dict(static=dict(dynamic=False), autotune=dict(mode="max-autotune-no-cudagraphs"),
             cudagraphs=dict(mode="reduce-overhead"), tuned=dict(options=TUNED),
-            flash=dict(attention="flash"), nofuse=dict(fuse_blocks=False))
+            flash=dict(attention="flash"), nofuse=dict(fuse_blocks=False), graphs=dict(cuda_graphs=True))
 RECOMPILE = {"static", "autotune", "cudagraphs", "tuned"}   # mods whose compiled blocks differ from the default
 KINDS = ("canny", "tile")
 BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
@@ -187,6 +188,10 @@ class Bench:
             row.update(fast=r.report.get("fast"), seconds=r.report["seconds"], events=list(r.events),
                        placement=r.plan.summary()["placement"], tier=r.plan.tier,
                        denoise_s=r.report["seconds"].get("denoise"), decode_s=r.report["seconds"].get("decode"))
+            from core import graphs
+            row["cuda_graphs"] = {name: dict(forms=len(gc.graphs), replays=gc.replays, disabled=gc.disabled)
+                                  for name in ("controlnet", "transformer")
+                                  if (gc := graphs.installed(getattr(self.pipe, name))) is not None} or None
         if a.profile and n == a.controls[0] and self.cuda:
             from bench.kernels import kernel_breakdown
             steps = (lambda k: call(k)) if variant in ("eager", "diffusers_compile") else (  # noqa: E731
@@ -200,6 +205,11 @@ class Bench:
             a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
             b8 = np.asarray(self.eager_images[n].convert("RGB"), dtype=np.int16)
             row["mean_abs_diff_vs_eager"] = round(float(np.abs(a8 - b8).mean()), 3)
+        base = variant.replace("_graphs", "")
+        if base != variant and (base, n) in self.images:   # graphs replay the same kernels: same pixels
+            a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
+            b8 = np.asarray(self.images[(base, n)].convert("RGB"), dtype=np.int16)
+            row[f"mean_abs_diff_vs_{base}"] = round(float(np.abs(a8 - b8).mean()), 3)
         self.last_image_s = row["image_s"]
         return row
 

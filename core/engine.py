@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import fast, fp8_compute
+from . import fast, fp8_compute, graphs
 from .device import DeviceInfo, detect
 from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
 from .job import Job
@@ -301,6 +301,11 @@ class Engine:
                           depth_device)
         if self.faults.black():
             out = Image.new("RGB", out.size)
+        if speed is not None and speed.cuda_graphs:
+            for name in ("controlnet", "transformer"):
+                gc = graphs.installed(getattr(self.pipe, name))
+                if gc is not None and gc.disabled and f"CUDA graphs off for the {name}" not in " ".join(events):
+                    events.append(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
         report = mon.report()
         if speed is not None:
             compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
@@ -327,7 +332,8 @@ class Engine:
             before, self._fast_dirty = self._fast, True
             self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
                                          backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic,
-                                         options=cfg.options, fuse=cfg.fuse_blocks)
+                                         options=cfg.options, fuse=cfg.fuse_blocks,
+                                         cuda_graphs=cfg.cuda_graphs)
             self._fast_want = want
             if progress is not None and compile_ and self._fast != before:
                 progress("compiling for this GPU (first job only)", 0, job.steps)

@@ -15,6 +15,9 @@ has an exact inverse (`undo_fast`), so the engine can return to a streamed plan 
   attention processor (not diffusers' global backend, so other pipelines in the process are untouched).
 - fp8 compute (core.fp8_compute): block Linears in fp8 with row-wise scales; it changes pixels (fine
   detail), so it is the user's choice.
+- fused blocks (core.fused_blocks): GELU in the matmul epilogue, no concatenation before a single
+  block's output projection.
+- CUDA graphs (core.graphs, opt-in): whole ControlNet and transformer calls replayed with one launch.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import fp8_compute, fused_blocks
+from . import fp8_compute, fused_blocks, graphs
 from .fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -248,6 +251,7 @@ class FastConfig:
     dynamic: bool | None = True
     options: tuple[tuple[str, object], ...] = ()
     fuse_blocks: bool = True     # core.fused_blocks: GELU in the matmul, no concatenation before proj_out
+    cuda_graphs: bool = False    # core.graphs: replay whole denoiser calls (opt-in until measured at full size)
     devices: tuple[str, ...] = ("cuda",)
 
 
@@ -261,6 +265,7 @@ class Fast:
     fp8_layers: int = 0
     compiled_blocks: int = 0
     fused_blocks: bool = False
+    cuda_graphs: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
@@ -271,12 +276,14 @@ class Fast:
         parts.append({"cudnn": "cuDNN attention", "flash": "flash attention"}.get(self.attention, "SDPA attention"))
         if self.fp8:
             parts.append(f"fp8 compute ({self.fp8_layers} layers)")
+        if self.cuda_graphs:
+            parts.append("CUDA graphs")
         return ", ".join(parts)
 
 
 def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "auto",
                backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True,
-               options: tuple = (), fuse: bool = True) -> Fast:
+               options: tuple = (), fuse: bool = True, cuda_graphs: bool = False) -> Fast:
     """Bring the transformer and ControlNet of a resident pipeline to the wanted state. Idempotent:
     every step looks at the modules, so a second call changes only what differs (fp8 on or off,
     the attention kernel); compiled blocks stay compiled and keep their cache."""
@@ -300,13 +307,22 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "
             compile_blocks(m, backend=backend, mode=mode, dynamic=dynamic, options=options)
         else:
             uncompile_blocks(m)
-    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse,
+    calls = _graphed(pipe)
+    graphs.uninstall(calls)        # graphs point at the weights that may just have changed
+    if cuda_graphs:
+        graphs.install(calls)
+    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse, cuda_graphs=cuda_graphs,
                 fp8_layers=sum(fp8_layers(m) for m in models),
                 compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)))
 
 
+def _graphed(pipe) -> dict[str, nn.Module]:
+    return {"controlnet": pipe.controlnet, "transformer": pipe.transformer}
+
+
 def undo_fast(pipe) -> None:
     """Back to the plain diffusers modules, bit for bit (the inverse of apply_fast)."""
+    graphs.uninstall(_graphed(pipe))
     for m in denoisers(pipe):
         uncompile_blocks(m)
         set_attention(m, "sdpa")

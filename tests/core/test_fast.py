@@ -342,6 +342,26 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, m
     assert not any(fast.is_compiled(b) for b in fast.repeated_blocks(pipe.transformer))
 
 
+def test_engine_cuda_graphs_replay_the_denoiser_calls_and_give_the_same_image(cpu_fast_engine, job, monkeypatch):
+    from dataclasses import replace
+
+    from core import graphs
+    from tests.core.test_graphs import fake_capture
+    engine = cpu_fast_engine
+    plain = engine.run(job.with_(steps=4))
+    monkeypatch.setattr(graphs.Pool, "capture", lambda self, run: fake_capture(run))
+    engine.fast = replace(engine.fast, cuda_graphs=True)
+    r = engine.run(job.with_(steps=4))
+    cn, tr = graphs.installed(engine.pipe.controlnet), graphs.installed(engine.pipe.transformer)
+    assert r.report["fast"]["cuda_graphs"] and "CUDA graphs" in engine._fast.label()
+    assert (cn.replays, tr.replays) == (3, 3), "step 1 eager; step 2 captured; steps 2-4 replayed"
+    assert np.array_equal(px(r.image), px(plain.image))
+    engine.run(job.with_(steps=4, fp8_compute=True))             # new weights: the old graphs are gone
+    assert graphs.installed(engine.pipe.transformer) is not tr and tr.graphs == {}
+    engine._undo()
+    assert graphs.installed(engine.pipe.transformer) is None and "forward" not in vars(engine.pipe.transformer)
+
+
 def test_engine_runs_without_compiling_when_compilation_fails(cpu_fast_engine, job):
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
