@@ -133,7 +133,8 @@ class Pool:
             run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.handle):
+        # thread_local: the UI's threads (previews, status) may call CUDA while this one captures
+        with torch.cuda.graph(graph, pool=self.handle, capture_error_mode="thread_local"):
             out = run()
         if self.handle is None:
             self.handle = graph.pool()
