@@ -28,22 +28,15 @@ def _random(make, device, dtype, gen):
 
 
 def build_random_pipeline(size: str = "full", device: str = "cuda", to_cpu: bool = True):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
-                           FluxControlNetPipeline, FluxMultiControlNetModel, FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline, FluxMultiControlNetModel
 
+    from core.configs import constructors
     from core.demo_model import _tokenizers
     cfg = FULL if size == "full" else TINY
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(0)
     dt = torch.bfloat16
-    parts = dict(
-        transformer=_random(lambda: FluxTransformer2DModel(**cfg["transformer"]), device, dt, gen),
-        controlnet=_random(lambda: FluxControlNetModel(**cfg["controlnet"]), device, dt, gen),
-        text_encoder_2=_random(lambda: T5EncoderModel(T5Config(**cfg["t5"])), device, dt, gen),
-        text_encoder=_random(lambda: CLIPTextModel(CLIPTextConfig(**cfg["clip"])), device, dt, gen),
-        vae=_random(lambda: AutoencoderKL(**cfg["vae"]), device, dt, gen),
-    )
+    parts = {name: _random(make, device, dt, gen) for name, make in constructors(cfg).items()}
     if to_cpu:
         for m in parts.values():
             m.to("cpu")

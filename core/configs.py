@@ -49,3 +49,15 @@ TINY = dict(
 
 SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                  base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def constructors(cfg: dict) -> dict:
+    """name → a function building that pipeline component from `cfg` (FULL or TINY) with fresh weights;
+    call it under accelerate's init_empty_weights for shapes only, or on a device for random weights."""
+    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    return dict(transformer=lambda: FluxTransformer2DModel(**cfg["transformer"]),
+                controlnet=lambda: FluxControlNetModel(**cfg["controlnet"]),
+                text_encoder=lambda: CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
+                text_encoder_2=lambda: T5EncoderModel(T5Config(**cfg["t5"])),
+                vae=lambda: AutoencoderKL(**cfg["vae"]))

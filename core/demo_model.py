@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import SCHEDULER, TINY
+from .configs import SCHEDULER, TINY, constructors
 
 DEMO_VERSION = "v1"  # bump when the demo architecture changes: a new folder is built
 _lock = threading.Lock()
@@ -47,19 +47,18 @@ def _tokenizers(max_len: int):
 
 def build_demo_components(seed: int = 0) -> dict:
     """Random-weight tiny components (fp32, CPU), deterministic for a seed."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
-                           FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel
 
     torch.manual_seed(seed)
     clip_tok, t5_tok = _tokenizers(TINY["max_sequence_length"])
-    comps = dict(
-        transformer=FluxTransformer2DModel(**TINY["transformer"]),
-        controlnet=FluxControlNetModel(**TINY["controlnet"]),
+    make = constructors(TINY)
+    comps = dict(   # built in this order: the weights follow the seed
+        transformer=make["transformer"](),
+        controlnet=make["controlnet"](),
         controlnet_pro2=FluxControlNetModel(**TINY["controlnet_pro2"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY["clip"])),
-        text_encoder_2=T5EncoderModel(T5Config(**TINY["t5"])),
-        vae=AutoencoderKL(**TINY["vae"]),
+        text_encoder=make["text_encoder"](),
+        text_encoder_2=make["text_encoder_2"](),
+        vae=make["vae"](),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),

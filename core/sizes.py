@@ -38,15 +38,10 @@ def sizes_from_pipeline(pipe, max_seq: int) -> ModelSizes:
 def sizes_from_config(name: str = "full") -> ModelSizes:
     """Sizes of the full-size (or tiny) architecture without weights: built on the meta device."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .configs import FULL, TINY
+    from .configs import FULL, TINY, constructors
     cfg = FULL if name == "full" else TINY
     with init_empty_weights():
-        tr = FluxTransformer2DModel(**cfg["transformer"])
-        cn = FluxControlNetModel(**cfg["controlnet"])
-        t5 = T5EncoderModel(T5Config(**cfg["t5"]))
-        clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
-        vae = AutoencoderKL(**cfg["vae"])
-    return sizes_of(tr, cn, t5, clip, vae, cfg["max_sequence_length"])
+        m = {name: make() for name, make in constructors(cfg).items()}
+    return sizes_of(m["transformer"], m["controlnet"], m["text_encoder_2"], m["text_encoder"], m["vae"],
+                    cfg["max_sequence_length"])
