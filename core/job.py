@@ -5,13 +5,12 @@ and the allowed values, before anything is loaded or written.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from preprocessors.registry import CONTROLS
+from preprocessors.registry import CONTROLS, check_params
 
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
 TIERS = ("auto", "cpu") + GPU_TIERS[::-1]
@@ -53,15 +52,11 @@ class ControlSpec:
         object.__setattr__(self, "end", _finite("control end", self.end, 0.0, 1.0))
         if self.start >= self.end:
             raise ValueError(f"control start ({self.start}) must be below control end ({self.end}).")
-        allowed = set(inspect.signature(CONTROLS[self.kind].fn).parameters) - {"image"}
         try:
             keys = [k for k, _ in self.params]
         except (TypeError, ValueError):
             raise ValueError("params must be (name, value) pairs.") from None
-        unknown = [k for k in keys if k not in allowed]
-        if unknown:
-            raise ValueError(f"Unknown parameter {', '.join(map(str, unknown))} for control '{self.kind}'; "
-                             f"allowed: {', '.join(sorted(allowed)) or 'none'}.")
+        check_params(self.kind, keys)
 
     @property
     def mode_id(self) -> int:

@@ -48,17 +48,22 @@ def get_control(name: str) -> ControlKind:
     return CONTROLS[key]
 
 
-def preprocess(name: str, image: Image.Image, **params) -> Image.Image:
-    """Run the control's preprocessing function, with a clear error for unknown parameters."""
+def check_params(name: str, keys) -> None:
+    """A clear error if the control's preprocessing function does not take one of `keys`."""
     control = get_control(name)
     allowed = [p for p in inspect.signature(control.fn).parameters if p != "image"]
-    unknown = sorted(set(params) - set(allowed))
+    unknown = sorted({str(k) for k in keys} - set(allowed))
     if unknown:
         raise ValueError(
             f"Control '{control.name}' does not take parameter {unknown[0]!r}; "
             f"it takes: {', '.join(allowed) or 'no parameters'}."
         )
-    return control.fn(image, **params)
+
+
+def preprocess(name: str, image: Image.Image, **params) -> Image.Image:
+    """Run the control's preprocessing function, with a clear error for unknown parameters."""
+    check_params(name, params)
+    return get_control(name).fn(image, **params)
 
 
 def parse_control_arg(text: str) -> tuple[str, float | None]:

@@ -201,5 +201,7 @@ def test_bool_is_not_a_step_count(field):
 
 
 def test_unknown_control_parameter_is_refused_at_construction():
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ValueError, match="'canny' does not take parameter 'bogus'; it takes: low, high"):
         ControlSpec("canny", params=(("bogus", 1),))
+    with pytest.raises(ValueError, match="pairs"):
+        ControlSpec("canny", params=("low",))
