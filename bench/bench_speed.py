@@ -6,6 +6,7 @@ guidance 3.5, 512 T5 tokens; one control (canny) and two (canny + tile), control
 Every variant runs a short warm-up (compiles, if it compiles), then `--repeats` timed images; s/image
 is wall time from inputs to a PIL image, synchronized (ours through core.Engine.run: preprocessing
 and decoding included). Each optimized image is compared with eager diffusers' on the same seed.
+Variant names: bench/speed_variants.py; the report: bench/speed_report.py.
 
 variants (run in this order; each one's failure is recorded and the rest still run):
   eager              pipe(...) on the resident pipeline
@@ -18,7 +19,8 @@ variants (run in this order; each one's failure is recorded and the rest still r
   ours_<bf16|fp8>_<mod>[_<mod>...]  not run by default; each mod changes how ours compiles (and so
                      recompiles from scratch): static (dynamic=False), autotune
                      (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
-                     graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's coordinate-descent tuning), flash (flash attention),
+                     graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's
+                     coordinate-descent tuning), flash (flash attention),
                      nofuse (without core.fused_blocks), graphs (core.graphs: CUDA graphs around
                      whole ControlNet and transformer calls)
 
@@ -39,43 +41,17 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from bench.env import environment, md_table, write
+from bench.env import environment
 from bench.random_model import PROMPT
+from bench.speed_report import mean_abs_diff, report
+from bench.speed_variants import DIFFUSERS, MODS, VARIANTS, is_variant, parse_variant, recompiles
 
 T0 = time.perf_counter()
 GiB = 2**30
-VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
-TUNED = (("coordinate_descent_tuning", True), ("coordinate_descent_check_all_directions", True))
-MODS = dict(static=dict(dynamic=False), autotune=dict(mode="max-autotune-no-cudagraphs"),
-            cudagraphs=dict(mode="reduce-overhead"), tuned=dict(options=TUNED),
-            flash=dict(attention="flash"), nofuse=dict(fuse_blocks=False), graphs=dict(cuda_graphs=True))
-RECOMPILE = {"static", "autotune", "cudagraphs", "tuned"}   # mods whose compiled blocks differ from the default
 KINDS = ("canny", "tile")
-BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
-
-
-def parse_variant(v: str) -> tuple[bool, float, dict] | None:
-    """ours_<bf16|fp8>[_mod...] → (fp8, control end, FastConfig changes); None if not one of ours."""
-    parts = v.split("_")
-    if parts[0] != "ours" or len(parts) < 2 or parts[1] not in ("bf16", "fp8"):
-        return None
-    cfg, end = {}, 1.0
-    for mod in parts[2:]:
-        if mod == "end08":
-            end = 0.8
-        elif mod in MODS:
-            cfg.update(MODS[mod])
-        else:
-            raise ValueError(f"unknown modifier {mod!r} in {v!r}; choose from end08, {', '.join(MODS)}")
-    return parts[1] == "fp8", end, cfg
-
-
-def recompiles(v: str) -> bool:
-    return bool(RECOMPILE & set(v.split("_")[2:]))
 
 
 def log(*a):
@@ -110,7 +86,6 @@ class Bench:
         self.engine.check_fits(self.plan)
         self.engine.apply(self.plan)          # resident: the diffusers variants run on the same placement
         log("placed:", self.plan.summary()["placement"], "text encoders", self.plan.text_encoders)
-        self.eager_images: dict[int, Image.Image] = {}
         self.images: dict[tuple[str, int], Image.Image] = {}
         self.last_image_s = None
 
@@ -155,7 +130,7 @@ class Bench:
         row = dict(variant=variant, controls=n, steps=a.steps, size=a.size)
         self.reset_peak()
         c0 = fast.compile_seconds()
-        if variant in ("eager", "diffusers_compile"):
+        if variant in DIFFUSERS:
             call = self.diffusers_call(job)
             warm = lambda: call(a.warmup_steps)  # noqa: E731
             image = lambda: call(a.steps)       # noqa: E731
@@ -194,22 +169,16 @@ class Bench:
                                   if (gc := graphs.installed(getattr(self.pipe, name))) is not None} or None
         if a.profile and n == a.controls[0] and self.cuda:
             from bench.kernels import kernel_breakdown
-            steps = (lambda k: call(k)) if variant in ("eager", "diffusers_compile") else (  # noqa: E731
+            steps = (lambda k: call(k)) if variant in DIFFUSERS else (  # noqa: E731
                 lambda k: self.engine.run(job.with_(steps=k)))
             row["profile"] = kernel_breakdown(steps)
             log("PROFILE", variant, row["profile"])
         self.images[(variant, n)] = img
-        if variant == "eager":
-            self.eager_images[n] = img
-        elif n in self.eager_images and "end08" not in variant:
-            a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
-            b8 = np.asarray(self.eager_images[n].convert("RGB"), dtype=np.int16)
-            row["mean_abs_diff_vs_eager"] = round(float(np.abs(a8 - b8).mean()), 3)
+        if variant != "eager" and ("eager", n) in self.images and "end08" not in variant:
+            row["mean_abs_diff_vs_eager"] = mean_abs_diff(img, self.images[("eager", n)])
         base = variant.replace("_graphs", "")
         if base != variant and (base, n) in self.images:   # graphs replay the same kernels: same pixels
-            a8 = np.asarray(img.convert("RGB"), dtype=np.int16)
-            b8 = np.asarray(self.images[(base, n)].convert("RGB"), dtype=np.int16)
-            row[f"mean_abs_diff_vs_{base}"] = round(float(np.abs(a8 - b8).mean()), 3)
+            row[f"mean_abs_diff_vs_{base}"] = mean_abs_diff(img, self.images[(base, n)])
         self.last_image_s = row["image_s"]
         return row
 
@@ -217,7 +186,7 @@ class Bench:
         """Between variants: diffusers' variants run on plain diffusers modules (our fused, fp8 and
         compiled blocks undone: once they were not, and 'diffusers_compile' measured our fp8 path);
         diffusers' compiled blocks off, dynamo's caches cleared before ours."""
-        if variant in ("eager", "diffusers_compile"):
+        if variant in DIFFUSERS:
             from core.fp8_compute import Fp8Linear
             self.engine._undo_fast()
             plain = self.fast.attentions(self.pipe.transformer)
@@ -240,59 +209,6 @@ class Bench:
             torch._dynamo.reset()
 
 
-def side_by_side(images: list[Image.Image | None], labels: list[str], side: int = 512) -> Image.Image:
-    from PIL import ImageDraw
-    out = Image.new("RGB", (side * len(images), side + 24), "white")
-    draw = ImageDraw.Draw(out)
-    for i, (im, label) in enumerate(zip(images, labels)):
-        if im is not None:
-            out.paste(im.convert("RGB").resize((side, side), Image.LANCZOS), (i * side, 24))
-        draw.text((i * side + 6, 5), label if im is not None else f"{label}: missing", fill="black")
-    return out
-
-
-def report(out: Path, data: dict, bench: Bench | None) -> None:
-    rows = data["rows"]
-    ref = {(r["controls"]): r["image_s"] for r in rows if r["variant"] == "eager" and r.get("image_s")}
-    dc = {(r["controls"]): r["image_s"] for r in rows if r["variant"] == "diffusers_compile" and r.get("image_s")}
-    for r in rows:
-        if r.get("image_s"):
-            if r["controls"] in ref:
-                r["speedup_vs_eager"] = round(ref[r["controls"]] / r["image_s"], 2)
-            if r["controls"] in dc:
-                r["speedup_vs_diffusers_compile"] = round(dc[r["controls"]] / r["image_s"], 2)
-            bar = BARS.get(r["variant"]) if r["controls"] == 1 and data["job"]["steps"] == 28 else None
-            if bar and r["variant"].startswith("ours"):
-                r["bar_s"], r["meets_bar"] = bar, r["image_s"] <= bar
-        if r.get("fast"):
-            r["fast_label"] = f"{r['fast']['attention']}, fp8={r['fast']['fp8']}, compiled={r['fast']['compiled']}"
-    write(out / "speed_results.json", data)
-    env = data["env"]
-    md = ["# Speed with the whole model resident\n",
-          f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB), capability "
-          f"{data['device'].get('capability')}, fp8 matmul: {data['device'].get('fp8_supported')}, "
-          f"cuDNN attention: {data['device'].get('cudnn_attention')}; torch {env['torch']}, diffusers "
-          f"{env['diffusers']}, transformers {env['transformers']}, triton {data['device'].get('triton')}",
-          f"- job: {data['job']}", f"- command: `{env['command']}`",
-          f"- our plan: {data.get('plan')}",
-          f"- bars (one control, 28 steps): diffusers eager {BARS['eager']} s, diffusers regional compile "
-          f"{BARS['diffusers_compile']} s; ours ≤ {BARS['ours_bf16']} s bf16, ≤ {BARS['ours_fp8']} s fp8",
-          f"- build {data.get('build_s')} s, total wall {data.get('wall_s')} s\n",
-          md_table(rows, ["variant", "controls", "image_s", "speedup_vs_eager", "speedup_vs_diffusers_compile",
-                          "bar_s", "meets_bar", "denoise_s", "compile_s", "warmup_s", "mean_abs_diff_vs_eager",
-                          "peak_reserved_gb", "fast_label", "error"]),
-          "\nmean_abs_diff_vs_eager: mean |Δ| of the RGB pixels (0..255) against eager diffusers on the same "
-          "seed and inputs (random weights: a numerical-noise measure, not an image-quality one). "
-          "ours_bf16_end08 changes the job (control end 0.8), so it has no such number.",
-          "\n`speed_side_by_side.png`: eager | ours bf16 | ours fp8, one control, downscaled."]
-    (out / "SPEED.md").write_text("\n".join(md) + "\n")
-    if bench is not None:
-        n = data["job"]["controls"][0]
-        ims = [bench.images.get((v, n)) for v in ("eager", "ours_bf16", "ours_fp8")]
-        if any(im is not None for im in ims):
-            side_by_side(ims, ["diffusers eager", "ours bf16", "ours fp8"]).save(out / "speed_side_by_side.png")
-
-
 def device_info() -> dict:
     """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
     import importlib.metadata as md
@@ -313,13 +229,6 @@ def device_info() -> dict:
         except Exception as e:  # noqa: BLE001
             out[k] = f"error: {type(e).__name__}: {str(e)[:100]}"
     return out
-
-
-def _valid(v: str) -> bool:
-    try:
-        return parse_variant(v) is not None
-    except ValueError:
-        return False
 
 
 def _installed(md, name: str) -> bool:
@@ -352,7 +261,7 @@ def main(argv=None):
         a.size, a.steps, a.warmup_steps, a.repeats = min(a.size, 128), min(a.steps, 2), 1, 1
     a.controls = [int(c) for c in a.controls.split(",") if c]
     variants = [v for v in a.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS and not _valid(v)]
+    bad = [v for v in variants if not is_variant(v)]
     if bad:
         ap.error(f"unknown variants {bad}; choose from {VARIANTS} or ours_<bf16|fp8>_<mod> (mods: end08, "
                  f"{', '.join(MODS)})")
@@ -400,7 +309,7 @@ def main(argv=None):
                 log("ROW", {k: row.get(k) for k in ("variant", "controls", "image_s", "compile_s",
                                                      "mean_abs_diff_vs_eager", "peak_reserved_gb", "error")})
                 data["wall_s"] = round(time.perf_counter() - T0, 1)
-                report(out, data, bench)
+                report(out, data, bench.images)
             try:
                 bench.teardown(v)
             except Exception as e:  # noqa: BLE001
@@ -409,7 +318,7 @@ def main(argv=None):
         data["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         traceback.print_exc()
     data["wall_s"] = round(time.perf_counter() - T0, 1)
-    report(out, data, bench)
+    report(out, data, bench.images if bench is not None else {})
     print((out / "SPEED.md").read_text(), flush=True)
 
 
