@@ -302,10 +302,11 @@ class Engine:
         if self.faults.black():
             out = Image.new("RGB", out.size)
         if speed is not None and speed.cuda_graphs:
-            for name in ("controlnet", "transformer"):
-                gc = graphs.installed(getattr(self.pipe, name))
-                if gc is not None and gc.disabled and f"CUDA graphs off for the {name}" not in " ".join(events):
-                    events.append(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
+            for name, m in fast.graphed_models(self.pipe).items():
+                gc = graphs.installed(m)
+                msg = gc and gc.disabled and f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without"
+                if msg and msg not in events:
+                    events.append(msg)
         report = mon.report()
         if speed is not None:
             compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
@@ -330,10 +331,7 @@ class Engine:
         want = (use_fp8, compile_, cfg)
         if want != self._fast_want:   # walking the modules costs ~70 ms: once
             before, self._fast_dirty = self._fast, True
-            self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, attention=cfg.attention,
-                                         backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic,
-                                         options=cfg.options, fuse=cfg.fuse_blocks,
-                                         cuda_graphs=cfg.cuda_graphs)
+            self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, cfg=cfg)
             self._fast_want = want
             if progress is not None and compile_ and self._fast != before:
                 progress("compiling for this GPU (first job only)", 0, job.steps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -281,12 +281,13 @@ class Fast:
         return ", ".join(parts)
 
 
-def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "auto",
-               backend: str = "inductor", mode: str | None = None, dynamic: bool | None = True,
-               options: tuple = (), fuse: bool = True, cuda_graphs: bool = False) -> Fast:
-    """Bring the transformer and ControlNet of a resident pipeline to the wanted state. Idempotent:
-    every step looks at the modules, so a second call changes only what differs (fp8 on or off,
-    the attention kernel); compiled blocks stay compiled and keep their cache."""
+def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | None = None, **changes) -> Fast:
+    """Bring the transformer and ControlNet of a resident pipeline to the state `cfg` (with `changes`
+    to its fields) describes. Idempotent: every step looks at the modules, so a second call changes
+    only what differs (fp8 on or off, the attention kernel); compiled blocks stay compiled and keep
+    their cache. `compile` overrides cfg.compile (the engine turns it off where Triton is missing)."""
+    cfg = replace(cfg or FastConfig(), **changes)
+    fuse = cfg.fuse_blocks
     models = denoisers(pipe)
     device = next(pipe.transformer.parameters()).device
     for m in models:   # fuse before quantizing: the fused Linears are the ones that take fp8
@@ -300,29 +301,32 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, attention: str = "
             fused_blocks.unfuse_blocks(m)
         if fp8 and not fp8_layers(m):
             quantize_fp8(m)
-    att = resolve_attention(attention, device)
+    att = resolve_attention(cfg.attention, device)
     for m in models:
         set_attention(m, att)
         if compile:
-            compile_blocks(m, backend=backend, mode=mode, dynamic=dynamic, options=options)
+            compile_blocks(m, backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic, options=cfg.options)
         else:
             uncompile_blocks(m)
-    calls = _graphed(pipe)
+    calls = graphed_models(pipe)
     graphs.uninstall(calls)        # graphs point at the weights that may just have changed
-    if cuda_graphs:
+    if cfg.cuda_graphs:
         graphs.install(calls)
-    return Fast(fused=True, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse, cuda_graphs=cuda_graphs,
+    fused = all(getattr(a, "fused_projections", False) for m in models for a in attentions(m))
+    return Fast(fused=fused, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse,
+                cuda_graphs=cfg.cuda_graphs,
                 fp8_layers=sum(fp8_layers(m) for m in models),
                 compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)))
 
 
-def _graphed(pipe) -> dict[str, nn.Module]:
+def graphed_models(pipe) -> dict[str, nn.Module]:
+    """The models core.graphs wraps: one graph per call of each."""
     return {"controlnet": pipe.controlnet, "transformer": pipe.transformer}
 
 
 def undo_fast(pipe) -> None:
     """Back to the plain diffusers modules, bit for bit (the inverse of apply_fast)."""
-    graphs.uninstall(_graphed(pipe))
+    graphs.uninstall(graphed_models(pipe))
     for m in denoisers(pipe):
         uncompile_blocks(m)
         set_attention(m, "sdpa")

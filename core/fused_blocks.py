@@ -54,9 +54,9 @@ class LinearGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear
-        if type(lin) is nn.Linear and lin.bias is not None and x.is_cuda and x.dtype == lin.weight.dtype:
-            return linear_gelu(x, lin.weight, lin.bias)
-        return F.gelu(lin(x), approximate="tanh")   # fp8 layers, CPU, no bias: the plain form
+        if type(lin) is nn.Linear and lin.bias is not None and x.dtype == lin.weight.dtype:
+            return linear_gelu(x, lin.weight, lin.bias)     # the op computes plainly off CUDA
+        return F.gelu(lin(x), approximate="tanh")   # fp8 layers, no bias: the plain form
 
 
 def project_parts(proj: nn.Module, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .patch import restore_forward, set_forward
+
 log = logging.getLogger(__name__)
 
 
@@ -148,16 +150,15 @@ def install(models: dict[str, nn.Module], capture: Callable | None = None) -> di
     calls = {}
     for name, m in models.items():
         if installed(m) is not None:
-            calls[name] = installed(m)
-            continue
+            raise RuntimeError(f"the {name}'s calls are graphed already: uninstall first")
         gc = GraphedCalls(capture=capture)
         pool.members.append(gc)
-        inner, own = m.forward, vars(m).get("forward")   # another hook's forward stays underneath
+        inner = m.forward   # another hook's forward stays underneath
 
         def forward(*args, _inner=inner, _gc=gc, **kwargs):
             return _gc.call(_inner, pool, *args, **kwargs)
-        forward._graphed, forward._own = gc, own
-        m.forward = forward
+        forward._graphed = gc
+        forward._own = set_forward(m, forward)
         calls[name] = gc
     return calls
 
@@ -169,11 +170,7 @@ def uninstall(models: dict[str, nn.Module]) -> int:
         if gc is None:
             continue
         gc.clear()
-        own = m.forward._own
-        if own is None:
-            del m.forward
-        else:
-            m.forward = own
+        restore_forward(m, m.forward._own)
         n += 1
     return n
 

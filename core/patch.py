@@ -9,17 +9,27 @@ import contextlib
 from torch import nn
 
 
+def set_forward(m: nn.Module, fn) -> object:
+    """m.forward becomes fn; returns what restore_forward needs to undo it (the previous instance
+    attribute, or None where the class's forward was in use)."""
+    had = m.__dict__.get("forward")
+    m.forward = fn
+    return had
+
+
+def restore_forward(m: nn.Module, had) -> None:
+    if had is None:
+        del m.forward
+    else:
+        m.forward = had
+
+
 @contextlib.contextmanager
 def patched_forwards(*pairs: tuple[nn.Module, object]):
     """`with patched_forwards((module, fn), ...):` module.forward is fn inside the block."""
-    own = [(m, m.__dict__.get("forward")) for m, _ in pairs]
-    for m, fn in pairs:
-        m.forward = fn
+    own = [(m, set_forward(m, fn)) for m, fn in pairs]
     try:
         yield
     finally:
         for m, had in own:
-            if had is None:
-                del m.forward
-            else:
-                m.forward = had
+            restore_forward(m, had)
