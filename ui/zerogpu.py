@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
-from core.upscale import stage_factors, stage_steps
+from core.tiled import token_tiles
+from core.upscale import stage_sizes, stage_steps
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,13 @@ def on_zerogpu() -> bool:
 def estimate_seconds(engine, job) -> int:
     """Predicted seconds per step × steps (upscale stages and tiles included), plus a margin."""
     try:
-        step_s = engine.plan(job).predicted_step_s
+        plan = engine.plan(job)
     except Exception:  # noqa: BLE001 - a bad job fails in the run with its own sentence
         return MIN_S * 2
-    stages = len(stage_factors(job.upscale))
-    up_steps = stage_steps(job)
-    tiles = max(1, round(job.upscale ** 2))
-    total = step_s * (job.steps + stages * up_steps * tiles)
+    # the upscale stages' tiles, split exactly as core.upscale splits them
+    tiles = sum(len(token_tiles(w, h, plan.upscale_tile or 1024, plan.overlap or 128)[2])
+                for w, h in stage_sizes(job.width, job.height, job.upscale))
+    total = plan.predicted_step_s * (job.steps + stage_steps(job) * tiles)
     return int(min(MAX_S, max(MIN_S, 1.5 * total + MARGIN_S)))
 
 
