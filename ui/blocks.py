@@ -143,12 +143,12 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         if image is None:
             return ""
         try:
-            img = H.open_input(image)
-            w, h = H.fit_size(img.width, img.height, max_side=int(max_side))
+            iw, ih = H.input_size(image)
+            w, h = H.fit_size(iw, ih, max_side=int(max_side))
         except ValueError as e:
             raise _error(e) from None
         ow, oh = out_size(w, h, float(upscale))
-        return f"Input {img.width}×{img.height} → generated at **{w}×{h}** → output **{ow}×{oh}**"
+        return f"Input {iw}×{ih} → generated at **{w}×{h}** → output **{ow}×{oh}**"
 
     def load_settings(path):
         try:

@@ -5,6 +5,8 @@ Bad values raise ValueError with the core's own sentence; the UI shows it as gr.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import random
 import threading
@@ -52,14 +54,6 @@ def tier_choices(device) -> list[tuple[str, str]]:
 
 def upscale_choices() -> list[tuple[str, str]]:
     return [(f"{u}×", u) for u in UPSCALES]
-
-
-def upscale_factor(value) -> float:
-    """'2' (the UI's choice), 2 or 2.0 → 2.0; anything else goes to the Job, which says why."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
 
 
 @dataclass(frozen=True)
@@ -113,6 +107,13 @@ def open_input(image) -> Image.Image:
     return load_image(image)
 
 
+@functools.lru_cache(maxsize=16)
+def input_size(path: str) -> tuple[int, int]:
+    """(width, height) of an upload as open_input sees it (after EXIF rotation), decoded once per
+    path: the size line is refreshed on every slider release. Errors are not cached."""
+    return open_input(path).size
+
+
 def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=False, steps=28,
               guidance=3.5, max_side=1024, canny=None, rng: random.Random | None = None,
               fp8_compute=False) -> Job:
@@ -127,7 +128,7 @@ def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=F
     seed = _whole("seed", seed, 0, SEED_MAX)
     return Job(prompt=prompt if isinstance(prompt, str) else "", image=img, controls=controls,
                width=width, height=height, steps=_whole("steps", steps, 1, 100), guidance=guidance,
-               seed=seed, upscale=upscale_factor(upscale), tier=tier or "auto",
+               seed=seed, upscale=upscale, tier=tier or "auto",
                fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute)
 
 
