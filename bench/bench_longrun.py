@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from bench.bench_tiers import cap
@@ -25,13 +26,6 @@ from core.job import ControlSpec, Job
 GiB, MiB = 2**30, 2**20
 PROMPTS = ("a photo of an astronaut on the moon", "a red fox in the snow, golden hour",
            "an old lighthouse on a cliff, storm")
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main():
@@ -53,7 +47,7 @@ def main():
                   steps=a.steps, seed=k, tier=a.tier)
         res = engine.run(job)
         torch.cuda.synchronize()
-        rows.append(dict(job=k, rss_mib=round(rss_bytes() / MiB), allocated_mib=round(torch.cuda.memory_allocated() / MiB),
+        rows.append(dict(job=k, rss_mib=round(psutil.Process().memory_info().rss / MiB), allocated_mib=round(torch.cuda.memory_allocated() / MiB),
                          reserved_mib=round(torch.cuda.memory_reserved() / MiB),
                          peak_reserved_gb=res.report["peak_reserved_gb"], events=len(res.events)))
         print("JOB", rows[-1], flush=True)

@@ -7,14 +7,13 @@ usage: python -m bench.bench_upscale [--tiers 8,24] [--factors 2,4] [--steps 4] 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from bench.bench_tiers import PROMPT, cap, photo
-from bench.env import environment, md_table
+from bench.env import environment, md_table, write
 from bench.random_model import random_engine
 from core.generate import PromptCache
 from core.job import ControlSpec, Job
@@ -63,7 +62,7 @@ def main():
             rows.append(row)
     out = Path(a.out_dir)
     data = dict(env=environment(), build_s=build_s, upscale_steps=a.upscale_steps, rows=rows)
-    (out / "upscale_results.json").write_text(json.dumps(data, indent=1))
+    write(out / "upscale_results.json", data)
     (out / "UPSCALE.md").write_text("# Upscale benchmark\n\n" + f"- {data['env']}\n\n" + md_table(
         rows, ["tier", "factor", "out", "completed", "peak_reserved_gb", "predicted_peak_gb", "tile",
                "last_stage_tiles", "stage_s", "decode_s", "seam_ratio", "wall_s"]) + "\n")

@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from bench.profile_streaming import union
+
 KINDS = (  # first match wins: cuDNN/flash attention kernels also say "cutlass" or "gemm" at times
     ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "f8f8bf16", "matmul", "scaled_mm")),
@@ -31,12 +33,7 @@ def kind_of(name: str) -> str:
 
 
 def _busy_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+    return sum(b - a for a, b in union(intervals))
 
 
 def _profile(run: Callable[[int], object], steps: int) -> tuple[float, list[tuple[str, float, float]]]:

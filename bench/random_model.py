@@ -14,7 +14,7 @@ def _random(make, device, dtype, gen):
     from accelerate import init_empty_weights
     with init_empty_weights():
         m = make()
-    m = m.to_empty(device=device).to(dtype)
+    m = m.to(dtype).to_empty(device=device)   # cast on the meta device: no fp32 copy on the GPU
     with torch.no_grad():
         for n, p in m.named_parameters():
             if p.ndim == 1 and ("norm" in n or n.endswith("scale")):
