@@ -7,7 +7,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from .units import align, fp8_params
+from .units import align, fp8_params, packed_bytes
 
 FP8 = torch.float8_e4m3fn
 
@@ -25,9 +25,8 @@ class Pack:
         self.n8 = sum(p.numel() for p in params if id(p) in f8)
         self.numel = sum(p.numel() for p in params)
         self.dtype = dtype
-        self.esize = torch.empty((), dtype=dtype).element_size()
         self.off = align(self.n8) if self.n8 else 0     # byte offset of the compute-dtype part
-        self.nbytes = self.off + (self.numel - self.n8) * self.esize
+        self.nbytes = packed_bytes(self.numel, self.n8, dtype.itemsize, fp8)
         self.buf: torch.Tensor | None = None
 
     def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:

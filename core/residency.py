@@ -31,7 +31,7 @@ from collections import deque
 import torch
 
 from .buffers import Pack, Ring, pinned
-from .units import align, buffer_bytes, unit_sizes
+from .units import align, ring_bytes, unit_sizes, work_slots
 
 log = logging.getLogger(__name__)
 CODES = "BFSQ"
@@ -63,12 +63,13 @@ class Residency:
         self.hooks = []
         self.stats = dict(hits=0, misses=0, copied_bytes=0)
         managed = [i for i, c in enumerate(placement) if c != "B"]
+        sizes = unit_sizes(units)   # the same arithmetic the plan counted this memory with
         for i, (_, m) in enumerate(units):
             if placement[i] == "B":
                 m.to(device=device, dtype=dtype)
             else:
                 self.packs[i] = Pack(m, fp8=placement[i] in "FQ", dtype=dtype)
-        es = torch.empty((), dtype=dtype).element_size()
+        es = dtype.itemsize
         # pack every managed unit: F into a GPU arena, S/Q into one pinned host arena
         self.gpu_arena = torch.empty(sum(align(self.packs[i].nbytes) for i in managed if placement[i] == "F"),
                                      dtype=torch.uint8, device=device)
@@ -76,13 +77,12 @@ class Residency:
                                   pin=cuda)
         self._pinned = cuda and self.host_arena.numel() > 0
         # streaming buffers, allocated once; they also serve as scratch while the packs are filled
-        cast_n = [self.packs[i].numel for i in managed if placement[i] in "FQ"]
-        moved = [self.packs[i].nbytes for i in managed if placement[i] in "SQ"]
-        self.work = [torch.empty(max(cast_n), dtype=dtype, device=device)
-                     for _ in range(min(max(slots, 1), len(cast_n)))] if cast_n else []
-        m_b = align(max(moved)) if moved else 0
-        self.ring_buf = torch.empty(m_b * max(ring, 2), dtype=torch.uint8, device=device) if moved else None
-        self.ring = Ring(self.ring_buf.numel()) if moved else None
+        n_work, work_numel = work_slots(sizes, placement, slots)
+        self.work = [torch.empty(work_numel, dtype=dtype, device=device) for _ in range(n_work)]
+        ring_total = ring_bytes(sizes, placement, es, ring)
+        m_b = ring_total // max(ring, 2)           # the largest S/Q pack, aligned
+        self.ring_buf = torch.empty(ring_total, dtype=torch.uint8, device=device) if ring_total else None
+        self.ring = Ring(ring_total) if ring_total else None
         goff = hoff = 0
         for i in managed:
             pack, code = self.packs[i], placement[i]
@@ -98,8 +98,6 @@ class Residency:
             pack.point_params(self.work[0] if code in "FQ" else self.ring_buf.view(dtype))  # originals freed
         if cuda and managed:
             torch.cuda.synchronize(device)
-        # the plan's memory model counts exactly these buffers
-        assert self.gpu_bytes_buffers == buffer_bytes(unit_sizes(units), placement, es, slots, ring)
         self.free_slots: deque[tuple[int, object]] = deque((s, None) for s in range(len(self.work)))
         # per scheduled position: what is ready for it
         self.fetched: dict[int, tuple[list, object]] = {}   # pos -> (ring region, copied event)

@@ -77,11 +77,16 @@ def ring_bytes(units: list[UnitSize], placement: str, es: int, ring: int) -> int
     return align(max(moved)) * max(ring, 2) if moved else 0
 
 
+def work_slots(units: list[UnitSize], placement: str, slots: int) -> tuple[int, int]:
+    """(count, elements each) of the compute-dtype work slots F/Q units are cast into."""
+    cast = [u.numel for u, c in zip(units, placement) if c in "FQ"]
+    return (min(max(slots, 1), len(cast)), max(cast)) if cast else (0, 0)
+
+
 def buffer_bytes(units: list[UnitSize], placement: str, es: int, slots: int, ring: int) -> int:
     """GPU bytes of the streaming buffers: `slots` work slots of the largest F/Q unit (compute dtype)
-    plus the copy ring. The plan and Residency both use this."""
-    cast = [u.numel for u, c in zip(units, placement) if c in "FQ"]
-    work = min(max(slots, 1), len(cast)) * max(cast) * es if cast else 0
-    return work + ring_bytes(units, placement, es, ring)
+    plus the copy ring. The plan sizes its memory with this, Residency its buffers with its parts."""
+    n, numel = work_slots(units, placement, slots)
+    return n * numel * es + ring_bytes(units, placement, es, ring)
 
 

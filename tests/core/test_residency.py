@@ -6,7 +6,7 @@ import torch
 
 from core.configs import TINY
 from core.residency import Residency
-from core.units import denoiser_units, unit_sizes
+from core.units import buffer_bytes, denoiser_units, unit_sizes
 
 GPU = torch.cuda.is_available()
 
@@ -75,7 +75,9 @@ def test_placement_matches_resident(device, pattern):
         for name, child in m.named_children():
             if name not in ("transformer_blocks", "single_transformer_blocks"):
                 child.to(device)
+    sizes = unit_sizes(units)
     res = Residency(units, placement, torch.device(device), dtype, slots=2)
+    assert res.gpu_bytes_buffers == buffer_bytes(sizes, placement, 4, 2, 6), "the plan counts these buffers"
     got = run(tr, cn, device)
     if set(placement) <= {"B", "S"}:
         assert torch.equal(got, ref), "streaming in the compute dtype must be exact"
