@@ -1,4 +1,5 @@
 """Web UI: `python app.py` (the demo model when there is no CUDA GPU), see `python app.py --help`."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(description="FLUX.1-dev + ControlNet-Union on any GPU: the Gradio app")
     ap.add_argument("--model", default=FLUX_DEV, metavar="ID|DIR", help="FLUX pipeline: Hub id or local folder")
-    ap.add_argument("--controlnet", default=UNION_PRO, metavar="ID|DIR",
-                    help="Union ControlNet: Hub id or local folder")
+    ap.add_argument(
+        "--controlnet", default=UNION_PRO, metavar="ID|DIR", help="Union ControlNet: Hub id or local folder"
+    )
     ap.add_argument("--tier", default="auto", choices=TIERS, help="the VRAM tier selected in the UI")
-    ap.add_argument("--demo", action="store_true",
-                    help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU")
+    ap.add_argument(
+        "--demo",
+        action="store_true",
+        help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")

@@ -1,5 +1,6 @@
 """Write the example photos (scikit-image's astronaut, coffee, chelsea, rocket) as PNGs next to this
 file, each shrunk until it is under 300 KB. Run: `python assets/make_examples.py`."""
+
 from __future__ import annotations
 
 import io

@@ -8,6 +8,7 @@ process RSS, GPU memory allocated and reserved. Writes longrun.json and LONGRUN.
 
 usage: python -m bench.bench_longrun [--jobs 50] [--tier 8] [--steps 2] [--size 1024] [--out-dir bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,16 @@ import psutil
 import torch
 
 from bench.bench_tiers import cap
-from bench.random_model import photo
 from bench.env import environment, md_table, write
-from bench.random_model import random_engine
+from bench.random_model import photo, random_engine
 from core.job import ControlSpec, Job
 
 GiB, MiB = 2**30, 2**20
-PROMPTS = ("a photo of an astronaut on the moon", "a red fox in the snow, golden hour",
-           "an old lighthouse on a cliff, storm")
+PROMPTS = (
+    "a photo of an astronaut on the moon",
+    "a red fox in the snow, golden hour",
+    "an old lighthouse on a cliff, storm",
+)
 
 
 def main():
@@ -43,31 +46,58 @@ def main():
     rows = []
     t0 = time.perf_counter()
     for k in range(a.jobs):
-        job = Job(prompt=PROMPTS[k % 3], image=img, controls=controls[k % 3], width=a.size, height=a.size,
-                  steps=a.steps, seed=k, tier=a.tier)
+        job = Job(
+            prompt=PROMPTS[k % 3],
+            image=img,
+            controls=controls[k % 3],
+            width=a.size,
+            height=a.size,
+            steps=a.steps,
+            seed=k,
+            tier=a.tier,
+        )
         res = engine.run(job)
         torch.cuda.synchronize()
-        rows.append(dict(job=k, rss_mib=round(psutil.Process().memory_info().rss / MiB), allocated_mib=round(torch.cuda.memory_allocated() / MiB),
-                         reserved_mib=round(torch.cuda.memory_reserved() / MiB),
-                         peak_reserved_gb=res.report["peak_reserved_gb"], events=len(res.events)))
+        rows.append(
+            dict(
+                job=k,
+                rss_mib=round(psutil.Process().memory_info().rss / MiB),
+                allocated_mib=round(torch.cuda.memory_allocated() / MiB),
+                reserved_mib=round(torch.cuda.memory_reserved() / MiB),
+                peak_reserved_gb=res.report["peak_reserved_gb"],
+                events=len(res.events),
+            )
+        )
         print("JOB", rows[-1], flush=True)
     cap(None)
     first = rows[min(2, len(rows) - 1)]  # after the first jobs: plan applied, caches warm
     growth = {k: rows[-1][k] - first[k] for k in ("rss_mib", "allocated_mib", "reserved_mib")}
-    data = dict(env=environment(), build_s=build_s, tier=a.tier, jobs=a.jobs, steps=a.steps, size=a.size,
-                seconds=round(time.perf_counter() - t0, 1), growth_after_job_2=growth,
-                max_peak_reserved_gb=max(r["peak_reserved_gb"] for r in rows), cap_gib=float(a.tier) - 0.5,
-                rows=rows)
+    data = dict(
+        env=environment(),
+        build_s=build_s,
+        tier=a.tier,
+        jobs=a.jobs,
+        steps=a.steps,
+        size=a.size,
+        seconds=round(time.perf_counter() - t0, 1),
+        growth_after_job_2=growth,
+        max_peak_reserved_gb=max(r["peak_reserved_gb"] for r in rows),
+        cap_gib=float(a.tier) - 0.5,
+        rows=rows,
+    )
     out = Path(a.out_dir)
     write(out / "longrun.json", data)
     env = data["env"]
-    md = ["# Long run\n", f"- device: {env.get('device')}; torch {env['torch']}, diffusers {env['diffusers']}",
-          f"- command: `{env['command']}`",
-          f"- {a.jobs} jobs, tier {a.tier} (cap {float(a.tier) - 0.5} GiB), {a.size}², {a.steps} steps, prompts, "
-          f"seeds and controls changing; {data['seconds']} s",
-          f"- growth from job 2 to job {a.jobs - 1}: {growth} (MiB); highest peak reserved "
-          f"{data['max_peak_reserved_gb']} GiB\n",
-          md_table(rows[:3] + rows[-3:], ["job", "rss_mib", "allocated_mib", "reserved_mib", "peak_reserved_gb"])]
+    md = [
+        "# Long run\n",
+        f"- device: {env.get('device')}; torch {env['torch']}, diffusers {env['diffusers']}",
+        f"- command: `{env['command']}`",
+        f"- {a.jobs} jobs, tier {a.tier} (cap {float(a.tier) - 0.5} GiB), {a.size}², {a.steps} steps, prompts, "
+        f"seeds and controls changing; {data['seconds']} s",
+        f"- growth from job 2 to job {a.jobs - 1}: {growth} (MiB); highest peak reserved "
+        f"{data['max_peak_reserved_gb']} GiB\n",
+        md_table(rows[:3] + rows[-3:], ["job", "rss_mib", "allocated_mib", "reserved_mib", "peak_reserved_gb"]),
+    ]
     (out / "LONGRUN.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

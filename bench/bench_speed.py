@@ -32,6 +32,7 @@ usage: python -m bench.bench_speed [--steps 28] [--size 1024] [--controls 1,2] [
                                    [--cap-gb 47.5]
        python -m bench.bench_speed --cpu-smoke      # the script's logic on the tiny model, on a CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,13 +79,23 @@ class Bench:
             self.engine.plan = lambda job, tier=None: plan(job, tier, dtype="bfloat16")
         self.engine.fast = self.base_fast
         img = photo(a.size)
-        self.jobs = {n: Job(PROMPT, img, tuple(ControlSpec(k, 0.7, end=1.0) for k in KINDS[:n]), a.size, a.size,
-                            steps=a.steps, seed=0, tier="cpu" if a.cpu_smoke else a.tier)
-                     for n in a.controls}
+        self.jobs = {
+            n: Job(
+                PROMPT,
+                img,
+                tuple(ControlSpec(k, 0.7, end=1.0) for k in KINDS[:n]),
+                a.size,
+                a.size,
+                steps=a.steps,
+                seed=0,
+                tier="cpu" if a.cpu_smoke else a.tier,
+            )
+            for n in a.controls
+        }
         first = self.jobs[a.controls[0]]
         self.plan = self.engine.plan(first)
         self.engine.check_fits(self.plan)
-        self.engine.apply(self.plan)          # resident: the diffusers variants run on the same placement
+        self.engine.apply(self.plan)  # resident: the diffusers variants run on the same placement
         log("placed:", self.plan.summary()["placement"], "text encoders", self.plan.text_encoders)
         self.images: dict[tuple[str, int], Image.Image] = {}
         self.last_image_s = None
@@ -95,7 +106,7 @@ class Bench:
             torch.cuda.synchronize()
 
     def reset_peak(self):
-        if self.cuda:   # cached blocks of the previous variant would count as this one's reserved peak
+        if self.cuda:  # cached blocks of the previous variant would count as this one's reserved peak
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -106,14 +117,24 @@ class Bench:
     def diffusers_call(self, job):
         """Eager diffusers with exactly the engine's inputs (resized photo, control images, lists)."""
         from core.generate import control_args, control_images
+
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         controls = control_images(job, image)
 
         def call(steps):
-            return self.pipe(PROMPT, control_image=controls, height=job.height, width=job.width,
-                             num_inference_steps=steps, guidance_scale=job.guidance,
-                             generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=512,
-                             output_type="pil", **control_args(self.pipe, job.controls)).images[0]
+            return self.pipe(
+                PROMPT,
+                control_image=controls,
+                height=job.height,
+                width=job.width,
+                num_inference_steps=steps,
+                guidance_scale=job.guidance,
+                generator=torch.Generator("cpu").manual_seed(job.seed),
+                max_sequence_length=512,
+                output_type="pil",
+                **control_args(self.pipe, job.controls),
+            ).images[0]
+
         return call
 
     def timed(self, fn):
@@ -132,8 +153,8 @@ class Bench:
         c0 = fast.compile_seconds()
         if variant in DIFFUSERS:
             call = self.diffusers_call(job)
-            warm = lambda: call(a.warmup_steps)  # noqa: E731
-            image = lambda: call(a.steps)       # noqa: E731
+            warm = lambda: call(a.warmup_steps)
+            image = lambda: call(a.steps)
         else:
             fp8, end, changes = parse_variant(variant)
             job = job.with_(controls=tuple(replace(c, end=end) for c in job.controls), fp8_compute=fp8)
@@ -147,6 +168,7 @@ class Bench:
                 r = self.engine.run(job)
                 results.append(r)
                 return r.image
+
         _, warm_s = self.timed(warm)
         row["warmup_s"] = round(warm_s, 2)
         row["compile_s"] = round(max(0.0, fast.compile_seconds() - c0), 1)
@@ -160,24 +182,33 @@ class Bench:
         row["compile_s_timed"] = round(max(0.0, fast.compile_seconds() - c0 - row["compile_s"]), 1)  # should be 0
         if variant.startswith("ours"):
             r = results[-1]
-            row.update(fast=r.report.get("fast"), seconds=r.report["seconds"], events=list(r.events),
-                       placement=r.plan.summary()["placement"], tier=r.plan.tier,
-                       denoise_s=r.report["seconds"].get("denoise"), decode_s=r.report["seconds"].get("decode"))
+            row.update(
+                fast=r.report.get("fast"),
+                seconds=r.report["seconds"],
+                events=list(r.events),
+                placement=r.plan.summary()["placement"],
+                tier=r.plan.tier,
+                denoise_s=r.report["seconds"].get("denoise"),
+                decode_s=r.report["seconds"].get("decode"),
+            )
             from core import graphs
-            row["cuda_graphs"] = {name: dict(forms=len(gc.graphs), replays=gc.replays, disabled=gc.disabled)
-                                  for name in ("controlnet", "transformer")
-                                  if (gc := graphs.installed(getattr(self.pipe, name))) is not None} or None
+
+            row["cuda_graphs"] = {
+                name: dict(forms=len(gc.graphs), replays=gc.replays, disabled=gc.disabled)
+                for name in ("controlnet", "transformer")
+                if (gc := graphs.installed(getattr(self.pipe, name))) is not None
+            } or None
         if a.profile and n == a.controls[0] and self.cuda:
             from bench.kernels import kernel_breakdown
-            steps = (lambda k: call(k)) if variant in DIFFUSERS else (  # noqa: E731
-                lambda k: self.engine.run(job.with_(steps=k)))
+
+            steps = (lambda k: call(k)) if variant in DIFFUSERS else (lambda k: self.engine.run(job.with_(steps=k)))
             row["profile"] = kernel_breakdown(steps)
             log("PROFILE", variant, row["profile"])
         self.images[(variant, n)] = img
         if variant != "eager" and ("eager", n) in self.images and "end08" not in variant:
             row["mean_abs_diff_vs_eager"] = mean_abs_diff(img, self.images[("eager", n)])
         base = variant.replace("_graphs", "")
-        if base != variant and (base, n) in self.images:   # graphs replay the same kernels: same pixels
+        if base != variant and (base, n) in self.images:  # graphs replay the same kernels: same pixels
             row[f"mean_abs_diff_vs_{base}"] = mean_abs_diff(img, self.images[(base, n)])
         self.last_image_s = row["image_s"]
         return row
@@ -188,10 +219,12 @@ class Bench:
         diffusers' compiled blocks off, dynamo's caches cleared before ours."""
         if variant in DIFFUSERS:
             from core.fp8_compute import Fp8Linear
+
             self.engine._undo_fast()
             plain = self.fast.attentions(self.pipe.transformer)
             if any(getattr(x, "fused_projections", False) for x in plain) or any(
-                    isinstance(m, Fp8Linear) for m in self.pipe.transformer.modules()):
+                isinstance(m, Fp8Linear) for m in self.pipe.transformer.modules()
+            ):
                 raise RuntimeError("our fast path is still applied: a diffusers variant would not measure diffusers")
         if variant == "diffusers_compile":
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
@@ -214,14 +247,17 @@ def device_info() -> dict:
     import importlib.metadata as md
 
     from core import fast, fp8_compute
-    items = dict(capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
-                 fp8_supported=fp8_compute.fp8_supported, cudnn_attention=lambda: fast.attention_available("cudnn"),
-                 flash_attention=lambda: fast.attention_available("flash"),
-                 auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
-                 can_compile=lambda: fast.can_compile("inductor", "cuda"),
-                 triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton")
-                                      if _installed(md, n)), None),
-                 cudnn=lambda: torch.backends.cudnn.version())
+
+    items = dict(
+        capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
+        fp8_supported=fp8_compute.fp8_supported,
+        cudnn_attention=lambda: fast.attention_available("cudnn"),
+        flash_attention=lambda: fast.attention_available("flash"),
+        auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
+        can_compile=lambda: fast.can_compile("inductor", "cuda"),
+        triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton") if _installed(md, n)), None),
+        cudnn=lambda: torch.backends.cudnn.version(),
+    )
     out = {}
     for k, f in items.items():
         try:
@@ -247,13 +283,24 @@ def main(argv=None):
     ap.add_argument("--controls", default="1,2")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tier", default="48")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"any of {', '.join(VARIANTS)}, or ours_<bf16|fp8>_<mod> with mods end08, {', '.join(MODS)}")
-    ap.add_argument("--cap-gb", type=float, default=None,
-                    help="cap the process's GPU memory (GiB; the 48 GB tier's cap is 47.5): proves the tier's peak")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"any of {', '.join(VARIANTS)}, or ours_<bf16|fp8>_<mod> with mods end08, {', '.join(MODS)}",
+    )
+    ap.add_argument(
+        "--cap-gb",
+        type=float,
+        default=None,
+        help="cap the process's GPU memory (GiB; the 48 GB tier's cap is 47.5): proves the tier's peak",
+    )
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of a denoising step per variant")
-    ap.add_argument("--budget-s", type=float, default=380.0,
-                    help="skip what would start after this many seconds of wall time (recorded as skipped)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=380.0,
+        help="skip what would start after this many seconds of wall time (recorded as skipped)",
+    )
     ap.add_argument("--out-dir", default="bench")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, not speed")
     a = ap.parse_args(argv)
@@ -263,16 +310,30 @@ def main(argv=None):
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if not is_variant(v)]
     if bad:
-        ap.error(f"unknown variants {bad}; choose from {VARIANTS} or ours_<bf16|fp8>_<mod> (mods: end08, "
-                 f"{', '.join(MODS)})")
+        ap.error(
+            f"unknown variants {bad}; choose from {VARIANTS} or ours_<bf16|fp8>_<mod> (mods: end08, {', '.join(MODS)})"
+        )
     if not a.cpu_smoke and not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (or --cpu-smoke)")
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = dict(env=environment(), job=dict(size=a.size, steps=a.steps, controls=a.controls, kinds=KINDS,
-                                            guidance=3.5, t5_tokens=512, control_end=1.0, repeats=a.repeats,
-                                            warmup_steps=a.warmup_steps, tier=a.tier),
-                device={}, rows=[])
+    data = dict(
+        env=environment(),
+        job=dict(
+            size=a.size,
+            steps=a.steps,
+            controls=a.controls,
+            kinds=KINDS,
+            guidance=3.5,
+            t5_tokens=512,
+            control_end=1.0,
+            repeats=a.repeats,
+            warmup_steps=a.warmup_steps,
+            tier=a.tier,
+        ),
+        device={},
+        rows=[],
+    )
     bench = None
     try:
         if torch.cuda.is_available() and not a.cpu_smoke:
@@ -280,6 +341,7 @@ def main(argv=None):
         log("device", data["device"])
         if a.cap_gb and not a.cpu_smoke:
             from bench.bench_tiers import cap
+
             cap(a.cap_gb)
             data["job"]["cap_gb"] = a.cap_gb
         bench = Bench(a)
@@ -306,8 +368,21 @@ def main(argv=None):
                     if bench.cuda:
                         torch.cuda.empty_cache()
                 data["rows"].append(row)
-                log("ROW", {k: row.get(k) for k in ("variant", "controls", "image_s", "compile_s",
-                                                     "mean_abs_diff_vs_eager", "peak_reserved_gb", "error")})
+                log(
+                    "ROW",
+                    {
+                        k: row.get(k)
+                        for k in (
+                            "variant",
+                            "controls",
+                            "image_s",
+                            "compile_s",
+                            "mean_abs_diff_vs_eager",
+                            "peak_reserved_gb",
+                            "error",
+                        )
+                    },
+                )
                 data["wall_s"] = round(time.perf_counter() - T0, 1)
                 report(out, data, bench.images)
             try:

@@ -11,6 +11,7 @@ profiles two steps of a tier: the share of host→device copy time that runs und
 usage: python -m bench.bench_tiers [--tiers 48,24,16,12,8,6,4] [--steps 28] [--baselines resident,leaf_fp8]
                                    [--sweep 8:8:side,8:8:compute] [--profile 8] [--out-dir bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def step_timer():
     def step_s():
         d = [b - a for a, b in zip(stamps, stamps[1:])]
         return round(statistics.median(d), 4) if d else None
+
     return progress, step_s
 
 
@@ -58,7 +60,7 @@ def run_tier(engine: Engine, tier: str, job: Job) -> dict:
     torch.cuda.empty_cache()
     budget = float(tier) - 0.5
     cap(budget)
-    engine.cache = PromptCache()          # every tier encodes its prompt under its own cap
+    engine.cache = PromptCache()  # every tier encodes its prompt under its own cap
     progress, step_s = step_timer()
     row = dict(tier=tier, cap_gib=budget)
     t0 = time.perf_counter()
@@ -68,18 +70,26 @@ def run_tier(engine: Engine, tier: str, job: Job) -> dict:
         engine.cache = PromptCache()
         res = engine.run(job.with_(tier=tier), progress=progress)
         rep = res.report
-        row.update(completed=all("out of memory" not in e for e in res.events + warm.events),
-                   peak_reserved_gb=max(rep["peak_reserved_gb"], warm.report["peak_reserved_gb"]),  # load too
-                   predicted_peak_gb=res.plan.predicted_peak_gb,
-                   step_s=step_s(), predicted_step_s=res.plan.predicted_step_s,
-                   image_s=round(sum(v for k, v in rep["seconds"].items() if k not in ("load",)), 2),
-                   load_s=warm.report["seconds"].get("load"), seconds=rep["seconds"],
-                   phases=rep["phases"], placement=res.plan.summary()["placement"],
-                   text_encoders=res.plan.text_encoders, vae_tiling=res.plan.vae_tiling,
-                   host_ram_gb=res.plan.host_ram_gb, events=list(res.events),
-                   stream_stats=dict(engine.residency.stats) if engine.residency else None)
-        row["estimate_error_pct"] = round(100 * (row["predicted_peak_gb"] - row["peak_reserved_gb"])
-                                          / row["peak_reserved_gb"], 1)
+        row.update(
+            completed=all("out of memory" not in e for e in res.events + warm.events),
+            peak_reserved_gb=max(rep["peak_reserved_gb"], warm.report["peak_reserved_gb"]),  # load too
+            predicted_peak_gb=res.plan.predicted_peak_gb,
+            step_s=step_s(),
+            predicted_step_s=res.plan.predicted_step_s,
+            image_s=round(sum(v for k, v in rep["seconds"].items() if k not in ("load",)), 2),
+            load_s=warm.report["seconds"].get("load"),
+            seconds=rep["seconds"],
+            phases=rep["phases"],
+            placement=res.plan.summary()["placement"],
+            text_encoders=res.plan.text_encoders,
+            vae_tiling=res.plan.vae_tiling,
+            host_ram_gb=res.plan.host_ram_gb,
+            events=list(res.events),
+            stream_stats=dict(engine.residency.stats) if engine.residency else None,
+        )
+        row["estimate_error_pct"] = round(
+            100 * (row["predicted_peak_gb"] - row["peak_reserved_gb"]) / row["peak_reserved_gb"], 1
+        )
     except Exception as e:  # noqa: BLE001 - a benchmark records failures
         row.update(completed=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -93,6 +103,7 @@ def run_variant(engine: Engine, spec: str, job: Job) -> dict:
     from dataclasses import replace
 
     from core import residency
+
     tier, ring, cast = spec.split(":")
     plan_fn = engine.plan
     engine.plan = lambda j, t=None: replace(plan_fn(j, t), ring=int(ring))
@@ -103,14 +114,18 @@ def run_variant(engine: Engine, spec: str, job: Job) -> dict:
         engine.plan, residency.DEFAULT_CAST = plan_fn, "side"
     engine._undo()
     row.update(variant=spec, ring=int(ring), cast=cast)
-    print("VARIANT", {k: row.get(k) for k in ("variant", "step_s", "peak_reserved_gb", "stream_stats", "error")},
-          flush=True)
+    print(
+        "VARIANT",
+        {k: row.get(k) for k in ("variant", "step_s", "peak_reserved_gb", "stream_stats", "error")},
+        flush=True,
+    )
     return row
 
 
 def profile_tier(engine: Engine, tier: str, job: Job, out: Path) -> dict:
     """Two profiled steps of a tier: copy time, the share of it under a compute kernel, kernel time."""
     from bench.profile_streaming import profile_steps
+
     engine._undo()
     cap(float(tier) - 0.5)
     try:
@@ -126,6 +141,7 @@ def profile_tier(engine: Engine, tier: str, job: Job, out: Path) -> dict:
 def run_diffusers(pipe, recipe: str, job: Job, control: Image.Image) -> dict:
     """diffusers' own recipes on the same pipeline, for comparison."""
     from diffusers.hooks import apply_group_offloading
+
     dev = torch.device("cuda")
     cap(None)
     row = dict(recipe=recipe)
@@ -133,8 +149,9 @@ def run_diffusers(pipe, recipe: str, job: Job, control: Image.Image) -> dict:
         pipe.to(dev)
     elif recipe == "leaf_fp8":  # diffusers' best recipe under an 8 GB cap; changes the model: run last
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-        pipe.controlnet.nets[0].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
-                                                         compute_dtype=torch.bfloat16)
+        pipe.controlnet.nets[0].enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16
+        )
         for m in (pipe.transformer, pipe.controlnet, pipe.text_encoder_2, pipe.text_encoder):
             apply_group_offloading(m, onload_device=dev, offload_type="leaf_level", use_stream=True)
         pipe.vae.to(dev)
@@ -145,10 +162,20 @@ def run_diffusers(pipe, recipe: str, job: Job, control: Image.Image) -> dict:
     progress, step_s = step_timer()
     t0 = time.perf_counter()
     try:
-        pipe(PROMPT, control_image=[control], control_mode=[0], controlnet_conditioning_scale=[0.7],
-             control_guidance_end=[0.8], height=job.height, width=job.width, num_inference_steps=job.steps,
-             guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=512,
-             callback_on_step_end=lambda p, i, t, kw: (progress("step", i, 0), {})[1])
+        pipe(
+            PROMPT,
+            control_image=[control],
+            control_mode=[0],
+            controlnet_conditioning_scale=[0.7],
+            control_guidance_end=[0.8],
+            height=job.height,
+            width=job.width,
+            num_inference_steps=job.steps,
+            guidance_scale=3.5,
+            generator=torch.Generator("cpu").manual_seed(0),
+            max_sequence_length=512,
+            callback_on_step_end=lambda p, i, t, kw: (progress("step", i, 0), {})[1],
+        )
         torch.cuda.synchronize()
         row.update(completed=True, image_s=round(time.perf_counter() - t0, 2), step_s=step_s())
     except Exception as e:  # noqa: BLE001
@@ -172,20 +199,43 @@ def report(out_dir: Path, data: dict) -> None:
             r["vs_resident"] = round(r["step_s"] / ref, 2)
     write(out_dir / "results.json", data)
     env = data["env"]
-    md = ["# Tier benchmark\n", f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB); "
-          f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}",
-          f"- host→device {data['device']['h2d_gbps']} GiB/s pinned, matmul {data['device']['tflops']} TFLOP/s",
-          f"- job: {data['job']}", f"- command: `{env['command']}`",
-          f"- ratios are s/step over diffusers' all-resident bf16 run in the same process ({ref} s/step)\n",
-          md_table(rows, ["tier", "cap_gib", "completed", "peak_reserved_gb", "predicted_peak_gb",
-                          "estimate_error_pct", "step_s", "vs_resident", "image_s", "load_s", "placement",
-                          "text_encoders", "host_ram_gb"]),
-          "\n## diffusers recipes, same model and job\n",
-          md_table(data.get("diffusers", []), ["recipe", "cap_gib", "completed", "peak_reserved_gb", "step_s",
-                                               "vs_resident", "image_s", "error"])]
+    md = [
+        "# Tier benchmark\n",
+        f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB); "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}",
+        f"- host→device {data['device']['h2d_gbps']} GiB/s pinned, matmul {data['device']['tflops']} TFLOP/s",
+        f"- job: {data['job']}",
+        f"- command: `{env['command']}`",
+        f"- ratios are s/step over diffusers' all-resident bf16 run in the same process ({ref} s/step)\n",
+        md_table(
+            rows,
+            [
+                "tier",
+                "cap_gib",
+                "completed",
+                "peak_reserved_gb",
+                "predicted_peak_gb",
+                "estimate_error_pct",
+                "step_s",
+                "vs_resident",
+                "image_s",
+                "load_s",
+                "placement",
+                "text_encoders",
+                "host_ram_gb",
+            ],
+        ),
+        "\n## diffusers recipes, same model and job\n",
+        md_table(
+            data.get("diffusers", []),
+            ["recipe", "cap_gib", "completed", "peak_reserved_gb", "step_s", "vs_resident", "image_s", "error"],
+        ),
+    ]
     if data.get("sweep"):
-        md += ["\n## Streaming knobs (copy ring in largest units, cast stream)\n",
-               md_table(data["sweep"], ["variant", "step_s", "vs_resident", "peak_reserved_gb", "stream_stats"])]
+        md += [
+            "\n## Streaming knobs (copy ring in largest units, cast stream)\n",
+            md_table(data["sweep"], ["variant", "step_s", "vs_resident", "peak_reserved_gb", "stream_stats"]),
+        ]
     if data.get("profile"):
         md += ["\n## Profile\n", f"`{data['profile']}`"]
     (out_dir / "RESULTS.md").write_text("\n".join(md) + "\n")
@@ -209,17 +259,30 @@ def main():
     print("built in", build_s, "s;", dev, flush=True)
     img = photo(a.size)
     control = preprocess("canny", img)
-    job = Job(prompt=PROMPT, image=img, controls=(ControlSpec("canny", 0.7, end=0.8),), width=a.size,
-              height=a.size, steps=a.steps, seed=0)
-    data = dict(env=environment(), device=dict(h2d_gbps=dev.h2d_gbps, tflops=dev.tflops, name=dev.name),
-                job=dict(size=a.size, steps=a.steps, controls=1, guidance=3.5, t5_tokens=512), build_s=build_s,
-                tiers=[], diffusers=[])
+    job = Job(
+        prompt=PROMPT,
+        image=img,
+        controls=(ControlSpec("canny", 0.7, end=0.8),),
+        width=a.size,
+        height=a.size,
+        steps=a.steps,
+        seed=0,
+    )
+    data = dict(
+        env=environment(),
+        device=dict(h2d_gbps=dev.h2d_gbps, tflops=dev.tflops, name=dev.name),
+        job=dict(size=a.size, steps=a.steps, controls=1, guidance=3.5, t5_tokens=512),
+        build_s=build_s,
+        tiers=[],
+        diffusers=[],
+    )
     out = Path(a.out_dir)
     baselines = [b for b in a.baselines.split(",") if b]
     if "resident" in baselines:
         data["diffusers"].append(run_diffusers(pipe, "resident", job, control))
     if not a.compile:  # the 48 GB row runs eager here; bench_speed measures the compiled fast path
         from dataclasses import replace
+
         engine.fast = replace(engine.fast, compile=False)
     out.mkdir(parents=True, exist_ok=True)
     for spec in filter(None, a.sweep.split(",")):

@@ -4,6 +4,7 @@ and the seam metric of the output.
 
 usage: python -m bench.bench_upscale [--tiers 8,24] [--factors 2,4] [--steps 4] [--out-dir bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,17 @@ def main():
             torch.cuda.empty_cache()
             cap(float(tier) - 0.5)
             engine.cache = PromptCache()
-            job = Job(prompt=PROMPT, image=img, controls=(ControlSpec("canny", 0.7, end=0.8),), width=1024,
-                      height=1024, steps=a.steps, upscale=f, upscale_steps=a.upscale_steps, tier=tier)
+            job = Job(
+                prompt=PROMPT,
+                image=img,
+                controls=(ControlSpec("canny", 0.7, end=0.8),),
+                width=1024,
+                height=1024,
+                steps=a.steps,
+                upscale=f,
+                upscale_steps=a.upscale_steps,
+                tier=tier,
+            )
             row = dict(tier=tier, factor=f, out=f"{job.out_size[0]}x{job.out_size[1]}")
             t0 = time.perf_counter()
             try:
@@ -48,12 +58,17 @@ def main():
                 rep = res.report
                 w, h = res.image.size
                 _, _, tiles, _ = token_tiles(w, h, res.plan.upscale_tile, res.plan.overlap)
-                row.update(completed=all("out of memory" not in e for e in res.events),
-                           peak_reserved_gb=rep["peak_reserved_gb"], predicted_peak_gb=res.plan.predicted_peak_gb,
-                           tile=res.plan.upscale_tile, last_stage_tiles=len(tiles),
-                           stage_s={k: v for k, v in rep["seconds"].items() if k.startswith("upscale")},
-                           decode_s=rep["seconds"].get("decode"), seam_ratio=round(seam_ratio(res.image, tiles, 16), 3)
-                           if len(tiles) > 1 else None, events=list(res.events))
+                row.update(
+                    completed=all("out of memory" not in e for e in res.events),
+                    peak_reserved_gb=rep["peak_reserved_gb"],
+                    predicted_peak_gb=res.plan.predicted_peak_gb,
+                    tile=res.plan.upscale_tile,
+                    last_stage_tiles=len(tiles),
+                    stage_s={k: v for k, v in rep["seconds"].items() if k.startswith("upscale")},
+                    decode_s=rep["seconds"].get("decode"),
+                    seam_ratio=round(seam_ratio(res.image, tiles, 16), 3) if len(tiles) > 1 else None,
+                    events=list(res.events),
+                )
             except Exception as e:  # noqa: BLE001
                 row.update(completed=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -63,9 +78,28 @@ def main():
     out = Path(a.out_dir)
     data = dict(env=environment(), build_s=build_s, upscale_steps=a.upscale_steps, rows=rows)
     write(out / "upscale_results.json", data)
-    (out / "UPSCALE.md").write_text("# Upscale benchmark\n\n" + f"- {data['env']}\n\n" + md_table(
-        rows, ["tier", "factor", "out", "completed", "peak_reserved_gb", "predicted_peak_gb", "tile",
-               "last_stage_tiles", "stage_s", "decode_s", "seam_ratio", "wall_s"]) + "\n")
+    (out / "UPSCALE.md").write_text(
+        "# Upscale benchmark\n\n"
+        + f"- {data['env']}\n\n"
+        + md_table(
+            rows,
+            [
+                "tier",
+                "factor",
+                "out",
+                "completed",
+                "peak_reserved_gb",
+                "predicted_peak_gb",
+                "tile",
+                "last_stage_tiles",
+                "stage_s",
+                "decode_s",
+                "seam_ratio",
+                "wall_s",
+            ],
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Where a benchmark ran: device, versions, command; and writing JSON + a Markdown table."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ def environment() -> dict:
     import diffusers
     import torch
     import transformers
-    env = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
-               transformers=transformers.__version__, command=" ".join(["python"] + sys.argv))
+
+    env = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+        command=" ".join(["python"] + sys.argv),
+    )
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, device_memory_gib=round(p.total_memory / 2**30, 1))

@@ -7,6 +7,7 @@ time spent in the residency hooks. Writes a Chrome trace to --out-dir for a clos
 
 usage: python -m bench.profile_streaming [--tier 8] [--steps 3] [--out-dir bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,12 @@ def summarize(events) -> dict:
     kernels = [(s, e) for n, dev, s, e in events if dev and "memcpy" not in n.lower() and "memset" not in n.lower()]
     hooks = [(s, e) for n, dev, s, e in events if not dev and n.startswith("residency.")]
     copy_us = sum(b - a for a, b in union(copies))
-    return dict(copy_ms=round(copy_us / 1e3, 1),
-                copy_overlapped_pct=round(100 * overlap(copies, kernels) / copy_us, 1) if copy_us else None,
-                kernel_busy_ms=round(sum(b - a for a, b in union(kernels)) / 1e3, 1),
-                hook_cpu_ms=round(sum(b - a for a, b in hooks) / 1e3, 1))
+    return dict(
+        copy_ms=round(copy_us / 1e3, 1),
+        copy_overlapped_pct=round(100 * overlap(copies, kernels) / copy_us, 1) if copy_us else None,
+        kernel_busy_ms=round(sum(b - a for a, b in union(kernels)) / 1e3, 1),
+        hook_cpu_ms=round(sum(b - a for a, b in hooks) / 1e3, 1),
+    )
 
 
 def profile_steps(engine, job, steps: int, trace: Path | None = None):
@@ -58,6 +61,7 @@ def profile_steps(engine, job, steps: int, trace: Path | None = None):
     from torch.profiler import ProfilerActivity, profile
 
     from core.residency import Residency
+
     originals = {name: getattr(Residency, name) for name in ("_before", "_after")}
     for name, fn in originals.items():  # label hook time in the trace
         setattr(Residency, name, lambda self, i, fn=fn, name=name: _timed(fn, self, i, name))
@@ -69,8 +73,10 @@ def profile_steps(engine, job, steps: int, trace: Path | None = None):
     finally:
         for name, fn in originals.items():
             setattr(Residency, name, fn)
-    events = [(e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
-              for e in prof.events()]
+    events = [
+        (e.name, e.device_type == torch.autograd.DeviceType.CUDA, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+    ]
     if trace is not None:
         try:
             prof.export_chrome_trace(str(trace))
@@ -91,18 +97,27 @@ def main():
     a = ap.parse_args()
     engine, _ = random_engine()
     cap(float(a.tier) - 0.5)
-    job = Job(prompt=PROMPT, image=photo(1024), controls=(ControlSpec("canny", 0.7),), width=1024, height=1024,
-              steps=2, tier=a.tier)
+    job = Job(
+        prompt=PROMPT,
+        image=photo(1024),
+        controls=(ControlSpec("canny", 0.7),),
+        width=1024,
+        height=1024,
+        steps=2,
+        tier=a.tier,
+    )
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     res, summary = profile_steps(engine, job, a.steps, Path(a.out_dir) / f"trace_tier{a.tier}.json")
-    out = dict(tier=a.tier, steps=a.steps, seconds=res.report["seconds"], placement=res.plan.summary()["placement"],
-               **summary)
+    out = dict(
+        tier=a.tier, steps=a.steps, seconds=res.report["seconds"], placement=res.plan.summary()["placement"], **summary
+    )
     (Path(a.out_dir) / f"profile_tier{a.tier}.json").write_text(json.dumps(out, indent=1))
     print("PROFILE", json.dumps(out))
 
 
 def _timed(fn, self, i, name):
     from torch.profiler import record_function
+
     with record_function(f"residency.{name}"):
         return fn(self, i)
 

@@ -1,6 +1,7 @@
 """The full-size FLUX.1-dev + Union architecture with random bf16 weights, built fast:
 meta device → to_empty on the GPU → random fill there → moved to the CPU, where plans start from.
 Speed and memory do not depend on weight values."""
+
 from __future__ import annotations
 
 import time
@@ -12,9 +13,10 @@ from core.configs import FULL, SCHEDULER, TINY
 
 def _random(make, device, dtype, gen):
     from accelerate import init_empty_weights
+
     with init_empty_weights():
         m = make()
-    m = m.to(dtype).to_empty(device=device)   # cast on the meta device: no fp32 copy on the GPU
+    m = m.to(dtype).to_empty(device=device)  # cast on the meta device: no fp32 copy on the GPU
     with torch.no_grad():
         for n, p in m.named_parameters():
             if p.ndim == 1 and ("norm" in n or n.endswith("scale")):
@@ -32,6 +34,7 @@ def build_random_pipeline(size: str = "full", device: str = "cuda", to_cpu: bool
 
     from core.configs import constructors
     from core.demo_model import _tokenizers
+
     cfg = FULL if size == "full" else TINY
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -43,10 +46,15 @@ def build_random_pipeline(size: str = "full", device: str = "cuda", to_cpu: bool
         torch.cuda.empty_cache()
     clip_tok, t5_tok = _tokenizers(cfg["max_sequence_length"])
     pipe = FluxControlNetPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=parts["vae"],
-        text_encoder=parts["text_encoder"], tokenizer=clip_tok, text_encoder_2=parts["text_encoder_2"],
-        tokenizer_2=t5_tok, transformer=parts["transformer"],
-        controlnet=FluxMultiControlNetModel([parts["controlnet"]]))
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=clip_tok,
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer_2=t5_tok,
+        transformer=parts["transformer"],
+        controlnet=FluxMultiControlNetModel([parts["controlnet"]]),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe, round(time.time() - t0, 1)
 
@@ -58,6 +66,7 @@ def photo(size: int):
     """The benchmarks' input: scikit-image's astronaut, size × size."""
     import skimage.data
     from PIL import Image
+
     return Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.LANCZOS)
 
 
@@ -66,6 +75,8 @@ def random_engine(size: str = "full", device: str = "cuda", info=None):
     from core.device import detect
     from core.engine import Engine
     from core.models import ModelSpec
+
     pipe, build_s = build_random_pipeline(size, device=device)
-    return Engine(ModelSpec(f"random {size}-size FLUX.1-dev", f"random {size}-size Union"), info or detect(),
-                  pipe=pipe), build_s
+    return Engine(
+        ModelSpec(f"random {size}-size FLUX.1-dev", f"random {size}-size Union"), info or detect(), pipe=pipe
+    ), build_s

@@ -1,4 +1,5 @@
 """bench/bench_speed.py's output: speed_results.json, SPEED.md and the side-by-side image."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from PIL import Image
 
 from bench.env import md_table, write
 
-BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)   # s/image, one control
+BARS = dict(eager=6.88, diffusers_compile=5.16, ours_bf16=4.4, ours_fp8=3.5)  # s/image, one control
 
 
 def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
@@ -19,6 +20,7 @@ def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
 
 def side_by_side(images: list[Image.Image | None], labels: list[str], side: int = 512) -> Image.Image:
     from PIL import ImageDraw
+
     out = Image.new("RGB", (side * len(images), side + 24), "white")
     draw = ImageDraw.Draw(out)
     for i, (im, label) in enumerate(zip(images, labels)):
@@ -46,23 +48,42 @@ def report(out: Path, data: dict, images: dict) -> None:
             r["fast_label"] = f"{r['fast']['attention']}, fp8={r['fast']['fp8']}, compiled={r['fast']['compiled']}"
     write(out / "speed_results.json", data)
     env = data["env"]
-    md = ["# Speed with the whole model resident\n",
-          f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB), capability "
-          f"{data['device'].get('capability')}, fp8 matmul: {data['device'].get('fp8_supported')}, "
-          f"cuDNN attention: {data['device'].get('cudnn_attention')}; torch {env['torch']}, diffusers "
-          f"{env['diffusers']}, transformers {env['transformers']}, triton {data['device'].get('triton')}",
-          f"- job: {data['job']}", f"- command: `{env['command']}`",
-          f"- our plan: {data.get('plan')}",
-          f"- bars (one control, 28 steps): diffusers eager {BARS['eager']} s, diffusers regional compile "
-          f"{BARS['diffusers_compile']} s; ours ≤ {BARS['ours_bf16']} s bf16, ≤ {BARS['ours_fp8']} s fp8",
-          f"- build {data.get('build_s')} s, total wall {data.get('wall_s')} s\n",
-          md_table(rows, ["variant", "controls", "image_s", "speedup_vs_eager", "speedup_vs_diffusers_compile",
-                          "bar_s", "meets_bar", "denoise_s", "compile_s", "warmup_s", "mean_abs_diff_vs_eager",
-                          "peak_reserved_gb", "fast_label", "error"]),
-          "\nmean_abs_diff_vs_eager: mean |Δ| of the RGB pixels (0..255) against eager diffusers on the same "
-          "seed and inputs (random weights: a numerical-noise measure, not an image-quality one). "
-          "ours_bf16_end08 changes the job (control end 0.8), so it has no such number.",
-          "\n`speed_side_by_side.png`: eager | ours bf16 | ours fp8, one control, downscaled."]
+    md = [
+        "# Speed with the whole model resident\n",
+        f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB), capability "
+        f"{data['device'].get('capability')}, fp8 matmul: {data['device'].get('fp8_supported')}, "
+        f"cuDNN attention: {data['device'].get('cudnn_attention')}; torch {env['torch']}, diffusers "
+        f"{env['diffusers']}, transformers {env['transformers']}, triton {data['device'].get('triton')}",
+        f"- job: {data['job']}",
+        f"- command: `{env['command']}`",
+        f"- our plan: {data.get('plan')}",
+        f"- bars (one control, 28 steps): diffusers eager {BARS['eager']} s, diffusers regional compile "
+        f"{BARS['diffusers_compile']} s; ours ≤ {BARS['ours_bf16']} s bf16, ≤ {BARS['ours_fp8']} s fp8",
+        f"- build {data.get('build_s')} s, total wall {data.get('wall_s')} s\n",
+        md_table(
+            rows,
+            [
+                "variant",
+                "controls",
+                "image_s",
+                "speedup_vs_eager",
+                "speedup_vs_diffusers_compile",
+                "bar_s",
+                "meets_bar",
+                "denoise_s",
+                "compile_s",
+                "warmup_s",
+                "mean_abs_diff_vs_eager",
+                "peak_reserved_gb",
+                "fast_label",
+                "error",
+            ],
+        ),
+        "\nmean_abs_diff_vs_eager: mean |Δ| of the RGB pixels (0..255) against eager diffusers on the same "
+        "seed and inputs (random weights: a numerical-noise measure, not an image-quality one). "
+        "ours_bf16_end08 changes the job (control end 0.8), so it has no such number.",
+        "\n`speed_side_by_side.png`: eager | ours bf16 | ours fp8, one control, downscaled.",
+    ]
     (out / "SPEED.md").write_text("\n".join(md) + "\n")
     n = data["job"]["controls"][0]
     ims = [images.get((v, n)) for v in ("eager", "ours_bf16", "ours_fp8")]

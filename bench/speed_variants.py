@@ -2,15 +2,22 @@
 
 ours_<bf16|fp8>[_<mod>...]: each mod is a change to core.fast.FastConfig (or, end08, to the job).
 """
+
 from __future__ import annotations
 
 VARIANTS = ("eager", "diffusers_compile", "ours_bf16", "ours_fp8", "ours_bf16_end08", "ours_bf16_flash")
 DIFFUSERS = ("eager", "diffusers_compile")
 TUNED = (("coordinate_descent_tuning", True), ("coordinate_descent_check_all_directions", True))
-MODS = dict(static=dict(dynamic=False), autotune=dict(mode="max-autotune-no-cudagraphs"),
-            cudagraphs=dict(mode="reduce-overhead"), tuned=dict(options=TUNED),
-            flash=dict(attention="flash"), nofuse=dict(fuse_blocks=False), graphs=dict(cuda_graphs=True))
-RECOMPILE = {"static", "autotune", "cudagraphs", "tuned"}   # mods whose compiled blocks differ from the default
+MODS = dict(
+    static=dict(dynamic=False),
+    autotune=dict(mode="max-autotune-no-cudagraphs"),
+    cudagraphs=dict(mode="reduce-overhead"),
+    tuned=dict(options=TUNED),
+    flash=dict(attention="flash"),
+    nofuse=dict(fuse_blocks=False),
+    graphs=dict(cuda_graphs=True),
+)
+RECOMPILE = {"static", "autotune", "cudagraphs", "tuned"}  # mods whose compiled blocks differ from the default
 
 
 def parse_variant(v: str) -> tuple[bool, float, dict] | None:

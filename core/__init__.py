@@ -1,4 +1,5 @@
 """FLUX.1-dev + ControlNet-Union on any GPU: jobs, plans, residency, generation, upscaling."""
+
 import os
 
 # Many differently sized weight packs and activations: expandable segments keep the caching

@@ -3,6 +3,7 @@
 Thin: parses, builds a Job, calls core, prints one JSON object. Bad input → one sentence on
 stderr, exit code 2, nothing written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,19 @@ def cmd_generate(a) -> dict:
         w, h = a.width, a.height
     else:
         w, h = fit_size(image.width, image.height, max_side=a.max_side)
-    job = Job(prompt=a.prompt, image=image, controls=controls, width=w, height=h, steps=a.steps,
-              guidance=a.guidance, seed=a.seed, upscale=a.upscale, tier=a.tier, fp8_compute=a.fp8_compute)
+    job = Job(
+        prompt=a.prompt,
+        image=image,
+        controls=controls,
+        width=w,
+        height=h,
+        steps=a.steps,
+        guidance=a.guidance,
+        seed=a.seed,
+        upscale=a.upscale,
+        tier=a.tier,
+        fp8_compute=a.fp8_compute,
+    )
     out = Path(a.out)
     if out.suffix.lower() != ".png" or not out.parent.exists():
         raise ValueError(f"--out must be a .png file in an existing folder, got '{a.out}'.")
@@ -90,15 +102,19 @@ def main(argv=None) -> int:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--max-side", type=int, default=1024, help="fit the input into this size")
-    g.add_argument("--fp8-compute", action="store_true",
-                   help="fp8 matmuls when the whole model is resident on an Ada/Hopper GPU: faster, "
-                        "slightly different fine detail (ignored elsewhere, with a note)")
+    g.add_argument(
+        "--fp8-compute",
+        action="store_true",
+        help="fp8 matmuls when the whole model is resident on an Ada/Hopper GPU: faster, "
+        "slightly different fine detail (ignored elsewhere, with a note)",
+    )
     g.add_argument("--out", required=True)
     _add_model_args(g)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .engine import OutOfMemory
     from .models import ModelUnavailableError
+
     try:
         res = cmd_plan(a) if a.cmd == "plan" else cmd_generate(a)
     except (ValueError, ModelUnavailableError, OutOfMemory) as e:

@@ -1,5 +1,6 @@
 """Where streamed and fp8 weights live: one flat pack per unit, a pinned host arena, and the
 circular GPU ring that copies land in (used by core.residency)."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -20,12 +21,12 @@ class Pack:
     def __init__(self, module: nn.Module, fp8: bool, dtype: torch.dtype):
         f8 = fp8_params(module) if fp8 else set()
         params = [p for p in module.parameters()]
-        params.sort(key=lambda p: id(p) not in f8)       # fp8 part first
+        params.sort(key=lambda p: id(p) not in f8)  # fp8 part first
         self.params = params
         self.n8 = sum(p.numel() for p in params if id(p) in f8)
         self.numel = sum(p.numel() for p in params)
         self.dtype = dtype
-        self.off = align(self.n8) if self.n8 else 0     # byte offset of the compute-dtype part
+        self.off = align(self.n8) if self.n8 else 0  # byte offset of the compute-dtype part
         self.nbytes = packed_bytes(self.numel, self.n8, dtype.itemsize, fp8)
         self.buf: torch.Tensor | None = None
 
@@ -35,27 +36,27 @@ class Pack:
         off = 0
         for p in self.params:  # flatten in pack order into the scratch buffer
             n = p.numel()
-            scratch[off:off + n].copy_(p.data.reshape(-1))
+            scratch[off : off + n].copy_(p.data.reshape(-1))
             off += n
         tmp = buf if buf.device == scratch.device else stage
-        tmp[:self.n8].view(FP8).copy_(scratch[:self.n8])
-        tmp[self.off:self.nbytes].view(self.dtype).copy_(scratch[self.n8:self.numel])
+        tmp[: self.n8].view(FP8).copy_(scratch[: self.n8])
+        tmp[self.off : self.nbytes].view(self.dtype).copy_(scratch[self.n8 : self.numel])
         if tmp is not buf:
-            buf.copy_(tmp[:self.nbytes])
+            buf.copy_(tmp[: self.nbytes])
         self.buf = buf
 
     def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:
         """Cast the packed bytes (self.buf or a copy of it) into a flat compute-dtype tensor."""
         src = self.buf if src is None else src
         if self.n8:
-            dst[:self.n8].copy_(src[:self.n8].view(FP8), non_blocking=True)
-        dst[self.n8:self.numel].copy_(src[self.off:self.nbytes].view(self.dtype), non_blocking=True)
+            dst[: self.n8].copy_(src[: self.n8].view(FP8), non_blocking=True)
+        dst[self.n8 : self.numel].copy_(src[self.off : self.nbytes].view(self.dtype), non_blocking=True)
 
     def point_params(self, flat: torch.Tensor) -> None:
         off = 0
         for p in self.params:
             n = p.numel()
-            p.data = flat[off:off + n].view(p.shape)
+            p.data = flat[off : off + n].view(p.shape)
             off += n
 
 
@@ -66,7 +67,9 @@ def pinned(nbytes: int, pin: bool) -> torch.Tensor:
     if pin and nbytes:
         rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
         if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({rc}): not enough host RAM to pin")
+            raise RuntimeError(
+                f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({rc}): not enough host RAM to pin"
+            )
     return t
 
 
@@ -76,7 +79,7 @@ class Ring:
 
     def __init__(self, size: int):
         self.size, self.head = size, 0
-        self.live: deque[list] = deque()   # [start, end, released, event] in allocation order
+        self.live: deque[list] = deque()  # [start, end, released, event] in allocation order
 
     def alloc(self, n: int):
         if n > self.size:
@@ -103,5 +106,3 @@ class Ring:
     @staticmethod
     def release(region: list, event) -> None:
         region[2], region[3] = True, event
-
-

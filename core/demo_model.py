@@ -4,6 +4,7 @@ Built offline from configs (the way diffusers' tests build dummy components), wr
 safetensors to a cache folder and then loaded through the same code as a real model. Its images are
 noise: it exists so that the whole app runs and is tested without a GPU or a model hub.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,14 +35,24 @@ def _tokenizers(max_len: int):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = ["a photo of a cat on a mat with a red hat under a blue sky",
-              "an astronaut portrait, a cup of coffee, a rocket on the launch pad, detailed, sharp"]
-    tok.train_from_iterator(corpus * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]))
-    clip = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=77)
-    t5 = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>", model_max_length=max_len)
+    corpus = [
+        "a photo of a cat on a mat with a red hat under a blue sky",
+        "an astronaut portrait, a cup of coffee, a rocket on the launch pad, detailed, sharp",
+    ]
+    tok.train_from_iterator(
+        corpus * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    )
+    clip = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=77,
+    )
+    t5 = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=max_len
+    )
     return clip, t5
 
 
@@ -52,7 +63,7 @@ def build_demo_components(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     clip_tok, t5_tok = _tokenizers(TINY["max_sequence_length"])
     make = constructors(TINY)
-    comps = dict(   # built in this order: the weights follow the seed
+    comps = dict(  # built in this order: the weights follow the seed
         transformer=make["transformer"](),
         controlnet=make["controlnet"](),
         controlnet_pro2=FluxControlNetModel(**TINY["controlnet_pro2"]),
@@ -87,10 +98,15 @@ def ensure_demo_model() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
         c = build_demo_components()
-        FluxPipeline(scheduler=c["scheduler"], vae=c["vae"], text_encoder=c["text_encoder"],
-                     tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"],
-                     tokenizer_2=c["tokenizer_2"], transformer=c["transformer"]
-                     ).save_pretrained(tmp / "flux", safe_serialization=True)
+        FluxPipeline(
+            scheduler=c["scheduler"],
+            vae=c["vae"],
+            text_encoder=c["text_encoder"],
+            tokenizer=c["tokenizer"],
+            text_encoder_2=c["text_encoder_2"],
+            tokenizer_2=c["tokenizer_2"],
+            transformer=c["transformer"],
+        ).save_pretrained(tmp / "flux", safe_serialization=True)
         c["controlnet"].save_pretrained(tmp / "controlnet-union", safe_serialization=True)
         c["controlnet_pro2"].save_pretrained(tmp / "controlnet-union-pro2", safe_serialization=True)
         (tmp / "done").write_text("random weights: outputs are noise\n")

@@ -2,6 +2,7 @@
 
 Plans are pure functions of a DeviceInfo, so tests build DeviceInfo by hand.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,20 +17,21 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    kind: str                  # "cuda" or "cpu"
+    kind: str  # "cuda" or "cpu"
     name: str
-    total_gb: float            # GPU memory (GiB); 0 on CPU
-    free_gb: float             # free GPU memory now (GiB)
-    bf16: bool                 # bf16 compute supported (NaN-free FLUX needs it or fp32)
-    host_ram_gb: float         # available host RAM (GiB): streamed weights live there, pinned
-    h2d_gbps: float = 25.0     # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
-    tflops: float = 150.0      # effective bf16 matmul rate, TFLOP/s
+    total_gb: float  # GPU memory (GiB); 0 on CPU
+    free_gb: float  # free GPU memory now (GiB)
+    bf16: bool  # bf16 compute supported (NaN-free FLUX needs it or fp32)
+    host_ram_gb: float  # available host RAM (GiB): streamed weights live there, pinned
+    h2d_gbps: float = 25.0  # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
+    tflops: float = 150.0  # effective bf16 matmul rate, TFLOP/s
 
 
 def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
     """Pinned the way streamed weights are (cudaHostRegister) and unpinned after: PyTorch's caching
     host allocator would keep a pin_memory=True block locked for the life of the process."""
     from .buffers import pinned
+
     x = pinned(nbytes, True)
     try:
         return _copy_rate(x, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
@@ -69,8 +71,13 @@ def _measure_tflops(n: int = 4096, rounds: int = 3, reps: int = 8) -> float:
 @functools.lru_cache(maxsize=1)
 def _static_cuda_info() -> tuple[str, float, bool, float, float]:
     props = torch.cuda.get_device_properties(0)
-    return (props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(),
-            round(_measure_h2d(), 1), round(_measure_tflops(), 0))
+    return (
+        props.name,
+        props.total_memory / GiB,
+        torch.cuda.is_bf16_supported(),
+        round(_measure_h2d(), 1),
+        round(_measure_tflops(), 0),
+    )
 
 
 def detect() -> DeviceInfo:

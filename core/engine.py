@@ -3,6 +3,7 @@
 Data flows one way: Job → Plan → placed pipeline → Result. An out-of-memory at any phase frees
 memory, steps down to the next smaller plan and retries; the Result says what happened.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,14 +22,14 @@ from .memory import MemoryMonitor, free_memory, is_oom
 from .models import ModelSpec, load_pipeline, union_net
 from .plan import JobShape, Plan, keep_placement, plan_for, step_down
 from .residency import Residency
-from .units import denoiser_units, text_encoder_units
 from .sizes import sizes_from_pipeline
+from .units import denoiser_units, text_encoder_units
 from .upscale import upscale
 
 log = logging.getLogger(__name__)
 
 
-MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")   # the pipeline's placed parts
+MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")  # the pipeline's placed parts
 
 
 class OutOfMemory(RuntimeError):
@@ -40,17 +41,23 @@ class Result:
     image: Image.Image
     job: Job
     plan: Plan
-    report: dict                  # memory monitor: peaks, seconds per phase, timeline
-    events: tuple[str, ...]       # what the engine did that a user should know
+    report: dict  # memory monitor: peaks, seconds per phase, timeline
+    events: tuple[str, ...]  # what the engine did that a user should know
     controls: tuple[Image.Image, ...] = field(default=(), repr=False)
     demo: bool = False
 
     def summary(self) -> dict:
-        s = dict(size=list(self.image.size), tier=self.plan.tier, demo=self.demo,
-                 predicted_peak_gb=self.plan.predicted_peak_gb,
-                 measured_peak_reserved_gb=self.report["peak_reserved_gb"],
-                 seconds=self.report["seconds"], events=list(self.events), plan=self.plan.summary(),
-                 fast=self.report.get("fast"))
+        s = dict(
+            size=list(self.image.size),
+            tier=self.plan.tier,
+            demo=self.demo,
+            predicted_peak_gb=self.plan.predicted_peak_gb,
+            measured_peak_reserved_gb=self.report["peak_reserved_gb"],
+            seconds=self.report["seconds"],
+            events=list(self.events),
+            plan=self.plan.summary(),
+            fast=self.report.get("fast"),
+        )
         if self.demo:
             s["note"] = "demo model with random weights: the image is noise"
         return s
@@ -84,6 +91,7 @@ class Faults:
 def is_black_or_nan(image: Image.Image) -> bool:
     """NaN latents decode to black; a result with (almost) no signal is a precision fault."""
     import numpy as np
+
     a = np.asarray(image)
     return bool(a.max() <= 3)
 
@@ -98,8 +106,9 @@ def _placement_key(plan: Plan) -> tuple:
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None,
-                 max_seq: int | None = None):
+    def __init__(
+        self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None, max_seq: int | None = None
+    ):
         self.spec = spec or ModelSpec.demo_spec()
         self.device = device or detect()
         self.pipe, self.img2img = pipe, None
@@ -107,16 +116,16 @@ class Engine:
         self.sizes = None
         self.cache = PromptCache()
         self.residency: Residency | None = None
-        self._placed: Plan | None = None      # the plan whose placement is on the device now
+        self._placed: Plan | None = None  # the plan whose placement is on the device now
         self._lock = threading.Lock()
         self.faults = Faults()
         self._owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         # all-resident plans: fused QKV, compiled blocks, attention kernel (core/fast.py). On ZeroGPU
         # a call may run in a fresh process, where compiling would be paid by every job.
         self.fast = fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
-        self._fast: fast.Fast | None = None   # what is applied now
-        self._fast_dirty = False               # modules may differ from diffusers' (even half-way)
-        self._fast_want: tuple | None = None   # what _fast was applied for
+        self._fast: fast.Fast | None = None  # what is applied now
+        self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
+        self._fast_want: tuple | None = None  # what _fast was applied for
         if pipe is not None:
             self._init_pipe(pipe)
 
@@ -132,9 +141,18 @@ class Engine:
     # -- loading and placement ----------------------------------------------------------------
     def _init_pipe(self, pipe) -> None:
         from diffusers import FluxControlNetImg2ImgPipeline
+
         self.pipe = pipe
-        names = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                 "transformer", "controlnet")
+        names = (
+            "scheduler",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "transformer",
+            "controlnet",
+        )
         self.img2img = FluxControlNetImg2ImgPipeline(**{n: getattr(pipe, n) for n in names})
         self.img2img.set_progress_bar_config(disable=True)
         if self.max_seq is None:
@@ -161,16 +179,17 @@ class Engine:
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""
         if plan.device == "cuda" and self.device.kind != "cuda":
-            raise ValueError(f"No CUDA GPU was found, so the {plan.tier} GB tier cannot run; "
-                             "choose 'auto' or 'cpu'.")
+            raise ValueError(f"No CUDA GPU was found, so the {plan.tier} GB tier cannot run; choose 'auto' or 'cpu'.")
         if plan.device == "cuda":
             held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
             if self._fast is not None and self._fast.fp8:  # fp8 weights are buffers, not parameters
                 held += sum(fp8_compute.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
             free = torch.cuda.mem_get_info()[0] / 2**30 + held
             if plan.budget_gb > free + 0.25 and plan.tier != "auto":
-                raise ValueError(f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "
-                                 f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier.")
+                raise ValueError(
+                    f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "
+                    f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier."
+                )
 
     def _undo(self) -> None:
         self._undo_fast()
@@ -203,6 +222,7 @@ class Engine:
             dtype = getattr(torch, plan.dtype)
             if pipe.transformer.dtype != dtype:
                 from diffusers.utils import logging as dlogging
+
                 level = dlogging.get_verbosity()
                 dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
                 for name in MODELS:
@@ -256,7 +276,7 @@ class Engine:
                 except JobCancelled:
                     free_memory()
                     raise
-                except Exception as e:  # noqa: BLE001 - only OOM (and a compile error) is retried
+                except Exception as e:
                     if not is_oom(e) and self._fast_failed(e, events):
                         continue
                     if not is_oom(e):
@@ -268,13 +288,19 @@ class Engine:
                 free_memory()
                 nxt = step_down(plan, _shape(job), self.sizes, self.device)
                 if nxt is None and plan.device == "cpu":
-                    raise OutOfMemory("Out of memory on the CPU even with the smallest tiles; close other "
-                                      "programs or lower the size or upscale factor.")
+                    raise OutOfMemory(
+                        "Out of memory on the CPU even with the smallest tiles; close other "
+                        "programs or lower the size or upscale factor."
+                    )
                 if nxt is None:
-                    raise OutOfMemory("Out of GPU memory even with the smallest plan; close other programs "
-                                      "using the GPU, lower the size or upscale factor, or choose the CPU tier.")
-                events.append(f"out of memory ({err}) with the {plan.tier} plan (tile {plan.tile}): "
-                              f"stepped down to the {nxt.tier} plan (tile {nxt.tile}) and retried")
+                    raise OutOfMemory(
+                        "Out of GPU memory even with the smallest plan; close other programs "
+                        "using the GPU, lower the size or upscale factor, or choose the CPU tier."
+                    )
+                events.append(
+                    f"out of memory ({err}) with the {plan.tier} plan (tile {plan.tile}): "
+                    f"stepped down to the {nxt.tier} plan (tile {nxt.tile}) and retried"
+                )
                 log.warning(events[-1])
                 plan = nxt
 
@@ -283,8 +309,17 @@ class Engine:
             self.apply(plan)
             speed = self._apply_fast(job, plan, events, progress)
         compiled_before = fast.compile_seconds()
-        rt = Runtime(self.pipe, torch.device(plan.device), self.max_seq, plan.tile, plan.overlap,
-                     plan.upscale_tile, self.residency, progress, cancel)
+        rt = Runtime(
+            self.pipe,
+            torch.device(plan.device),
+            self.max_seq,
+            plan.tile,
+            plan.overlap,
+            plan.upscale_tile,
+            self.residency,
+            progress,
+            cancel,
+        )
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         # the depth model (~0.1 GB) runs on the GPU only where the plan leaves room
         depth_device = "cuda" if plan.device == "cuda" and plan.budget_gb >= 40 else "cpu"
@@ -292,19 +327,27 @@ class Engine:
             controls = control_images(job, image, self.demo, depth_device)
         if not self.demo and any(c.kind == "depth" for c in job.controls):
             from preprocessors.depth import depth_model_is_demo
+
             if depth_model_is_demo(device=depth_device):
-                events.append("Depth Anything could not be loaded (offline?): the depth control came from a "
-                              "random demo model; download depth-anything/Depth-Anything-V2-Small-hf")
+                events.append(
+                    "Depth Anything could not be loaded (offline?): the depth control came from a "
+                    "random demo model; download depth-anything/Depth-Anything-V2-Small-hf"
+                )
         out = generate_pass(job, image, controls, rt, mon, events, self.cache)
         if job.upscale > 1:
-            out = upscale(job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo,
-                          depth_device)
+            out = upscale(
+                job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo, depth_device
+            )
         if self.faults.black():
             out = Image.new("RGB", out.size)
         if speed is not None and speed.cuda_graphs:
             for name, m in fast.graphed_models(self.pipe).items():
                 gc = graphs.installed(m)
-                msg = gc and gc.disabled and f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without"
+                msg = (
+                    gc
+                    and gc.disabled
+                    and f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without"
+                )
                 if msg and msg not in events:
                     events.append(msg)
         report = mon.report()
@@ -312,8 +355,10 @@ class Engine:
             compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
             report["fast"] = dict(speed.describe(), compile_s=compile_s)
             if compile_s >= 0.5:
-                events.append(f"compiled the denoiser blocks in {compile_s:.0f} s (once per process, dtype and "
-                              f"image size; included in the denoise time)")
+                events.append(
+                    f"compiled the denoiser blocks in {compile_s:.0f} s (once per process, dtype and "
+                    f"image size; included in the denoise time)"
+                )
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)
 
     # -- the fast path (core/fast.py): only while the whole denoiser is resident ------------------
@@ -329,7 +374,7 @@ class Engine:
         if cfg.compile and not compile_:
             events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
         want = (use_fp8, compile_, cfg)
-        if want != self._fast_want:   # walking the modules costs ~70 ms: once
+        if want != self._fast_want:  # walking the modules costs ~70 ms: once
             before, self._fast_dirty = self._fast, True
             self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, cfg=cfg)
             self._fast_want = want

@@ -19,12 +19,13 @@ has an exact inverse (`undo_fast`), so the engine can return to a streamed plan 
   block's output projection.
 - CUDA graphs (core.graphs, opt-in): whole ControlNet and transformer calls replayed with one launch.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 log = logging.getLogger(__name__)
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
-ATTENTION = {"sdpa": None, "cudnn": "_native_cudnn", "flash": "_native_flash"}   # name → diffusers backend
+ATTENTION = {"sdpa": None, "cudnn": "_native_cudnn", "flash": "_native_flash"}  # name → diffusers backend
 ATTENTION_CHOICES = ("auto",) + tuple(ATTENTION)
 _UNFUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
@@ -57,6 +58,7 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 def attentions(model: nn.Module) -> list[nn.Module]:
     from diffusers.models.attention import AttentionModuleMixin
+
     return [m for m in model.modules() if isinstance(m, AttentionModuleMixin) and hasattr(m, "processor")]
 
 
@@ -100,7 +102,7 @@ def unfuse_qkv(model: nn.Module) -> int:
                 if b is not None:
                     new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
                 setattr(attn, name, new)
-        attn.unfuse_projections()   # deletes the fused Linears, clears the flag
+        attn.unfuse_projections()  # deletes the fused Linears, clears the flag
         n += 1
     return n
 
@@ -114,11 +116,13 @@ def attention_available(name: str, index: int = 0) -> bool:
     if name not in ATTENTION or not torch.cuda.is_available():
         return False
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
     try:
         g = torch.Generator("cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, 4, 333, 128, device=f"cuda:{index}", generator=g).to(torch.bfloat16)
-                   for _ in range(3))   # an odd length, like the ControlNet's 4096 + 513 tokens
+        q, k, v = (
+            torch.randn(1, 4, 333, 128, device=f"cuda:{index}", generator=g).to(torch.bfloat16) for _ in range(3)
+        )  # an odd length, like the ControlNet's 4096 + 513 tokens
         with sdpa_kernel(kernel):
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
@@ -145,6 +149,7 @@ def resolve_attention(name: str, device: torch.device | str = "cuda") -> str:
 def set_attention(model: nn.Module, name: str) -> None:
     """Per processor, so diffusers' process-wide active backend stays as it was."""
     from diffusers.models.attention_dispatch import AttentionBackendName
+
     value = ATTENTION[name]
     backend = AttentionBackendName(value) if value else None
     for attn in attentions(model):
@@ -153,8 +158,15 @@ def set_attention(model: nn.Module, name: str) -> None:
 
 
 # -- regional compilation -------------------------------------------------------------------------
-def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                   fullgraph: bool = True, dynamic: bool | None = True, options: tuple = ()) -> int:
+def compile_blocks(
+    model: nn.Module,
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
+    fullgraph: bool = True,
+    dynamic: bool | None = True,
+    options: tuple = (),
+) -> int:
     """torch.compile each repeated block in place (what nn.Module.compile does, plus _same_form);
     returns how many were newly compiled. Compilation happens on the first call. dynamic=True: the
     sequence length is symbolic, so the ControlNet (one extra mode token) and the transformer share
@@ -164,8 +176,14 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
     n = 0
     for block in repeated_blocks(model):
         if not is_compiled(block):
-            compiled = torch.compile(block._call_impl, backend=backend, mode=mode, fullgraph=fullgraph,
-                                     dynamic=dynamic, options=dict(options) or None)
+            compiled = torch.compile(
+                block._call_impl,
+                backend=backend,
+                mode=mode,
+                fullgraph=fullgraph,
+                dynamic=dynamic,
+                options=dict(options) or None,
+            )
             block._compiled_call_impl = functools.partial(_same_form, compiled)
             n += 1
     return n
@@ -214,6 +232,7 @@ def compile_seconds() -> float:
     """Seconds torch.compile has spent in this process so far (dynamo's own metric; 0 if absent)."""
     try:
         from torch._dynamo.utils import compilation_time_metrics
+
         return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
     except Exception:  # noqa: BLE001 - a private metric: never let it break a job
         return 0.0
@@ -225,6 +244,7 @@ def can_compile(backend: str, device: torch.device | str) -> bool:
         return True
     try:
         from torch.utils._triton import has_triton
+
         return has_triton()
     except Exception:  # noqa: BLE001
         return False
@@ -243,6 +263,7 @@ def is_compile_error(err: BaseException) -> bool:
 class FastConfig:
     """How the engine runs all-resident plans. `devices`: where the fast path applies (the CPU only
     in tests); `backend`: torch.compile's ("eager" in tests)."""
+
     enabled: bool = True
     compile: bool = True
     attention: str = "auto"
@@ -250,14 +271,15 @@ class FastConfig:
     mode: str | None = None
     dynamic: bool | None = True
     options: tuple[tuple[str, object], ...] = ()
-    fuse_blocks: bool = True     # core.fused_blocks: GELU in the matmul, no concatenation before proj_out
-    cuda_graphs: bool = False    # core.graphs: replay whole denoiser calls (opt-in until measured at full size)
+    fuse_blocks: bool = True  # core.fused_blocks: GELU in the matmul, no concatenation before proj_out
+    cuda_graphs: bool = False  # core.graphs: replay whole denoiser calls (opt-in until measured at full size)
     devices: tuple[str, ...] = ("cuda",)
 
 
 @dataclass(frozen=True)
 class Fast:
     """What apply_fast applied."""
+
     fused: bool
     compiled: bool
     fp8: bool
@@ -271,8 +293,11 @@ class Fast:
         return asdict(self)
 
     def label(self) -> str:
-        parts = (["fused QKV"] if self.fused else []) + (["GELU in the matmul"] if self.fused_blocks else []) + (
-            ["compiled blocks"] if self.compiled else [])
+        parts = (
+            (["fused QKV"] if self.fused else [])
+            + (["GELU in the matmul"] if self.fused_blocks else [])
+            + (["compiled blocks"] if self.compiled else [])
+        )
         parts.append({"cudnn": "cuDNN attention", "flash": "flash attention"}.get(self.attention, "SDPA attention"))
         if self.fp8:
             parts.append(f"fp8 compute ({self.fp8_layers} layers)")
@@ -290,7 +315,7 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | 
     fuse = cfg.fuse_blocks
     models = denoisers(pipe)
     device = next(pipe.transformer.parameters()).device
-    for m in models:   # fuse before quantizing: the fused Linears are the ones that take fp8
+    for m in models:  # fuse before quantizing: the fused Linears are the ones that take fp8
         fused = all(getattr(a, "fused_projections", False) for a in attentions(m))
         if not fp8 or not fused or fuse != fused_blocks.is_fused(m):
             dequantize_fp8(m)
@@ -309,14 +334,20 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | 
         else:
             uncompile_blocks(m)
     calls = graphed_models(pipe)
-    graphs.uninstall(calls)        # graphs point at the weights that may just have changed
+    graphs.uninstall(calls)  # graphs point at the weights that may just have changed
     if cfg.cuda_graphs:
         graphs.install(calls)
     fused = all(getattr(a, "fused_projections", False) for m in models for a in attentions(m))
-    return Fast(fused=fused, compiled=compile, fp8=fp8, attention=att, fused_blocks=fuse,
-                cuda_graphs=cfg.cuda_graphs,
-                fp8_layers=sum(fp8_layers(m) for m in models),
-                compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)))
+    return Fast(
+        fused=fused,
+        compiled=compile,
+        fp8=fp8,
+        attention=att,
+        fused_blocks=fuse,
+        cuda_graphs=cfg.cuda_graphs,
+        fp8_layers=sum(fp8_layers(m) for m in models),
+        compiled_blocks=sum(is_compiled(b) for m in models for b in repeated_blocks(m)),
+    )
 
 
 def graphed_models(pipe) -> dict[str, nn.Module]:
@@ -346,16 +377,24 @@ def fp8_decision(plan, cfg: FastConfig, wanted: bool) -> tuple[bool, str | None]
         return False, None
     if not eligible(plan, cfg):
         tier = f"{plan.tier} GB" if plan.tier.isdigit() else f"'{plan.tier}'"
-        why = ("this job ran on the CPU" if plan.device == "cpu" else
-               "the fast path is turned off" if not cfg.enabled else
-               f"the {tier} plan streams part of the model")
-        return False, (f"fp8 compute was ignored: it applies only when the whole model is resident on a CUDA GPU "
-                       f"({why}; computed in {plan.dtype})")
+        why = (
+            "this job ran on the CPU"
+            if plan.device == "cpu"
+            else "the fast path is turned off"
+            if not cfg.enabled
+            else f"the {tier} plan streams part of the model"
+        )
+        return False, (
+            f"fp8 compute was ignored: it applies only when the whole model is resident on a CUDA GPU "
+            f"({why}; computed in {plan.dtype})"
+        )
     if plan.dtype != "bfloat16":
         return False, f"fp8 compute was ignored: this job computes in {plan.dtype} for precision"
     cuda = plan.device == "cuda" and torch.cuda.is_available()
     if not fp8_compute.fp8_supported(torch.cuda.current_device() if cuda else 0):
         cap = "compute capability " + ".".join(map(str, torch.cuda.get_device_capability())) if cuda else "no fp8"
-        return False, (f"fp8 compute was ignored: it needs fp8 matmuls (compute capability 8.9+: Ada, Hopper "
-                       f"or newer); this device has {cap}: ran in {plan.dtype}")
+        return False, (
+            f"fp8 compute was ignored: it needs fp8 matmuls (compute capability 8.9+: Ada, Hopper "
+            f"or newer); this device has {cap}: ran in {plan.dtype}"
+        )
     return True, None

@@ -3,6 +3,7 @@ activations quantized per row on the fly, `torch._scaled_mm`): the row-wise reci
 Float8DynamicActivationFloat8WeightConfig(PerRow()). It changes pixels (fine detail), so it is the
 user's choice (core.fast applies it). The bf16 originals wait in host memory and come back exactly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)        # 448
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 @functools.lru_cache(maxsize=8)
@@ -27,9 +28,15 @@ def fp8_supported(index: int = 0) -> bool:
         dev = torch.device("cuda", index)
         a = torch.ones(16, 32, device=dev).to(FP8)
         w = torch.ones(16, 32, device=dev).to(FP8)
-        out = torch._scaled_mm(a, w.t(), scale_a=torch.ones(16, 1, device=dev),
-                               scale_b=torch.ones(1, 16, device=dev), bias=torch.ones(16, device=dev,
-                               dtype=torch.bfloat16), out_dtype=torch.bfloat16, use_fast_accum=True)
+        out = torch._scaled_mm(
+            a,
+            w.t(),
+            scale_a=torch.ones(16, 1, device=dev),
+            scale_b=torch.ones(1, 16, device=dev),
+            bias=torch.ones(16, device=dev, dtype=torch.bfloat16),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )
         return bool((out.float() == 33).all())
     except RuntimeError as e:
         log.info("fp8 matmul unavailable: %s", e)
@@ -56,8 +63,9 @@ class Fp8Linear(nn.Module):
     `scaled_mm=False` emulates the same arithmetic (dequantize, float32 matmul, bf16 rounding) for
     devices without fp8 matmuls; it exists for tests, it is not fast."""
 
-    def __init__(self, linear: nn.Linear, scaled_mm: bool, fast_accum: bool = True,
-                 split: tuple[int, ...] | None = None):
+    def __init__(
+        self, linear: nn.Linear, scaled_mm: bool, fast_accum: bool = True, split: tuple[int, ...] | None = None
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.split = tuple(split) if split and len(split) > 1 else (linear.in_features,)
@@ -65,12 +73,12 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"split {self.split} does not add up to {linear.in_features} input features")
         for i, w_part in enumerate(linear.weight.detach().split(self.split, dim=1)):
             w, s = quantize_rows(w_part)
-            self.register_buffer(f"weight{i or ''}", w)                               # (out, in_i) e4m3
+            self.register_buffer(f"weight{i or ''}", w)  # (out, in_i) e4m3
             self.register_buffer(f"weight{i or ''}_scale", s.reshape(1, -1).contiguous())  # (1, out) float32
         b = linear.bias
         self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16 if scaled_mm else b.dtype))
         self.scaled_mm, self.fast_accum = scaled_mm, fast_accum
-        self._original = (linear,)   # in a tuple: not a submodule, so model.to() never moves it
+        self._original = (linear,)  # in a tuple: not a submodule, so model.to() never moves it
 
     def _part(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"weight{i or ''}"), getattr(self, f"weight{i or ''}_scale")
@@ -89,21 +97,24 @@ class Fp8Linear(nn.Module):
             parts = x2.split(self.split, dim=-1) if len(self.split) > 1 else (x2,)
         out = None
         for i, xs in enumerate(parts):
-            q, s = quantize_rows(xs)                                     # (M, in_i), (M, 1)
+            q, s = quantize_rows(xs)  # (M, in_i), (M, 1)
             w, ws = self._part(i)
             bias = self.bias if i == 0 else None
             if self.scaled_mm:
-                y = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=ws, bias=bias, out_dtype=torch.bfloat16,
-                                     use_fast_accum=self.fast_accum)
+                y = torch._scaled_mm(
+                    q, w.t(), scale_a=s, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum
+                )
             else:
-                y = ((q.float() * s) @ (w.float() * ws.t()).t())
+                y = (q.float() * s) @ (w.float() * ws.t()).t()
                 y = (y if bias is None else y + bias.float()).to(torch.bfloat16)
-            out = y if out is None else out.float() + y   # parts summed in float32, rounded once
+            out = y if out is None else out.float() + y  # parts summed in float32, rounded once
         return out.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scaled_mm={self.scaled_mm}, split={self.split}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scaled_mm={self.scaled_mm}, split={self.split}"
+        )
 
 
 def _fp8_targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -117,7 +128,7 @@ def _fp8_targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             for name, m in block.named_modules():
                 if not isinstance(m, nn.Linear) or name.split(".")[0].startswith("norm"):
                     continue
-                if m.in_features % 16 or m.out_features % 16:   # _scaled_mm's shape rule
+                if m.in_features % 16 or m.out_features % 16:  # _scaled_mm's shape rule
                     continue
                 parent, _, leaf = name.rpartition(".")
                 out.append((block.get_submodule(parent) if parent else block, leaf, m))
@@ -160,5 +171,4 @@ def fp8_layers(model: nn.Module) -> int:
 
 def fp8_bytes(model: nn.Module) -> int:
     """GPU bytes of the Fp8Linear buffers (weights, scales, biases)."""
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Fp8Linear)
-               for b in m.buffers())
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Fp8Linear) for b in m.buffers())

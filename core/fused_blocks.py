@@ -14,6 +14,7 @@ Triton time went from 17.4 to 9.7 ms (H100, bf16), pixels unchanged beyond round
 
 Every change is undone exactly by `unfuse_blocks`; tests compare both forms on the tiny model.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,25 +51,26 @@ class LinearGELU(nn.Module):
     def __init__(self, linear: nn.Module, original: nn.Module):
         super().__init__()
         self.linear = linear
-        self._original = (original,)    # in a tuple: not a submodule (its Linear is `linear`)
+        self._original = (original,)  # in a tuple: not a submodule (its Linear is `linear`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear
         if type(lin) is nn.Linear and lin.bias is not None and x.dtype == lin.weight.dtype:
-            return linear_gelu(x, lin.weight, lin.bias)     # the op computes plainly off CUDA
-        return F.gelu(lin(x), approximate="tanh")   # fp8 layers, no bias: the plain form
+            return linear_gelu(x, lin.weight, lin.bias)  # the op computes plainly off CUDA
+        return F.gelu(lin(x), approximate="tanh")  # fp8 layers, no bias: the plain form
 
 
 def project_parts(proj: nn.Module, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """proj(cat(parts, -1)) without the concatenation."""
     from .fp8_compute import Fp8Linear
+
     if isinstance(proj, Fp8Linear):
         return proj(parts)
     w, lead = proj.weight, parts[0].shape[:-1]
     out, start = None, 0
-    for x in parts:   # each matmul adds the previous result in its epilogue: one rounding per part
+    for x in parts:  # each matmul adds the previous result in its epilogue: one rounding per part
         k = x.shape[-1]
-        x2, w2 = x.reshape(-1, k), w[:, start:start + k].t()
+        x2, w2 = x.reshape(-1, k), w[:, start : start + k].t()
         if out is None:
             out = x2 @ w2 if proj.bias is None else torch.addmm(proj.bias, x2, w2)
         else:
@@ -77,16 +79,23 @@ def project_parts(proj: nn.Module, parts: tuple[torch.Tensor, ...]) -> torch.Ten
     return out.reshape(*lead, w.shape[0])
 
 
-def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                         temb: torch.Tensor, image_rotary_emb=None, joint_attention_kwargs=None):
+def single_block_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    image_rotary_emb=None,
+    joint_attention_kwargs=None,
+):
     """FluxSingleTransformerBlock.forward of diffusers 0.42 without the concatenation before proj_out."""
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
-    attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                            **(joint_attention_kwargs or {}))
+    attn_output = self.attn(
+        hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
+    )
     hidden_states = residual + gate.unsqueeze(1) * project_parts(self.proj_out, (attn_output, mlp_hidden_states))
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
@@ -125,8 +134,11 @@ def fuse_blocks(model: nn.Module) -> int:
                 ff.net[0] = LinearGELU(ff.net[0].proj, ff.net[0])
                 n += 1
     for block in getattr(model, "single_transformer_blocks", None) or ():
-        if "forward" in vars(block) or type(block).__name__ != "FluxSingleTransformerBlock" \
-                or not _mirrors(type(block)):
+        if (
+            "forward" in vars(block)
+            or type(block).__name__ != "FluxSingleTransformerBlock"
+            or not _mirrors(type(block))
+        ):
             continue
         act = block.act_mlp
         if isinstance(act, nn.GELU) and act.approximate == "tanh":
@@ -139,7 +151,8 @@ def fuse_blocks(model: nn.Module) -> int:
 
 def is_fused(model: nn.Module) -> bool:
     return any("forward" in vars(b) for b in getattr(model, "single_transformer_blocks", None) or ()) or any(
-        isinstance(m, LinearGELU) for m in model.modules())
+        isinstance(m, LinearGELU) for m in model.modules()
+    )
 
 
 @torch.no_grad()

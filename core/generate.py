@@ -2,11 +2,12 @@
 
 Phases are explicit so the memory monitor can time them and an out-of-memory says where it happened.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ from .models import has_mode_ids
 from .skip import skip_idle_controls
 from .tiled import tiled_denoising
 
-Progress = Callable[[str, int, int], None]     # (stage label, done, total)
+Progress = Callable[[str, int, int], None]  # (stage label, done, total)
 
 
 class JobCancelled(Exception):
@@ -29,12 +30,13 @@ class JobCancelled(Exception):
 @dataclass
 class Runtime:
     """What a pass needs besides the job: the pipeline as placed by the plan."""
+
     pipe: object
     device: torch.device
     max_seq: int
-    tile: int                        # generation tile (px), 0: whole image
+    tile: int  # generation tile (px), 0: whole image
     overlap: int
-    upscale_tile: int = 1024         # tile of the upscale stages
+    upscale_tile: int = 1024  # tile of the upscale stages
     residency: object | None = None  # core.residency.Residency, told about step ends
     progress: Progress | None = None
     cancel: Callable[[], bool] | None = None
@@ -50,8 +52,9 @@ class PromptCache:
         key = (prompt, max_seq, pipe.text_encoder_2.dtype)
         if key not in self.data:
             with torch.no_grad():
-                pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, device=device,
-                                                   max_sequence_length=max_seq)
+                pe, pooled, _ = pipe.encode_prompt(
+                    prompt=prompt, prompt_2=prompt, device=device, max_sequence_length=max_seq
+                )
             self.data[key] = (pe.cpu(), pooled.cpu())
             while len(self.data) > self.size:
                 self.data.popitem(last=False)
@@ -60,8 +63,9 @@ class PromptCache:
         return pe.to(device), pooled.to(device)
 
 
-def control_images(job: Job, image: Image.Image, demo: bool = False,
-                   depth_device: str | None = None) -> list[Image.Image]:
+def control_images(
+    job: Job, image: Image.Image, demo: bool = False, depth_device: str | None = None
+) -> list[Image.Image]:
     """Each control computed from the (resized) input image; the demo model gets the demo depth model."""
     return [preprocess(c.kind, image, **control_params(c, demo, depth_device)) for c in job.controls]
 
@@ -85,10 +89,12 @@ def control_args(pipe, controls: tuple[ControlSpec, ...]) -> dict:
         bad = [c.kind for c in controls if not CONTROLS[c.kind].in_pro2]
         if bad:
             raise ValueError(f"This ControlNet (no mode ids, like Union-Pro-2.0) does not support: {', '.join(bad)}.")
-    return dict(control_mode=[c.mode_id for c in controls] if modes else None,
-                controlnet_conditioning_scale=[c.scale for c in controls],
-                control_guidance_start=[c.start for c in controls],
-                control_guidance_end=[c.end for c in controls])
+    return dict(
+        control_mode=[c.mode_id for c in controls] if modes else None,
+        controlnet_conditioning_scale=[c.scale for c in controls],
+        control_guidance_start=[c.start for c in controls],
+        control_guidance_end=[c.end for c in controls],
+    )
 
 
 def step_callback(rt: Runtime, label: str, total: int):
@@ -100,11 +106,13 @@ def step_callback(rt: Runtime, label: str, total: int):
         if rt.cancel is not None and rt.cancel():
             raise JobCancelled("cancelled")
         return {}
+
     return cb
 
 
-def decode(pipe, latents: torch.Tensor, width: int, height: int, monitor: MemoryMonitor,
-           events: list[str]) -> Image.Image:
+def decode(
+    pipe, latents: torch.Tensor, width: int, height: int, monitor: MemoryMonitor, events: list[str]
+) -> Image.Image:
     """Packed latents → PIL; an out-of-memory retries with tiled VAE decoding."""
     lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
@@ -122,24 +130,43 @@ def decode(pipe, latents: torch.Tensor, width: int, height: int, monitor: Memory
     return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 
-def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt: Runtime,
-                  monitor: MemoryMonitor, events: list[str], cache: PromptCache) -> Image.Image:
+def generate_pass(
+    job: Job,
+    image: Image.Image,
+    controls: list[Image.Image],
+    rt: Runtime,
+    monitor: MemoryMonitor,
+    events: list[str],
+    cache: PromptCache,
+) -> Image.Image:
     """Text-to-image with controls at job.width × job.height (in fused tiles if the plan says so)."""
     pipe = rt.pipe
     with monitor.phase("encode"):
         pe, pooled = cache.get(pipe, job.prompt, rt.device, rt.max_seq)
     gen = torch.Generator("cpu").manual_seed(job.seed)
     label = "generate"
-    with monitor.phase("denoise"), torch.no_grad(), skip_idle_controls(pipe) as skipped, \
-            tiled_denoising(pipe, job.width, job.height, rt.tile, rt.overlap) as tiles:
+    with (
+        monitor.phase("denoise"),
+        torch.no_grad(),
+        skip_idle_controls(pipe) as skipped,
+        tiled_denoising(pipe, job.width, job.height, rt.tile, rt.overlap) as tiles,
+    ):
         if len(tiles) > 1:
             events.append(f"generated in {len(tiles)} fused tiles of {rt.tile}px")
-        latents = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, control_image=controls,
-                       height=job.height, width=job.width, num_inference_steps=job.steps,
-                       guidance_scale=job.guidance, generator=gen, output_type="latent",
-                       max_sequence_length=rt.max_seq,
-                       callback_on_step_end=step_callback(rt, label, job.steps),
-                       **control_args(pipe, job.controls)).images
+        latents = pipe(
+            prompt_embeds=pe,
+            pooled_prompt_embeds=pooled,
+            control_image=controls,
+            height=job.height,
+            width=job.width,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            generator=gen,
+            output_type="latent",
+            max_sequence_length=rt.max_seq,
+            callback_on_step_end=step_callback(rt, label, job.steps),
+            **control_args(pipe, job.controls),
+        ).images
     if skipped["skipped"]:
         events.append(f"skipped {skipped['skipped']} idle ControlNet passes (outside control start/end)")
     return decode(pipe, latents, job.width, job.height, monitor, events)

@@ -24,11 +24,13 @@ one level up: one per call of `pipe.controlnet` and of `pipe.transformer`, per i
 Measured (H100, full size, bench/SPEED_PROFILE.md run 4): 5.17 → 5.01 s per 1024² image in bf16, the
 same pixels, +1.2 GiB reserved. Opt-in (FastConfig.cuda_graphs) until the planner counts the pool.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,8 +56,8 @@ def form_of(leaves: list) -> tuple | None:
 
 @dataclass
 class _Graph:
-    graph: Any                     # torch.cuda.CUDAGraph
-    inputs: list                   # the graph's copies of the tensor leaves (None for other leaves)
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: list  # the graph's copies of the tensor leaves (None for other leaves)
     out: Any
 
 
@@ -63,18 +65,19 @@ class _Graph:
 class GraphedCalls:
     """The graphs of one model's calls. `capture` makes (graph, outputs) from a function and its
     inputs; tests swap in a stand-in to check the bookkeeping without a GPU."""
+
     max_forms: int = 4
     capture: Callable | None = None
     graphs: dict = field(default_factory=dict)
     seen: set = field(default_factory=set)
-    disabled: str | None = None    # why graphs are off for this model
+    disabled: str | None = None  # why graphs are off for this model
     replays: int = 0
 
     def clear(self) -> None:
         self.graphs.clear()
         self.seen.clear()
 
-    def call(self, fn: Callable, pool: "Pool", *args, **kwargs):
+    def call(self, fn: Callable, pool: Pool, *args, **kwargs):
         if self.disabled:
             return fn(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
@@ -84,7 +87,7 @@ class GraphedCalls:
         key = (spec, form)
         g = self.graphs.get(key)
         if g is None:
-            if key not in self.seen:           # first time: eager (compiles, picks kernels)
+            if key not in self.seen:  # first time: eager (compiles, picks kernels)
                 self.seen.add(key)
                 return fn(*args, **kwargs)
             if len(self.graphs) >= self.max_forms:
@@ -104,10 +107,11 @@ class GraphedCalls:
         self.replays += 1
         return g.out
 
-    def _capture(self, fn, pool: "Pool", leaves: list, spec) -> _Graph:
+    def _capture(self, fn, pool: Pool, leaves: list, spec) -> _Graph:
         live = pool.outputs()
-        inputs = [None if not isinstance(x, torch.Tensor) else
-                  (x if x.data_ptr() in live else x.clone()) for x in leaves]
+        inputs = [
+            None if not isinstance(x, torch.Tensor) else (x if x.data_ptr() in live else x.clone()) for x in leaves
+        ]
         static = [i if i is not None else x for i, x in zip(inputs, leaves)]
         args, kwargs = tree_unflatten(static, spec)
         graph, out = (self.capture or pool.capture)(lambda: fn(*args, **kwargs))
@@ -117,14 +121,20 @@ class GraphedCalls:
 @dataclass
 class Pool:
     """The memory pool the graphs share, and the models whose graphs use it."""
+
     handle: Any = None
     members: list = field(default_factory=list)
 
     def outputs(self) -> set[int]:
         """Data pointers of the outputs of the graphs alive now: an input that is one of them is
         used as it is (it lives as long as its graph, and the graph holding it as an input keeps it)."""
-        return {t.data_ptr() for gc in self.members for g in gc.graphs.values()
-                for t in tree_flatten(g.out)[0] if isinstance(t, torch.Tensor)}
+        return {
+            t.data_ptr()
+            for gc in self.members
+            for g in gc.graphs.values()
+            for t in tree_flatten(g.out)[0]
+            if isinstance(t, torch.Tensor)
+        }
 
     def capture(self, run: Callable):
         """Warm up on a side stream (lazy initialisations must not happen inside a capture), then
@@ -153,10 +163,11 @@ def install(models: dict[str, nn.Module], capture: Callable | None = None) -> di
             raise RuntimeError(f"the {name}'s calls are graphed already: uninstall first")
         gc = GraphedCalls(capture=capture)
         pool.members.append(gc)
-        inner = m.forward   # another hook's forward stays underneath
+        inner = m.forward  # another hook's forward stays underneath
 
         def forward(*args, _inner=inner, _gc=gc, **kwargs):
             return _gc.call(_inner, pool, *args, **kwargs)
+
         forward._graphed = gc
         forward._own = set_forward(m, forward)
         calls[name] = gc

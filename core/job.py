@@ -3,6 +3,7 @@
 Every door (UI, CLI, Python, API) builds a Job; a bad value raises ValueError naming the argument
 and the allowed values, before anything is loaded or written.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,11 @@ from PIL import Image
 
 from preprocessors.registry import CONTROLS, check_params
 
-GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")   # largest first: the step-down order
+GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")  # largest first: the step-down order
 TIERS = ("auto", "cpu") + GPU_TIERS[::-1]
 MAX_PROMPT_CHARS = 2000
 MAX_CONTROLS = 4
-MAX_SIDE = 2048          # generation size before upscaling
+MAX_SIDE = 2048  # generation size before upscaling
 MAX_UPSCALE = 4.0
 
 
@@ -37,11 +38,11 @@ def out_size(width: int, height: int, factor: float) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ControlSpec:
-    kind: str                   # a name in preprocessors.registry.CONTROLS
+    kind: str  # a name in preprocessors.registry.CONTROLS
     scale: float | None = None  # None: the control's default scale
-    start: float = 0.0          # control_guidance_start, fraction of the steps
-    end: float = 0.8            # control_guidance_end
-    params: tuple = ()          # preprocessor keyword arguments as (key, value) pairs
+    start: float = 0.0  # control_guidance_start, fraction of the steps
+    end: float = 0.8  # control_guidance_end
+    params: tuple = ()  # preprocessor keyword arguments as (key, value) pairs
 
     def __post_init__(self):
         if self.kind not in CONTROLS:
@@ -75,9 +76,9 @@ class Job:
     seed: int = 0
     upscale: float = 1.0
     tier: str = "auto"
-    upscale_strength: float = 0.3   # img2img denoise of each upscale stage
+    upscale_strength: float = 0.3  # img2img denoise of each upscale stage
     upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
-    fp8_compute: bool = False       # fp8 matmuls when the whole model is resident on an fp8 GPU (core/fast.py)
+    fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/fast.py)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -102,10 +103,12 @@ class Job:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be a whole number between 0 and 2**63-1, got {self.seed!r}.")
         object.__setattr__(self, "upscale", _finite("upscale", self.upscale, 1.0, MAX_UPSCALE))
-        object.__setattr__(self, "upscale_strength",
-                           _finite("upscale_strength", self.upscale_strength, 0.0, 1.0))
-        if self.upscale_steps is not None and not (isinstance(self.upscale_steps, int) and not isinstance(
-                self.upscale_steps, bool) and 1 <= self.upscale_steps <= 100):
+        object.__setattr__(self, "upscale_strength", _finite("upscale_strength", self.upscale_strength, 0.0, 1.0))
+        if self.upscale_steps is not None and not (
+            isinstance(self.upscale_steps, int)
+            and not isinstance(self.upscale_steps, bool)
+            and 1 <= self.upscale_steps <= 100
+        ):
             raise ValueError(f"upscale_steps must be between 1 and 100, got {self.upscale_steps!r}.")
         if str(self.tier).lower() not in TIERS:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
@@ -118,14 +121,24 @@ class Job:
         """Final (width, height) after upscaling, multiples of 16."""
         return out_size(self.width, self.height, self.upscale)
 
-    def with_(self, **changes) -> "Job":
+    def with_(self, **changes) -> Job:
         return replace(self, **changes)
 
     def describe(self) -> dict:
         """Everything but the image, JSON-ready (goes into PNG metadata)."""
-        return dict(prompt=self.prompt, width=self.width, height=self.height, steps=self.steps,
-                    guidance=self.guidance, seed=self.seed, upscale=self.upscale, tier=self.tier,
-                    upscale_strength=self.upscale_strength, upscale_steps=self.upscale_steps,
-                    fp8_compute=self.fp8_compute,
-                    controls=[dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end,
-                                   params=dict(c.params)) for c in self.controls])
+        return dict(
+            prompt=self.prompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            upscale=self.upscale,
+            tier=self.tier,
+            upscale_strength=self.upscale_strength,
+            upscale_steps=self.upscale_steps,
+            fp8_compute=self.fp8_compute,
+            controls=[
+                dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end, params=dict(c.params)) for c in self.controls
+            ],
+        )

@@ -3,6 +3,7 @@
 On CUDA it reads the caching allocator (allocated / reserved, the numbers a tier budget is checked
 against); on the CPU it reads the process RSS. The timeline feeds the UI's memory plot.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,11 +80,17 @@ class MemoryMonitor:
         seconds: dict[str, float] = {}
         for p in self.phases:
             seconds[p.name] = round(seconds.get(p.name, 0.0) + p.seconds, 3)
-        return dict(device=self.device, peak_reserved_gb=round(self.peak_reserved_gb, 3),
-                    peak_alloc_gb=round(self.peak_alloc_gb, 3), seconds=seconds,
-                    phases=[dict(name=p.name, start_s=p.start_s, seconds=p.seconds,
-                                 peak_reserved_gb=p.peak_reserved_gb) for p in self.phases],
-                    timeline=self.timeline)
+        return dict(
+            device=self.device,
+            peak_reserved_gb=round(self.peak_reserved_gb, 3),
+            peak_alloc_gb=round(self.peak_alloc_gb, 3),
+            seconds=seconds,
+            phases=[
+                dict(name=p.name, start_s=p.start_s, seconds=p.seconds, peak_reserved_gb=p.peak_reserved_gb)
+                for p in self.phases
+            ],
+            timeline=self.timeline,
+        )
 
 
 def free_memory() -> None:

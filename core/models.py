@@ -3,6 +3,7 @@
 Offline (`HF_HUB_OFFLINE=1`), without network, or for the gated FLUX.1-dev without an accepted
 licence, the user gets one sentence that says what is missing and what to do, not a traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,13 +24,14 @@ class ModelUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    base: str = FLUX_DEV        # Hub id or local folder of a diffusers FLUX pipeline
+    base: str = FLUX_DEV  # Hub id or local folder of a diffusers FLUX pipeline
     controlnet: str = UNION_PRO  # Hub id or local folder of a FluxControlNetModel (Union)
-    demo: bool = False           # the tiny random-weight model
+    demo: bool = False  # the tiny random-weight model
 
     @staticmethod
-    def demo_spec(pro2: bool = False) -> "ModelSpec":
+    def demo_spec(pro2: bool = False) -> ModelSpec:
         from .demo_model import ensure_demo_model
+
         root = ensure_demo_model()
         cn = "controlnet-union-pro2" if pro2 else "controlnet-union"
         return ModelSpec(base=str(root / "flux"), controlnet=str(root / cn), demo=True)
@@ -46,13 +48,18 @@ def _explain(source: str, what: str, err: Exception) -> ModelUnavailableError:
     if _is_local(source):
         return ModelUnavailableError(
             f"The {what} folder '{source}' could not be loaded ({type(err).__name__}); check that it holds a "
-            f"complete diffusers {what} with .safetensors weights.")
+            f"complete diffusers {what} with .safetensors weights."
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    hint = (f"download it once with `hf download {source}` on a machine with network, "
-            f"or pass a local folder with `--{what} /path/to/folder`")
+    hint = (
+        f"download it once with `hf download {source}` on a machine with network, "
+        f"or pass a local folder with `--{what} /path/to/folder`"
+    )
     if isinstance(err, GatedRepoError) or "gated" in str(err).lower() or "401" in str(err):
-        msg = (f"The {what} '{source}' is gated: accept its licence on huggingface.co, log in with "
-               f"`hf auth login` (or set HF_TOKEN), or pass a local folder with `--{what} /path/to/folder`.")
+        msg = (
+            f"The {what} '{source}' is gated: accept its licence on huggingface.co, log in with "
+            f"`hf auth login` (or set HF_TOKEN), or pass a local folder with `--{what} /path/to/folder`."
+        )
     elif isinstance(err, RepositoryNotFoundError):
         msg = f"The {what} '{source}' is neither a local folder nor a model on the Hugging Face Hub; check the name or the path."
     elif offline:
@@ -67,8 +74,9 @@ def _check_local(source: str, what: str) -> None:
     if source.startswith((".", "/", "~")) and not p.is_dir():
         raise ModelUnavailableError(f"The {what} folder '{source}' does not exist.")
     if p.is_dir() and not any(p.rglob("*.safetensors")):
-        raise ModelUnavailableError(f"The {what} folder '{source}' holds no .safetensors weights; "
-                                    "only safetensors are loaded.")
+        raise ModelUnavailableError(
+            f"The {what} folder '{source}' holds no .safetensors weights; only safetensors are loaded."
+        )
 
 
 def _load(source: str, what: str, load):
@@ -82,8 +90,10 @@ def _load(source: str, what: str, load):
 
 def load_controlnet(source: str, dtype: torch.dtype):
     from diffusers import FluxControlNetModel
-    return _load(source, "controlnet",
-                 lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True))
+
+    return _load(
+        source, "controlnet", lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    )
 
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
@@ -93,8 +103,13 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
     controlnet = load_controlnet(spec.controlnet, dtype)
-    pipe = _load(spec.base, "model", lambda: FluxControlNetPipeline.from_pretrained(
-        spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype, use_safetensors=True))
+    pipe = _load(
+        spec.base,
+        "model",
+        lambda: FluxControlNetPipeline.from_pretrained(
+            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype, use_safetensors=True
+        ),
+    )
     pipe.set_progress_bar_config(disable=True)
     log.info("loaded %s + %s in %s%s", spec.base, spec.controlnet, dtype, " (demo model)" if spec.demo else "")
     return pipe

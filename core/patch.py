@@ -2,6 +2,7 @@
 
 An instance attribute `forward` shadows the class's; accelerate's and our hooks may have set one
 already, so the previous instance attribute (or its absence) is restored exactly."""
+
 from __future__ import annotations
 
 import contextlib

@@ -7,34 +7,36 @@ model's constants (activation bytes per token, VAE bytes per pixel) were measure
 the full-size architecture (bench/RESULTS.md); the time model (core.timing) ranks candidate
 placements and is what the user is shown (within 8 % of the H100 runs).
 """
+
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field, replace
 
-from .device import GiB, DeviceInfo
+from .device import DeviceInfo, GiB
 from .job import GPU_TIERS, out_size
-from .units import UnitSize, buffer_bytes, ring_bytes
 from .timing import simulate_step
+from .units import UnitSize, buffer_bytes, ring_bytes
 
-SLOTS = 2                  # work slots for fp8 units: one in use, one cast ahead
-MODEL_EFF = 0.92           # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
-                           # resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
-FP8_MARGIN = 1.05          # fp8 placements must be predicted this much faster than exact bf16 ones
-RING = 8                   # copy-ring size in units of the largest streamed unit: on the H100 the 8 GB
-                           # plan ran 0.300 / 0.282 / 0.283 s/step with rings of 4 / 8 / 16
-CONTEXT_GB = 0.5           # left for the CUDA context: a tier N has N - 0.5 GiB
+SLOTS = 2  # work slots for fp8 units: one in use, one cast ahead
+MODEL_EFF = 0.92  # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
+# resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
+FP8_MARGIN = 1.05  # fp8 placements must be predicted this much faster than exact bf16 ones
+RING = 8  # copy-ring size in units of the largest streamed unit: on the H100 the 8 GB
+# plan ran 0.300 / 0.282 / 0.283 s/step with rings of 4 / 8 / 16
+CONTEXT_GB = 0.5  # left for the CUDA context: a tier N has N - 0.5 GiB
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
-    act_per_token: float = 36.0 * 3072 * 2    # denoiser transients per (image + text) token
+
+    act_per_token: float = 36.0 * 3072 * 2  # denoiser transients per (image + text) token
     res_per_img_token: float = 30.0 * 3072 * 2  # ControlNet residuals kept for the transformer
-    vae_dec_per_px: float = 2600.0           # untiled VAE decode, bytes per output pixel
-    vae_enc_per_px: float = 1300.0           # untiled VAE encode (control image, img2img)
-    vae_tile_px: int = 512                   # tile side when VAE tiling is on
-    frag: float = 1.02                       # reserved / allocated (expandable segments)
+    vae_dec_per_px: float = 2600.0  # untiled VAE decode, bytes per output pixel
+    vae_enc_per_px: float = 1300.0  # untiled VAE encode (control image, img2img)
+    vae_tile_px: int = 512  # tile side when VAE tiling is on
+    frag: float = 1.02  # reserved / allocated (expandable segments)
     margin_gb: float = 0.2
 
 
@@ -43,13 +45,13 @@ CAL = Calibration()
 
 @dataclass(frozen=True)
 class ModelSizes:
-    units: tuple[UnitSize, ...]   # denoiser units in execution order (ControlNet first)
-    n_cn_units: int               # the first n units belong to the ControlNet (they run once per control)
-    fixed_params: int             # non-unit denoiser params (embedders, norms, zero-convs): always resident
+    units: tuple[UnitSize, ...]  # denoiser units in execution order (ControlNet first)
+    n_cn_units: int  # the first n units belong to the ControlNet (they run once per control)
+    fixed_params: int  # non-unit denoiser params (embedders, norms, zero-convs): always resident
     t5_params: int
-    t5_unit_params: int           # T5 Linear layers: resident ("gpu") or streamed with the denoiser's slots
+    t5_unit_params: int  # T5 Linear layers: resident ("gpu") or streamed with the denoiser's slots
     t5_max_unit: int
-    clip_params: int              # CLIP (and T5's embedding and norms) stay on the GPU
+    clip_params: int  # CLIP (and T5's embedding and norms) stay on the GPU
     vae_params: int
     hidden: int = 3072
     max_seq: int = 512
@@ -65,22 +67,22 @@ class JobShape:
 
 @dataclass(frozen=True)
 class Plan:
-    tier: str                 # "48" ... "4", "auto", "cpu"
-    device: str               # "cuda" | "cpu"
-    budget_gb: float          # GiB the whole job may reserve on the GPU
-    dtype: str                # compute dtype
-    placement: str            # one code per denoiser unit: B F S Q (core.residency)
-    slots: int                # work slots for units cast from fp8 (F, Q)
-    text_encoders: str        # "gpu" resident | "stream" (T5 layers through the copy ring) | "cpu"
+    tier: str  # "48" ... "4", "auto", "cpu"
+    device: str  # "cuda" | "cpu"
+    budget_gb: float  # GiB the whole job may reserve on the GPU
+    dtype: str  # compute dtype
+    placement: str  # one code per denoiser unit: B F S Q (core.residency)
+    slots: int  # work slots for units cast from fp8 (F, Q)
+    text_encoders: str  # "gpu" resident | "stream" (T5 layers through the copy ring) | "cpu"
     vae_tiling: bool
-    tile: int                 # generation tile side in px (0: the whole image in one pass)
-    overlap: int              # tile overlap in px (generation and upscale)
+    tile: int  # generation tile side in px (0: the whole image in one pass)
+    overlap: int  # tile overlap in px (generation and upscale)
     predicted_peak_gb: float
     predicted_step_s: float
-    host_ram_gb: float        # pinned host RAM for streamed weights
+    host_ram_gb: float  # pinned host RAM for streamed weights
     notes: tuple[str, ...] = field(default=())
-    upscale_tile: int = 0     # tile side of the upscale stages (0: no upscaling)
-    ring: int = 0             # copy ring for streamed units, in units of the largest one
+    upscale_tile: int = 0  # tile side of the upscale stages (0: no upscaling)
+    ring: int = 0  # copy ring for streamed units, in units of the largest one
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -117,8 +119,7 @@ def host_ram_bytes(sizes: ModelSizes, placement: str, es: int, text_encoders: st
     return total + (sizes.t5_unit_params * es if text_encoders == "stream" else 0)
 
 
-def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False,
-               ring: int = 6) -> int:
+def slot_bytes(sizes: ModelSizes, placement: str, slots: int, es: int, text_stream: bool = False, ring: int = 6) -> int:
     """GPU bytes of the work slots and the copy ring (core.units.buffer_bytes); streamed T5
     layers pass through the same ring."""
     units, codes = list(sizes.units), placement
@@ -131,24 +132,35 @@ def tokens(width: int, height: int) -> int:
     return (width // 16) * (height // 16)
 
 
-def phase_bytes(sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_tiling: bool,
-                cal: Calibration = CAL) -> dict[str, float]:
+def phase_bytes(
+    sizes: ModelSizes, w: int, h: int, controls: int, es: int, vae_tiling: bool, cal: Calibration = CAL
+) -> dict[str, float]:
     """Transient GPU bytes of each phase on top of the resident weights, for a w×h pass."""
     n_img = tokens(w, h)
     n_tot = n_img + sizes.max_seq + 1
     scale = es / 2
     denoise = (cal.act_per_token * n_tot + cal.res_per_img_token * n_img * min(controls, 2)) * scale
     px = w * h
-    tpx = min(px, cal.vae_tile_px ** 2) if vae_tiling else px
+    tpx = min(px, cal.vae_tile_px**2) if vae_tiling else px
     encode_img = cal.vae_enc_per_px * tpx * scale
     decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if vae_tiling else 0)
     text = 0.15 * GiB  # T5 activations for 512 tokens
     return dict(denoise=denoise + 0.1 * GiB, encode_image=encode_img, decode=decode, text=text)
 
 
-def predict_peak_bytes(sizes: ModelSizes, placement: str, slots: int, dtype: str, text_encoders: str,
-                       vae_tiling: bool, w: int, h: int, controls: int, cal: Calibration = CAL,
-                       ring: int = 6) -> float:
+def predict_peak_bytes(
+    sizes: ModelSizes,
+    placement: str,
+    slots: int,
+    dtype: str,
+    text_encoders: str,
+    vae_tiling: bool,
+    w: int,
+    h: int,
+    controls: int,
+    cal: Calibration = CAL,
+    ring: int = 6,
+) -> float:
     es = _esize(dtype)
     resident = sizes.fixed_params * es + sizes.vae_params * es
     resident += sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, placement))
@@ -168,20 +180,31 @@ def compute_s(sizes: ModelSizes, dtype: str, w: int, h: int, controls: int, devi
     params = sum(u.numel * ki for u, ki in zip(sizes.units, k))
     flops = 2 * params * n_tot
     n_blocks = len(sizes.units) / 4.5  # ~4.5 units per block; attention cost per block
-    flops += 4 * n_tot ** 2 * sizes.hidden * n_blocks
+    flops += 4 * n_tot**2 * sizes.hidden * n_blocks
     return flops / (device.tflops * 1e12 * MODEL_EFF * (1.0 if es == 2 else 0.25))
 
 
-def predict_step_s(sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int,
-                   device: DeviceInfo, ring: int = 6) -> float:
+def predict_step_s(
+    sizes: ModelSizes, placement: str, dtype: str, w: int, h: int, controls: int, device: DeviceInfo, ring: int = 6
+) -> float:
     """Seconds per denoising step under a placement (core.timing simulates the copy, cast and compute
     streams). Ranks placements and is shown to the user."""
     es = _esize(dtype)
-    order = [i for _ in range(controls) for i in range(sizes.n_cn_units)] + \
-        list(range(sizes.n_cn_units, len(sizes.units)))
-    return simulate_step(list(sizes.units), placement, order, es, ring_bytes(list(sizes.units), placement, es, ring),
-                         compute_s(sizes, dtype, w, h, controls, device), tokens(w, h), sizes.max_seq + 1,
-                         sizes.hidden, device.h2d_gbps * GiB)
+    order = [i for _ in range(controls) for i in range(sizes.n_cn_units)] + list(
+        range(sizes.n_cn_units, len(sizes.units))
+    )
+    return simulate_step(
+        list(sizes.units),
+        placement,
+        order,
+        es,
+        ring_bytes(list(sizes.units), placement, es, ring),
+        compute_s(sizes, dtype, w, h, controls, device),
+        tokens(w, h),
+        sizes.max_seq + 1,
+        sizes.hidden,
+        device.h2d_gbps * GiB,
+    )
 
 
 # -- choosing a placement ---------------------------------------------------------------------
@@ -227,17 +250,29 @@ def candidates(sizes: ModelSizes, es: int, avail: int) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _choose(sizes: ModelSizes, dtype: str, budget: int, text_encoders: str, vae_tiling: bool,
-            w: int, h: int, controls: int, device: DeviceInfo, slots: int,
-            ring: int) -> tuple[str, float, float] | None:
+def _choose(
+    sizes: ModelSizes,
+    dtype: str,
+    budget: int,
+    text_encoders: str,
+    vae_tiling: bool,
+    w: int,
+    h: int,
+    controls: int,
+    device: DeviceInfo,
+    slots: int,
+    ring: int,
+) -> tuple[str, float, float] | None:
     """Best placement for a budget: (placement, peak bytes, step s), or None if nothing fits."""
     es = _esize(dtype)
     best = None
     host_cap = max(device.host_ram_gb * 0.85, 8.0) * GiB
     n = len(sizes.units)
     # memory left for weights once the buffers of the largest streaming placement are paid for
-    base = max(predict_peak_bytes(sizes, c * n, slots, dtype, text_encoders, vae_tiling, w, h, controls, ring=ring)
-               for c in "QS")
+    base = max(
+        predict_peak_bytes(sizes, c * n, slots, dtype, text_encoders, vae_tiling, w, h, controls, ring=ring)
+        for c in "QS"
+    )
     avail = int((budget - base) / CAL.frag)
     if avail < 0:
         return None
@@ -261,6 +296,7 @@ def tile_overlap(tile: int) -> int:
 def _n_tiles(shape: JobShape, tile: int) -> int:
     """Tiles of the generation pass, split exactly as core.tiled will split it."""
     from .tiled import token_tiles
+
     return len(token_tiles(shape.width, shape.height, tile, tile_overlap(tile))[2])
 
 
@@ -281,8 +317,9 @@ def pass_size(shape: JobShape, tile: int) -> tuple[int, int]:
     return max(gw, min(gw if tile else 1024, out_w)), max(gh, min(gh if tile else 1024, out_h))
 
 
-def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None,
-             dtype: str | None = None) -> Plan:
+def plan_for(
+    tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, tile: int | None = None, dtype: str | None = None
+) -> Plan:
     """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
     budget. `tile` forces a generation tile (used when stepping down), `dtype` the compute dtype
     (float32 after a NaN/black result)."""
@@ -291,9 +328,23 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         tier = "cpu"
     if tier == "cpu":
         dtype = dtype or ("float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16")
-        return Plan("cpu", "cpu", 0.0, dtype, "B" * len(sizes.units), 0, "cpu", False, 0, 128, 0.0, 0.0, 0.0,
-                    ("everything runs on the CPU: expect minutes per image with the full-size model",),
-                    upscale_tile=1024 if shape.upscale > 1 else 0)
+        return Plan(
+            "cpu",
+            "cpu",
+            0.0,
+            dtype,
+            "B" * len(sizes.units),
+            0,
+            "cpu",
+            False,
+            0,
+            128,
+            0.0,
+            0.0,
+            0.0,
+            ("everything runs on the CPU: expect minutes per image with the full-size model",),
+            upscale_tile=1024 if shape.upscale > 1 else 0,
+        )
     if tier != "auto" and tier not in GPU_TIERS:
         raise ValueError(f"tier must be one of auto, cpu, {', '.join(GPU_TIERS)}, got {tier!r}.")
     dtype = dtype or ("bfloat16" if device.bf16 else "float32")
@@ -309,10 +360,9 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
         pw, ph = pass_size(shape, t)
         vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
         cands = []
-        for text_enc in (("gpu", "stream") if tier in ("48", "auto") else ("stream",)):
-            for vae_tiling in ((True,) if vae_needed else (False, True)):
-                got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device,
-                              SLOTS, RING)
+        for text_enc in ("gpu", "stream") if tier in ("48", "auto") else ("stream",):
+            for vae_tiling in (True,) if vae_needed else (False, True):
+                got = _choose(sizes, dtype, budget, text_enc, vae_tiling, pw, ph, shape.controls, device, SLOTS, RING)
                 if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
                     cands.append((got[2] * (1.01 if vae_tiling else 1.0), text_enc, vae_tiling, got))
             if cands and text_enc == "gpu":
@@ -325,34 +375,71 @@ def plan_for(tier: str, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, 
             if t:
                 notes.append(f"generation runs in {t}px tiles fused at every step")
             hostb = host_ram_bytes(sizes, p, _esize(dtype), text_enc)
-            return Plan(tier, "cuda", round(budget / GiB, 2), dtype, p, slots, text_enc, vae_tiling,
-                        t, tile_overlap(t) if t else 128, round(peak / GiB, 2), round(step, 3),
-                        round(hostb / GiB, 1), tuple(notes), upscale_tile=(t or 1024) if shape.upscale > 1 else 0,
-                        ring=RING if streams else 0)
-    raise ValueError(f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
-                     f"streamed and the smallest tile (or the streamed weights need more than the "
-                     f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU.")
+            return Plan(
+                tier,
+                "cuda",
+                round(budget / GiB, 2),
+                dtype,
+                p,
+                slots,
+                text_enc,
+                vae_tiling,
+                t,
+                tile_overlap(t) if t else 128,
+                round(peak / GiB, 2),
+                round(step, 3),
+                round(hostb / GiB, 1),
+                tuple(notes),
+                upscale_tile=(t or 1024) if shape.upscale > 1 else 0,
+                ring=RING if streams else 0,
+            )
+    raise ValueError(
+        f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
+        f"streamed and the smallest tile (or the streamed weights need more than the "
+        f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU."
+    )
 
 
 def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan:
     """`new`, but with the placement already on the GPU (`prev`) when that one also holds this job
     and is at most 15 % slower per step: moving the weights again costs 10-25 s (full size), a few
     percent of the step time costs less. A different tier, dtype or device always takes `new`."""
-    if prev is None or prev.device != "cuda" or (prev.tier, prev.dtype) != (new.tier, new.dtype) \
-            or (prev.placement, prev.text_encoders, prev.ring) == (new.placement, new.text_encoders, new.ring):
+    if (
+        prev is None
+        or prev.device != "cuda"
+        or (prev.tier, prev.dtype) != (new.tier, new.dtype)
+        or (prev.placement, prev.text_encoders, prev.ring) == (new.placement, new.text_encoders, new.ring)
+    ):
         return new
     w, h = pass_size(shape, new.tile)
-    peak = predict_peak_bytes(sizes, prev.placement, prev.slots, prev.dtype, prev.text_encoders, new.vae_tiling,
-                              w, h, shape.controls, ring=prev.ring)
+    peak = predict_peak_bytes(
+        sizes,
+        prev.placement,
+        prev.slots,
+        prev.dtype,
+        prev.text_encoders,
+        new.vae_tiling,
+        w,
+        h,
+        shape.controls,
+        ring=prev.ring,
+    )
     if peak > new.budget_gb * GiB:
         return new
     n_tiles = _n_tiles(shape, new.tile)
     step = predict_step_s(sizes, prev.placement, prev.dtype, w, h, shape.controls, device, prev.ring)
     if step * n_tiles > 1.15 * new.predicted_step_s:
         return new
-    return replace(new, placement=prev.placement, slots=prev.slots, ring=prev.ring, text_encoders=prev.text_encoders,
-                   predicted_peak_gb=round(peak / GiB, 2), predicted_step_s=round(step * n_tiles, 3),
-                   host_ram_gb=prev.host_ram_gb)
+    return replace(
+        new,
+        placement=prev.placement,
+        slots=prev.slots,
+        ring=prev.ring,
+        text_encoders=prev.text_encoders,
+        predicted_peak_gb=round(peak / GiB, 2),
+        predicted_step_s=round(step * n_tiles, 3),
+        host_ram_gb=prev.host_ram_gb,
+    )
 
 
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
@@ -366,8 +453,12 @@ def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo
         if plan.tile and t >= plan.tile:
             continue
         if plan.device == "cpu":
-            return replace(plan, tile=t, overlap=tile_overlap(t),
-                           upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0)
+            return replace(
+                plan,
+                tile=t,
+                overlap=tile_overlap(t),
+                upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0,
+            )
         with contextlib.suppress(ValueError):  # 'auto' keeps its own budget rather than stepping up
             return plan_for(plan.tier, shape, sizes, device, tile=t, dtype=plan.dtype)
     return None

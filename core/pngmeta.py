@@ -1,4 +1,5 @@
 """PNG metadata: every parameter and the plan travel inside the image, and can be read back."""
+
 from __future__ import annotations
 
 import json

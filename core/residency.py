@@ -22,6 +22,7 @@ Three pipelines run ahead of the compute along the order the units ran in the pr
 diffusers' group offloading streams *every* block and casts layer by layer on the compute stream;
 what it lacks is this mix of resident and streamed units with copies that never queue behind casts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,8 @@ from .units import align, ring_bytes, unit_sizes, work_slots
 log = logging.getLogger(__name__)
 CODES = "BFSQ"
 CASTS = ("side", "compute")
-DEFAULT_CAST = "side"      # where casts run unless a caller says (a benchmark knob)
+DEFAULT_CAST = "side"  # where casts run unless a caller says (a benchmark knob)
+
 
 class Residency:
     """Applies a placement to the denoiser units; `remove()` puts every weight back on the CPU.
@@ -47,8 +49,16 @@ class Residency:
            compute stream).
     """
 
-    def __init__(self, units, placement: str, device: torch.device, dtype: torch.dtype,
-                 slots: int = 2, ring: int = 6, cast: str | None = None):
+    def __init__(
+        self,
+        units,
+        placement: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        slots: int = 2,
+        ring: int = 6,
+        cast: str | None = None,
+    ):
         if len(placement) != len(units) or set(placement) - set(CODES):
             raise ValueError(f"placement must have one of {CODES} per unit ({len(units)}), got {len(placement)}.")
         cast = cast or DEFAULT_CAST
@@ -63,7 +73,7 @@ class Residency:
         self.hooks = []
         self.stats = dict(hits=0, misses=0, copied_bytes=0)
         managed = [i for i, c in enumerate(placement) if c != "B"]
-        sizes = unit_sizes(units)   # the same arithmetic the plan counted this memory with
+        sizes = unit_sizes(units)  # the same arithmetic the plan counted this memory with
         for i, (_, m) in enumerate(units):
             if placement[i] == "B":
                 m.to(device=device, dtype=dtype)
@@ -71,28 +81,28 @@ class Residency:
                 self.packs[i] = Pack(m, fp8=placement[i] in "FQ", dtype=dtype)
         es = dtype.itemsize
         # pack every managed unit: F into a GPU arena, S/Q into one pinned host arena
-        self.gpu_arena = torch.empty(sum(align(self.packs[i].nbytes) for i in managed if placement[i] == "F"),
-                                     dtype=torch.uint8, device=device)
-        self.host_arena = pinned(sum(align(self.packs[i].nbytes) for i in managed if placement[i] in "SQ"),
-                                  pin=cuda)
+        self.gpu_arena = torch.empty(
+            sum(align(self.packs[i].nbytes) for i in managed if placement[i] == "F"), dtype=torch.uint8, device=device
+        )
+        self.host_arena = pinned(sum(align(self.packs[i].nbytes) for i in managed if placement[i] in "SQ"), pin=cuda)
         self._pinned = cuda and self.host_arena.numel() > 0
         # streaming buffers, allocated once; they also serve as scratch while the packs are filled
         n_work, work_numel = work_slots(sizes, placement, slots)
         self.work = [torch.empty(work_numel, dtype=dtype, device=device) for _ in range(n_work)]
         ring_total = ring_bytes(sizes, placement, es, ring)
-        m_b = ring_total // max(ring, 2)           # the largest S/Q pack, aligned
+        m_b = ring_total // max(ring, 2)  # the largest S/Q pack, aligned
         self.ring_buf = torch.empty(ring_total, dtype=torch.uint8, device=device) if ring_total else None
         self.ring = Ring(ring_total) if ring_total else None
         goff = hoff = 0
         for i in managed:
             pack, code = self.packs[i], placement[i]
             if code == "F":
-                buf, goff = self.gpu_arena[goff:goff + pack.nbytes], goff + align(pack.nbytes)
+                buf, goff = self.gpu_arena[goff : goff + pack.nbytes], goff + align(pack.nbytes)
             else:
-                buf, hoff = self.host_arena[hoff:hoff + pack.nbytes], hoff + align(pack.nbytes)
+                buf, hoff = self.host_arena[hoff : hoff + pack.nbytes], hoff + align(pack.nbytes)
             if code == "S":  # flatten in the ring's first part, stage through its second
-                scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b:2 * m_b]
-            else:            # flatten in a work slot, stage (Q) through the ring
+                scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b : 2 * m_b]
+            else:  # flatten in a work slot, stage (Q) through the ring
                 scratch, stage = self.work[0], self.ring_buf[:m_b] if code == "Q" else None
             pack.fill(buf, scratch, stage)
             pack.point_params(self.work[0] if code in "FQ" else self.ring_buf.view(dtype))  # originals freed
@@ -100,13 +110,13 @@ class Residency:
             torch.cuda.synchronize(device)
         self.free_slots: deque[tuple[int, object]] = deque((s, None) for s in range(len(self.work)))
         # per scheduled position: what is ready for it
-        self.fetched: dict[int, tuple[list, object]] = {}   # pos -> (ring region, copied event)
-        self.casted: dict[int, tuple[int, object]] = {}     # pos -> (work slot, cast event)
-        self.schedule = managed[:]            # predicted order of managed units (cyclic)
+        self.fetched: dict[int, tuple[list, object]] = {}  # pos -> (ring region, copied event)
+        self.casted: dict[int, tuple[int, object]] = {}  # pos -> (work slot, cast event)
+        self.schedule = managed[:]  # predicted order of managed units (cyclic)
         self.trace: list[int] = []
-        self.cur = -1                         # absolute position of the unit in use
-        self.fetch_k = self.cast_k = 0        # next positions the copy / cast pipelines consider
-        self.in_use: tuple | None = None      # (unit, ring region or None, work slot or None, in the order?)
+        self.cur = -1  # absolute position of the unit in use
+        self.fetch_k = self.cast_k = 0  # next positions the copy / cast pipelines consider
+        self.in_use: tuple | None = None  # (unit, ring region or None, work slot or None, in the order?)
         for i in managed:
             m = units[i][1]
             self.hooks.append(m.register_forward_pre_hook(lambda mod, args, i=i: self._before(i)))
@@ -144,7 +154,7 @@ class Residency:
         if got is None:
             return False
         region, waits = got
-        dst = self.ring_buf[region[0]:region[0] + pack.nbytes]
+        dst = self.ring_buf[region[0] : region[0] + pack.nbytes]
         with self._on(self.copy_stream):
             self._wait(self.copy_stream, waits)
             dst.copy_(pack.buf, non_blocking=True)
@@ -163,8 +173,8 @@ class Residency:
             if self.placement[i] == "Q":
                 region, copied = self.fetched.pop(pos)
                 self._wait(stream, [copied])
-                pack.unpack_into(self.work[slot], self.ring_buf[region[0]:region[0] + pack.nbytes])
-                Ring.release(region, self._event(stream))   # the ring bytes are free once cast
+                pack.unpack_into(self.work[slot], self.ring_buf[region[0] : region[0] + pack.nbytes])
+                Ring.release(region, self._event(stream))  # the ring bytes are free once cast
             else:
                 pack.unpack_into(self.work[slot])
             self.casted[pos] = (slot, self._event(stream))
@@ -208,7 +218,7 @@ class Residency:
         self.trace.append(i)
         n = len(self.schedule)
         pos = next((self.cur + 1 + k for k in range(n) if self._unit(self.cur + 1 + k) == i), None)
-        if pos is None:      # not in the learned order (first step, text encoder): load on demand
+        if pos is None:  # not in the learned order (first step, text encoder): load on demand
             self._drop_ahead()
             pos, known = self.cur + 1, False
         else:
@@ -230,7 +240,7 @@ class Residency:
         if code == "S":
             region, copied = self.fetched.pop(pos)
             self._wait(compute, [copied])
-            self.packs[i].point_params(self.ring_buf[region[0]:region[1]].view(self.dtype))
+            self.packs[i].point_params(self.ring_buf[region[0] : region[1]].view(self.dtype))
         else:
             slot, ready = self.casted.pop(pos)
             self._wait(compute, [ready])
@@ -252,7 +262,7 @@ class Residency:
 
     def _after(self, i: int) -> None:
         if self._release():  # after a unit outside the order (text encoder), nothing is prepared:
-            self._pump()     # the next ones may not be in the order either
+            self._pump()  # the next ones may not be in the order either
 
     def end_step(self) -> None:
         """Called once per denoising step: the order just seen predicts the next step."""
@@ -299,6 +309,9 @@ class Residency:
         total = self.gpu_arena.numel() if self.gpu_arena is not None else 0
         total += self.gpu_bytes_buffers
         es = torch.empty((), dtype=self.dtype).element_size()
-        total += sum(sum(p.numel() for p in m.parameters()) * es
-                     for i, (_, m) in enumerate(self.units) if self.placement[i] == "B")
+        total += sum(
+            sum(p.numel() for p in m.parameters()) * es
+            for i, (_, m) in enumerate(self.units)
+            if self.placement[i] == "B"
+        )
         return total

@@ -1,4 +1,5 @@
 """Parameter counts the planner needs, from a loaded pipeline or from configs on the meta device."""
+
 from __future__ import annotations
 
 import functools
@@ -21,17 +22,22 @@ def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes
     in_units = sum(u.numel for u in us)
     t5u = unit_sizes(text_encoder_units(t5))
     t5_units, t5_max = sum(u.numel for u in t5u), max(u.numel for u in t5u)
-    return ModelSizes(units=tuple(us), n_cn_units=n_cn,
-                      fixed_params=_count(transformer) + _count(controlnet) - in_units,
-                      t5_params=_count(t5), t5_unit_params=t5_units, t5_max_unit=t5_max,
-                      clip_params=_count(clip), vae_params=_count(vae),
-                      hidden=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
-                      max_seq=max_seq)
+    return ModelSizes(
+        units=tuple(us),
+        n_cn_units=n_cn,
+        fixed_params=_count(transformer) + _count(controlnet) - in_units,
+        t5_params=_count(t5),
+        t5_unit_params=t5_units,
+        t5_max_unit=t5_max,
+        clip_params=_count(clip),
+        vae_params=_count(vae),
+        hidden=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
+        max_seq=max_seq,
+    )
 
 
 def sizes_from_pipeline(pipe, max_seq: int) -> ModelSizes:
-    return sizes_of(pipe.transformer, union_net(pipe), pipe.text_encoder_2, pipe.text_encoder,
-                    pipe.vae, max_seq)
+    return sizes_of(pipe.transformer, union_net(pipe), pipe.text_encoder_2, pipe.text_encoder, pipe.vae, max_seq)
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,8 +46,10 @@ def sizes_from_config(name: str = "full") -> ModelSizes:
     from accelerate import init_empty_weights
 
     from .configs import FULL, TINY, constructors
+
     cfg = FULL if name == "full" else TINY
     with init_empty_weights():
         m = {name: make() for name, make in constructors(cfg).items()}
-    return sizes_of(m["transformer"], m["controlnet"], m["text_encoder_2"], m["text_encoder"], m["vae"],
-                    cfg["max_sequence_length"])
+    return sizes_of(
+        m["transformer"], m["controlnet"], m["text_encoder_2"], m["text_encoder"], m["vae"], cfg["max_sequence_length"]
+    )

@@ -6,6 +6,7 @@ this context is active, the pipeline's ControlNet call is deferred and its trans
 ControlNet + transformer tile by tile and fuses the predictions with smooth weights at every step:
 seamless by construction, and peak memory set by the tile, not the image.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,19 +60,36 @@ def tiled_denoising(pipe, width: int, height: int, tile_px: int, overlap_px: int
         stash.update(kwargs)
         return None, None
 
-    def tiled_transformer(hidden_states, img_ids=None, controlnet_block_samples=None,
-                          controlnet_single_block_samples=None, return_dict=True, **kwargs):
+    def tiled_transformer(
+        hidden_states,
+        img_ids=None,
+        controlnet_block_samples=None,
+        controlnet_single_block_samples=None,
+        return_dict=True,
+        **kwargs,
+    ):
         out = torch.zeros_like(hidden_states, dtype=torch.float32)
         idx_all, w_all, wsum = prepared(hidden_states.device)
         for n, (idx_d, w_d) in enumerate(zip(idx_all, w_all)):
             hs, ids = hidden_states[:, idx_d], img_ids[idx_d]
             blocks = singles = None
             if stash:
-                ckw = dict(stash, hidden_states=hs, img_ids=ids, return_dict=False,
-                           controlnet_cond=[c[:, idx_d] for c in stash["controlnet_cond"]])
+                ckw = dict(
+                    stash,
+                    hidden_states=hs,
+                    img_ids=ids,
+                    return_dict=False,
+                    controlnet_cond=[c[:, idx_d] for c in stash["controlnet_cond"]],
+                )
                 blocks, singles = cn_forward(**ckw)
-            pred = tr_forward(hidden_states=hs, img_ids=ids, controlnet_block_samples=blocks,
-                              controlnet_single_block_samples=singles, return_dict=False, **kwargs)[0]
+            pred = tr_forward(
+                hidden_states=hs,
+                img_ids=ids,
+                controlnet_block_samples=blocks,
+                controlnet_single_block_samples=singles,
+                return_dict=False,
+                **kwargs,
+            )[0]
             out[:, idx_d] += pred.float() * w_d[None, :, None]
             if on_tile is not None:
                 on_tile(n + 1, len(tiles))

@@ -6,12 +6,13 @@ shared tile edges (MultiDiffusion / Mixture of Diffusers). Because the fusion ha
 each tile keeps being pulled towards the consensus of its neighbours, so no seam can form.
 Everything here is pure: no model, no device state.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ KINDS = ("cosine", "gaussian", "constant")
 @dataclass(frozen=True)
 class Tile:
     """Half-open box [y0, y1) x [x0, x1) on a grid (rows, cols)."""
+
     y0: int
     x0: int
     y1: int
@@ -117,8 +119,9 @@ def _check_parts(parts, height: int, width: int) -> None:
             raise ValueError(f"tile {t} lies outside the {height}x{width} grid")
 
 
-def fuse(parts: Sequence[tuple[Tile, torch.Tensor]], height: int, width: int, overlap: int,
-         kind: str = "cosine") -> torch.Tensor:
+def fuse(
+    parts: Sequence[tuple[Tile, torch.Tensor]], height: int, width: int, overlap: int, kind: str = "cosine"
+) -> torch.Tensor:
     """Weighted average of per-tile tensors [..., h, w] on the full grid [..., height, width]."""
     _check_parts(parts, height, width)
     ref = parts[0][1]
@@ -182,7 +185,7 @@ def _as_hwc(image) -> np.ndarray:
 Borders = tuple[Sequence[int], Sequence[int]]
 
 
-def seam_ratio(image, tiles_or_borders: Union[Sequence[Tile], Borders], scale: int = 1, band: int = 1) -> float:
+def seam_ratio(image, tiles_or_borders: Sequence[Tile] | Borders, scale: int = 1, band: int = 1) -> float:
     """Mean squared gradient across tile borders / mean squared gradient elsewhere (~1: no seams)."""
     if scale <= 0 or band <= 0:
         raise ValueError(f"scale and band must be positive, got scale={scale}, band={band}")
@@ -202,9 +205,9 @@ def seam_ratio(image, tiles_or_borders: Union[Sequence[Tile], Borders], scale: i
     my = np.zeros(h - 1, dtype=bool)
     mx = np.zeros(w - 1, dtype=bool)
     for L in rows:
-        my[max(L - band, 0):min(L + band, h - 1)] = True
+        my[max(L - band, 0) : min(L + band, h - 1)] = True
     for L in cols:
-        mx[max(L - band, 0):min(L + band, w - 1)] = True
+        mx[max(L - band, 0) : min(L + band, w - 1)] = True
     on = np.concatenate([ey[my].ravel(), ex[:, mx].ravel()])
     off = np.concatenate([ey[~my].ravel(), ex[:, ~mx].ravel()])
     if on.size == 0:

@@ -6,16 +6,17 @@ modulation layer holds 57 M parameters and does almost no work, an attention uni
 does a lot. So the time of a step is not max(compute, bus) but what this simulation finds when it
 walks the units in execution order with a copy ring of finite size.
 """
+
 from __future__ import annotations
 
 from collections import deque
 
 from .units import UnitSize, packed_bytes
 
-BUS_EFF = 0.9          # share of the measured host→device bandwidth the copy stream reaches under compute
-CAST_BPS = 1.5e12      # bytes/s an fp8 → bf16 cast moves (reads 1, writes 2 per parameter)
-CAST_SHARE = 0.5       # share of a side-stream cast that still slows the compute stream
-HOOK_S = 40e-6         # CPU time of the hooks per managed unit (hidden unless the GPU waits)
+BUS_EFF = 0.9  # share of the measured host→device bandwidth the copy stream reaches under compute
+CAST_BPS = 1.5e12  # bytes/s an fp8 → bf16 cast moves (reads 1, writes 2 per parameter)
+CAST_SHARE = 0.5  # share of a side-stream cast that still slows the compute stream
+HOOK_S = 40e-6  # CPU time of the hooks per managed unit (hidden unless the GPU waits)
 
 
 def unit_flops(u: UnitSize, n_img: int, n_txt: int, hidden: int) -> float:
@@ -23,33 +24,45 @@ def unit_flops(u: UnitSize, n_img: int, n_txt: int, hidden: int) -> float:
     leaf = u.name.rsplit(".", 1)[-1]
     n_tot = n_img + n_txt
     double = ".transformer_blocks." in u.name
-    if leaf.startswith("norm"):               # modulation: a Linear on the timestep embedding
+    if leaf.startswith("norm"):  # modulation: a Linear on the timestep embedding
         return 2.0 * u.numel
     if leaf == "ff_context":
         return 2.0 * u.numel * n_txt
     if leaf == "ff":
         return 2.0 * u.numel * n_img
-    if leaf == "attn":                        # projections + softmax(QK)V over every token
+    if leaf == "attn":  # projections + softmax(QK)V over every token
         proj = 2.0 * u.numel * ((n_img + n_txt) / 2 if double else n_tot)
-        return proj + 4.0 * n_tot ** 2 * hidden
+        return proj + 4.0 * n_tot**2 * hidden
     return 2.0 * u.numel * n_tot
 
 
-def simulate_step(units: list[UnitSize], placement: str, order: list[int], es: int, ring_bytes: int,
-                  compute_s: float, n_img: int, n_txt: int, hidden: int, h2d_bps: float) -> float:
+def simulate_step(
+    units: list[UnitSize],
+    placement: str,
+    order: list[int],
+    es: int,
+    ring_bytes: int,
+    compute_s: float,
+    n_img: int,
+    n_txt: int,
+    hidden: int,
+    h2d_bps: float,
+) -> float:
     """Seconds of one step in steady state. `order`: unit indices as they run in a step (ControlNet
     units once per control); `compute_s`: the step's compute time with everything resident, spread
     over the units by their FLOPs."""
     flops = [unit_flops(units[i], n_img, n_txt, hidden) for i in order]
     scale = compute_s / max(sum(flops), 1.0)
-    moved = [packed_bytes(units[i].numel, units[i].fp8_numel, es, placement[i] == "Q")
-             if placement[i] in "SQ" else 0 for i in order]
+    moved = [
+        packed_bytes(units[i].numel, units[i].fp8_numel, es, placement[i] == "Q") if placement[i] in "SQ" else 0
+        for i in order
+    ]
     bw = h2d_bps * BUS_EFF
     comp_free = copy_free = 0.0
-    held: deque[tuple[int, float]] = deque()   # ring bytes in order of copy, with their release time
+    held: deque[tuple[int, float]] = deque()  # ring bytes in order of copy, with their release time
     held_bytes = 0
     step_start = 0.0
-    for rep in range(2):                       # the second pass is the steady state
+    for rep in range(2):  # the second pass is the steady state
         if rep == 1:
             step_start = comp_free
         for k, i in enumerate(order):
@@ -65,7 +78,7 @@ def simulate_step(units: list[UnitSize], placement: str, order: list[int], es: i
             cast = units[i].numel * 3 / CAST_BPS if code in "FQ" else 0.0
             begin = max(comp_free, ready)
             comp_free = begin + flops[k] * scale + CAST_SHARE * cast + (HOOK_S if code != "B" else 0.0)
-            if code in "SQ":                    # Q leaves the ring once cast, S once computed
+            if code in "SQ":  # Q leaves the ring once cast, S once computed
                 held.append((moved[k], begin if code == "Q" else comp_free))
                 held_bytes += moved[k]
     return comp_free - step_start

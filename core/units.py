@@ -5,6 +5,7 @@ block (attention, feed-forward, modulation), at most ~75 M parameters each. A un
 (core.residency) decides where its weights live; the byte arithmetic here is shared by the plan
 (core.plan) and the residency, so the memory the plan counts is the memory the residency takes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from torch import nn
 @dataclass(frozen=True)
 class UnitSize:
     name: str
-    numel: int        # all parameters of the unit
-    fp8_numel: int    # the part stored as fp8 when the unit is F or Q (Linear weights)
+    numel: int  # all parameters of the unit
+    fp8_numel: int  # the part stored as fp8 when the unit is F or Q (Linear weights)
 
 
 def block_lists(transformer, controlnet) -> list[tuple[str, nn.ModuleList]]:
@@ -44,8 +45,12 @@ def denoiser_units(transformer, controlnet) -> list[tuple[str, nn.Module]]:
 def text_encoder_units(t5) -> list[tuple[str, nn.Module]]:
     """The T5 encoder's Linear layers, in execution order (q, k, v, o, wi_0, wi_1, wo per block):
     streamed through the same ring as the denoiser while a prompt is encoded."""
-    return [(f"text_encoder_2.block.{i}.{n}", m) for i, block in enumerate(t5.encoder.block)
-            for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return [
+        (f"text_encoder_2.block.{i}.{n}", m)
+        for i, block in enumerate(t5.encoder.block)
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
 
 
 def fp8_params(module: nn.Module) -> set[int]:
@@ -56,8 +61,11 @@ def unit_sizes(units) -> list[UnitSize]:
     out = []
     for name, m in units:
         f8 = fp8_params(m)
-        out.append(UnitSize(name, sum(p.numel() for p in m.parameters()),
-                            sum(p.numel() for p in m.parameters() if id(p) in f8)))
+        out.append(
+            UnitSize(
+                name, sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if id(p) in f8)
+            )
+        )
     return out
 
 
@@ -88,5 +96,3 @@ def buffer_bytes(units: list[UnitSize], placement: str, es: int, slots: int, rin
     plus the copy ring. The plan sizes its memory with this, Residency its buffers with its parts."""
     n, numel = work_slots(units, placement, slots)
     return n * numel * es + ring_bytes(units, placement, es, ring)
-
-

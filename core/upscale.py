@@ -10,6 +10,7 @@ Defaults and why:
 - Tiles of the plan's size (≤ 1024 px, FLUX's native scale) fused at every step with cosine
   weights over a 128 px overlap: seamless by construction, and memory bounded by the tile.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ def stage_sizes(width: int, height: int, factor: float) -> list[tuple[int, int]]
     return sizes
 
 
-def stage_controls(job: Job, source: Image.Image, resized: Image.Image, pipe, demo: bool = False,
-                   depth_device: str | None = None) -> tuple[tuple, list]:
+def stage_controls(
+    job: Job, source: Image.Image, resized: Image.Image, pipe, demo: bool = False, depth_device: str | None = None
+) -> tuple[tuple, list]:
     """Tile control on the resized image (or canny where the ControlNet has no tile mode) plus the
     user's controls recomputed from the source photo at this stage's size."""
     size = resized.size
@@ -76,9 +78,18 @@ def stage_controls(job: Job, source: Image.Image, resized: Image.Image, pipe, de
     return tuple(specs), images
 
 
-def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2img,
-            monitor: MemoryMonitor, events: list[str], cache: PromptCache, demo: bool = False,
-            depth_device: str | None = None) -> Image.Image:
+def upscale(
+    job: Job,
+    source: Image.Image,
+    image: Image.Image,
+    rt: Runtime,
+    img2img,
+    monitor: MemoryMonitor,
+    events: list[str],
+    cache: PromptCache,
+    demo: bool = False,
+    depth_device: str | None = None,
+) -> Image.Image:
     """Take `image` (job.width × job.height) up to job.out_size in stages."""
     steps = stage_steps(job)
     sizes = stage_sizes(job.width, job.height, job.upscale)
@@ -91,14 +102,28 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime, img2
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))
         runs = total - int(max(total - total * job.upscale_strength, 0))  # what img2img will run
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
-        with monitor.phase(f"upscale{k}"), torch.no_grad(), skip_idle_controls(rt.pipe), \
-                tiled_denoising(rt.pipe, w, h, rt.upscale_tile or 1024, rt.overlap or 128, on_tile) as tiles:
+        with (
+            monitor.phase(f"upscale{k}"),
+            torch.no_grad(),
+            skip_idle_controls(rt.pipe),
+            tiled_denoising(rt.pipe, w, h, rt.upscale_tile or 1024, rt.overlap or 128, on_tile) as tiles,
+        ):
             events.append(f"{label}: {len(tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
             latents = img2img(
-                image=resized, prompt_embeds=pe, pooled_prompt_embeds=pooled, control_image=controls,
-                height=h, width=w, strength=job.upscale_strength, num_inference_steps=total,
-                guidance_scale=job.guidance, generator=torch.Generator("cpu").manual_seed(job.seed + k),
-                output_type="latent", max_sequence_length=rt.max_seq,
-                callback_on_step_end=step_callback(rt, label, runs), **control_args(rt.pipe, specs)).images
+                image=resized,
+                prompt_embeds=pe,
+                pooled_prompt_embeds=pooled,
+                control_image=controls,
+                height=h,
+                width=w,
+                strength=job.upscale_strength,
+                num_inference_steps=total,
+                guidance_scale=job.guidance,
+                generator=torch.Generator("cpu").manual_seed(job.seed + k),
+                output_type="latent",
+                max_sequence_length=rt.max_seq,
+                callback_on_step_end=step_callback(rt, label, runs),
+                **control_args(rt.pipe, specs),
+            ).images
         image = decode(rt.pipe, latents, w, h, monitor, events)
     return image

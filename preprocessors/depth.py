@@ -75,9 +75,7 @@ def _load_from(source: str, device: str, is_demo: bool = False) -> _DepthModel:
     def load(local_files_only: bool) -> tuple[Any, Any]:
         kw = {"local_files_only": local_files_only}
         processor = AutoImageProcessor.from_pretrained(path, **kw)
-        model = DepthAnythingForDepthEstimation.from_pretrained(
-            path, use_safetensors=True, dtype=dtype, **kw
-        )
+        model = DepthAnythingForDepthEstimation.from_pretrained(path, use_safetensors=True, dtype=dtype, **kw)
         return model, processor
 
     try:

@@ -70,8 +70,7 @@ def _read_bytes(source: Any) -> bytes:
         return bytes(data)
     kind = "text-mode file" if isinstance(data, str) else type(source).__name__
     raise ImageInputError(
-        f"Unsupported image input of type {kind}; pass a path, bytes, a binary file, "
-        "a PIL image or a numpy array."
+        f"Unsupported image input of type {kind}; pass a path, bytes, a binary file, a PIL image or a numpy array."
     )
 
 
@@ -98,7 +97,7 @@ def _open_bytes(data: bytes) -> Image.Image:
         count = f" ({int(found.group(1)):,})" if found else ""
         limit = f"the limit is {MAX_INPUT_PIXELS:,} pixels"
         raise ImageInputError(f"The image has too many pixels{count}; {limit}.") from None
-    except Exception as exc:  # Pillow plugins raise many types on malformed headers.
+    except Exception as exc:  # noqa: BLE001 - Pillow plugins raise many types on malformed headers.
         unknown = isinstance(exc, UnidentifiedImageError)
         why = "cannot identify image file" if unknown else _reason(exc)
         raise ImageInputError(f"The upload is not an image Pillow can read ({why}).") from None
@@ -112,10 +111,8 @@ def _decode(img: Image.Image) -> Image.Image:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated images: the first frame is the control image
         img.load()
-    except Exception as exc:  # truncated or corrupt data; LOAD_TRUNCATED_IMAGES stays off
-        raise ImageInputError(
-            f"The image file is damaged or truncated; Pillow reports: {_reason(exc)}."
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data; LOAD_TRUNCATED_IMAGES stays off
+        raise ImageInputError(f"The image file is damaged or truncated; Pillow reports: {_reason(exc)}.") from None
     return img
 
 
@@ -148,9 +145,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     elif np.issubdtype(arr.dtype, np.floating):
         lo, hi = float(_finite(arr).min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
-            raise ImageInputError(
-                f"Float image arrays must hold values in [0, 1]; this one spans {lo:g} to {hi:g}."
-            )
+            raise ImageInputError(f"Float image arrays must hold values in [0, 1]; this one spans {lo:g} to {hi:g}.")
         out = np.round(arr * 255.0).astype(np.uint8)
     else:
         raise ImageInputError(f"The array has dtype {arr.dtype}; expected uint8, uint16 or float.")
@@ -189,7 +184,7 @@ def load_image(source: Any) -> Image.Image:
         img = _open_bytes(_read_bytes(source))
     try:
         img = ImageOps.exif_transpose(img) or img
-    except Exception:  # malformed EXIF should not cost the user the image
+    except Exception:  # noqa: BLE001 - malformed EXIF should not cost the user the image
         pass  # (a rotation swaps width and height: the size was checked before decoding)
     return _to_rgb(img)  # always a new image: edits never reach the caller's object
 

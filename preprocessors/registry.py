@@ -80,7 +80,6 @@ def parse_control_arg(text: str) -> tuple[str, float | None]:
         scale = math.nan
     if not math.isfinite(scale) or not 0.0 <= scale <= MAX_SCALE:
         raise ValueError(
-            f"The scale in {text.strip()!r} must be a number from 0 to {MAX_SCALE:g}, "
-            f"got {raw.strip()!r}."
+            f"The scale in {text.strip()!r} must be a number from 0 to {MAX_SCALE:g}, got {raw.strip()!r}."
         )
     return control.name, scale

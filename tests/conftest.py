@@ -1,4 +1,5 @@
 """Shared test setup: offline, a per-machine demo-model cache, the demo engine built once, GPU marker."""
+
 import os
 import tempfile
 from pathlib import Path
@@ -7,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLUX_ANYVRAM_CACHE", str(Path(tempfile.gettempdir()) / "flux-anyvram-tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def demo_engine():
     from core.engine import Engine
     from core.models import ModelSpec
+
     engine = Engine(ModelSpec.demo_spec())
     engine.load()
     return engine
@@ -33,4 +35,5 @@ def demo_engine():
 def astronaut():
     import skimage.data
     from PIL import Image
+
     return Image.fromarray(skimage.data.astronaut())

@@ -1,5 +1,6 @@
 """bench/bench_speed.py's logic on the CPU (`--cpu-smoke`: the tiny model, compile with the eager
 backend, fp8 emulated), in a subprocess because the smoke mode patches core.fast for its process."""
+
 import json
 import os
 import subprocess
@@ -11,9 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_speed_bench_runs_end_to_end_and_writes_its_report(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_speed", "--cpu-smoke", "--controls", "1",
-                           "--variants", "eager,ours_bf16,ours_fp8,diffusers_compile", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_speed",
+            "--cpu-smoke",
+            "--controls",
+            "1",
+            "--variants",
+            "eager,ours_bf16,ours_fp8,diffusers_compile",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "speed_results.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}

@@ -5,6 +5,7 @@ queue is bounded. Cancel works twice over: Gradio's `cancels=[...]` cancels the 
 sets the job's threading.Event (polled by engine.run between steps), and the Cancel button's own
 handler sets the session's Event too.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,6 +53,7 @@ def safe_image_input(component: gr.Image) -> gr.Image:
             return original(payload)
         except Exception:  # noqa: BLE001 - load_image explains what is wrong with the file
             return None if payload is None else str(payload.path)
+
     component.preprocess = preprocess
     return component
 
@@ -61,9 +63,11 @@ def _error(e: Exception) -> gr.Error:
 
 
 def _demo_notice() -> str:
-    return ("> ⚠️ **Demo model:** a tiny FLUX with *random weights* is running (no CUDA GPU found, or "
-            "`--demo`). Everything works end to end, but the images are noise. Start `app.py` on a "
-            "machine with a GPU (or pass `--model`) for real images.")
+    return (
+        "> ⚠️ **Demo model:** a tiny FLUX with *random weights* is running (no CUDA GPU found, or "
+        "`--demo`). Everything works end to end, but the images are noise. Start `app.py` on a "
+        "machine with a GPU (or pass `--model`) for real images."
+    )
 
 
 def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") -> gr.Blocks:
@@ -80,15 +84,49 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
     run_gpu = gpu_wrap(run_job, engine)
 
     # -- handlers ---------------------------------------------------------------------------------
-    async def generate(image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2,
-                       control_3, scale_3, end_3, tier, upscale, seed, randomize_seed, steps, guidance,
-                       max_side, canny_auto=True, canny_low=100, canny_high=200, fp8_compute=False,
-                       request: gr.Request = None, progress=gr.Progress()):
+    async def generate(
+        image,
+        prompt,
+        control_1,
+        scale_1,
+        end_1,
+        control_2,
+        scale_2,
+        end_2,
+        control_3,
+        scale_3,
+        end_3,
+        tier,
+        upscale,
+        seed,
+        randomize_seed,
+        steps,
+        guidance,
+        max_side,
+        canny_auto=True,
+        canny_low=100,
+        canny_high=200,
+        fp8_compute=False,
+        request: gr.Request = None,
+        progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
+    ):
         rows = [(control_1, scale_1, end_1), (control_2, scale_2, end_2), (control_3, scale_3, end_3)]
         try:  # decoding a large upload takes a while: off the event loop, like every slow step here
             job = await asyncio.to_thread(
-                H.build_job, image, prompt, rows, tier, upscale, seed, randomize_seed, steps, guidance,
-                max_side, None if canny_auto else (canny_low, canny_high), fp8_compute=fp8_compute)
+                H.build_job,
+                image,
+                prompt,
+                rows,
+                tier,
+                upscale,
+                seed,
+                randomize_seed,
+                steps,
+                guidance,
+                max_side,
+                None if canny_auto else (canny_low, canny_high),
+                fp8_compute=fp8_compute,
+            )
         except ValueError as e:
             raise _error(e) from None
         key = getattr(request, "session_hash", None)
@@ -160,17 +198,31 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         rows = [v for r in s.rows for v in r]
         canny = s.canny or (100, 200)
         gr.Info("Settings loaded from the PNG (seed fixed: randomize is off).")
-        return (s.prompt, *rows, s.tier, s.upscale, s.seed, False, min(max(s.steps, 1), 100),
-                min(max(s.guidance, 0.0), 20.0), min(max(s.max_side, 64), 2048),
-                s.canny is None, canny[0], canny[1], s.fp8_compute)
+        return (
+            s.prompt,
+            *rows,
+            s.tier,
+            s.upscale,
+            s.seed,
+            False,
+            min(max(s.steps, 1), 100),
+            min(max(s.guidance, 0.0), 20.0),
+            min(max(s.max_side, 64), 2048),
+            s.canny is None,
+            canny[0],
+            canny[1],
+            s.fp8_compute,
+        )
 
     def refresh_tier(tier):
         return gr.update(choices=H.tier_choices(detect()), value=tier)
 
     # -- layout -----------------------------------------------------------------------------------
     with gr.Blocks(title="FLUX ControlNet on any GPU", delete_cache=(3600, 7200)) as demo:
-        gr.Markdown("# FLUX.1-dev + ControlNet-Union on any GPU\nUpload a photo, pick up to three "
-                    "controls, write a prompt, pick a VRAM tier and an upscale factor.")
+        gr.Markdown(
+            "# FLUX.1-dev + ControlNet-Union on any GPU\nUpload a photo, pick up to three "
+            "controls, write a prompt, pick a VRAM tier and an upscale factor."
+        )
         if engine.demo:
             gr.Markdown(_demo_notice(), elem_id="demo-notice")
         last = gr.State(None)
@@ -178,25 +230,51 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         with gr.Row():
             with gr.Column(scale=5):
                 # image_mode=None: keep alpha, 16-bit etc. for load_image to handle (white background)
-                image = safe_image_input(gr.Image(
-                    label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                    height=300, elem_id="input-image"))
+                image = safe_image_input(
+                    gr.Image(
+                        label="Input image",
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        height=300,
+                        elem_id="input-image",
+                    )
+                )
                 info = gr.Markdown(elem_id="size-info")
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=f"What to draw (up to "
-                                    f"{MAX_PROMPT_CHARS} characters)", elem_id="prompt")
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=2,
+                    placeholder=f"What to draw (up to {MAX_PROMPT_CHARS} characters)",
+                    elem_id="prompt",
+                )
                 rows = []
                 for k, (kind, end) in enumerate(H.DEFAULT_ROWS, 1):
                     with gr.Group(), gr.Row(equal_height=True):
                         with gr.Column(scale=3, min_width=220):
-                            c = gr.Dropdown(H.control_choices(), value=kind, label=f"Control {k}",
-                                            elem_id=f"control-{k}")
+                            c = gr.Dropdown(
+                                H.control_choices(), value=kind, label=f"Control {k}", elem_id=f"control-{k}"
+                            )
                             with gr.Row():
-                                s = gr.Slider(0.0, 2.0, value=H.default_scale(kind), step=0.05,
-                                              label=f"scale {k}", elem_id=f"scale-{k}")
-                                e = gr.Slider(0.05, 1.0, value=end, step=0.05, label=f"guidance end {k}",
-                                              elem_id=f"end-{k}")
-                        p = gr.Image(label=f"Control {k} preview", interactive=False, height=150,
-                                     scale=1, min_width=120, buttons=[], elem_classes="control-preview")
+                                s = gr.Slider(
+                                    0.0,
+                                    2.0,
+                                    value=H.default_scale(kind),
+                                    step=0.05,
+                                    label=f"scale {k}",
+                                    elem_id=f"scale-{k}",
+                                )
+                                e = gr.Slider(
+                                    0.05, 1.0, value=end, step=0.05, label=f"guidance end {k}", elem_id=f"end-{k}"
+                                )
+                        p = gr.Image(
+                            label=f"Control {k} preview",
+                            interactive=False,
+                            height=150,
+                            scale=1,
+                            min_width=120,
+                            buttons=[],
+                            elem_classes="control-preview",
+                        )
                     rows.append((c, s, e, p))
                 with gr.Accordion("Canny thresholds", open=False):
                     canny_auto = gr.Checkbox(True, label="automatic (from the image's median brightness)")
@@ -204,29 +282,39 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                         canny_low = gr.Slider(0, 254, value=100, step=1, label="low")
                         canny_high = gr.Slider(1, 255, value=200, step=1, label="high")
                 with gr.Row():
-                    tier = gr.Dropdown(H.tier_choices(engine.device), value=default_tier, label="VRAM tier",
-                                       elem_id="tier")
+                    tier = gr.Dropdown(
+                        H.tier_choices(engine.device), value=default_tier, label="VRAM tier", elem_id="tier"
+                    )
                     upscale = gr.Radio(H.upscale_choices(), value="1", label="Upscale", elem_id="upscale")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=H.SEED_MAX, elem_id="seed")
                     randomize = gr.Checkbox(True, label="Randomize seed", elem_id="randomize")
                 with gr.Accordion("Advanced", open=False):
-                    steps = gr.Slider(1, 100, value=d.steps, step=1, precision=0, label="Steps",
-                                      elem_id="steps")
+                    steps = gr.Slider(1, 100, value=d.steps, step=1, precision=0, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0.0, 20.0, value=d.guidance, step=0.1, label="Guidance")
-                    max_side = gr.Slider(64, 2048, value=d.max_side, step=16, precision=0,
-                                         label="Max side (generation size before upscaling)",
-                                         elem_id="max-side")
+                    max_side = gr.Slider(
+                        64,
+                        2048,
+                        value=d.max_side,
+                        step=16,
+                        precision=0,
+                        label="Max side (generation size before upscaling)",
+                        elem_id="max-side",
+                    )
                     fp8_compute = gr.Checkbox(
-                        False, label="fp8 compute: faster on Ada/Hopper GPUs when the whole model is on the "
+                        False,
+                        label="fp8 compute: faster on Ada/Hopper GPUs when the whole model is on the "
                         "GPU (48 GB tier); fine detail changes slightly. Ignored on other tiers and GPUs, "
-                        "with a note.", elem_id="fp8-compute")
+                        "with a note.",
+                        elem_id="fp8-compute",
+                    )
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 with gr.Accordion("Load settings from a PNG", open=False):
-                    settings_png = gr.File(label="A PNG made by this app", file_types=[".png"],
-                                           type="filepath", elem_id="settings-png")
+                    settings_png = gr.File(
+                        label="A PNG made by this app", file_types=[".png"], type="filepath", elem_id="settings-png"
+                    )
             with gr.Column(scale=6):
                 slider = gr.ImageSlider(label="Input (resized) ↔ result", type="pil", elem_id="result")
                 png = gr.File(label="PNG with all parameters", elem_id="png")
@@ -235,41 +323,115 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                     plot = gr.Plot(label="Memory timeline", elem_id="memory-plot")
                 with gr.Tab("Summary (JSON)"):
                     summary = gr.JSON(label="Summary")
-                gallery = gr.Gallery(label="This session's results", columns=4, height=260,
-                                     fit_columns=False, object_fit="cover", interactive=False,
-                                     elem_id="gallery")
+                gallery = gr.Gallery(
+                    label="This session's results",
+                    columns=4,
+                    height=260,
+                    fit_columns=False,
+                    object_fit="cover",
+                    interactive=False,
+                    elem_id="gallery",
+                )
 
         controls = [x for c, s, e, _ in rows for x in (c, s, e)]
-        inputs = [image, prompt, *controls, tier, upscale, seed, randomize, steps, guidance, max_side,
-                  canny_auto, canny_low, canny_high, fp8_compute]
+        inputs = [
+            image,
+            prompt,
+            *controls,
+            tier,
+            upscale,
+            seed,
+            randomize,
+            steps,
+            guidance,
+            max_side,
+            canny_auto,
+            canny_low,
+            canny_high,
+            fp8_compute,
+        ]
 
         # -- events ---------------------------------------------------------------------------------
-        run_evt = run.click(generate, inputs, [png, summary, seed, last], api_name="generate",
-                            api_description="Generate an image; returns the PNG (parameters in its "
-                            "metadata) and a JSON summary.", concurrency_limit=1, concurrency_id="gpu")
-        run_evt.success(show, [last, gallery_state], [slider, gallery, gallery_state, plan_md, plot],
-                        api_visibility="private", concurrency_limit=4, show_progress="hidden")
+        run_evt = run.click(
+            generate,
+            inputs,
+            [png, summary, seed, last],
+            api_name="generate",
+            api_description="Generate an image; returns the PNG (parameters in its metadata) and a JSON summary.",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+        )
+        run_evt.success(
+            show,
+            [last, gallery_state],
+            [slider, gallery, gallery_state, plan_md, plot],
+            api_visibility="private",
+            concurrency_limit=4,
+            show_progress="hidden",
+        )
         stop.click(cancel, None, None, cancels=[run_evt], queue=False, api_visibility="private")
-        for c, s, e, p in rows:
+        for c, s, _end, p in rows:
             c.input(lambda kind: H.default_scale(kind), c, s, api_visibility="private", queue=False)
-            gr.on([image.change, c.change], preview, [image, c, canny_auto, canny_low, canny_high], p,
-                  api_visibility="private", show_progress="minimal", trigger_mode="always_last")
-            gr.on([canny_auto.change, canny_low.release, canny_high.release], canny_preview,  # other rows keep theirs
-                  [image, c, canny_auto, canny_low, canny_high], p, api_visibility="private",
-                  show_progress="minimal", trigger_mode="always_last")
-        gr.on([image.change, max_side.release, upscale.change], size_info, [image, max_side, upscale], info,
-              api_visibility="private", show_progress="hidden", trigger_mode="always_last")
-        settings_png.upload(load_settings, settings_png, [prompt, *controls, tier, upscale, seed, randomize,
-                                                          steps, guidance, max_side, canny_auto, canny_low,
-                                                          canny_high, fp8_compute], api_visibility="private")
+            gr.on(
+                [image.change, c.change],
+                preview,
+                [image, c, canny_auto, canny_low, canny_high],
+                p,
+                api_visibility="private",
+                show_progress="minimal",
+                trigger_mode="always_last",
+            )
+            gr.on(
+                [canny_auto.change, canny_low.release, canny_high.release],
+                canny_preview,  # other rows keep theirs
+                [image, c, canny_auto, canny_low, canny_high],
+                p,
+                api_visibility="private",
+                show_progress="minimal",
+                trigger_mode="always_last",
+            )
+        gr.on(
+            [image.change, max_side.release, upscale.change],
+            size_info,
+            [image, max_side, upscale],
+            info,
+            api_visibility="private",
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
+        settings_png.upload(
+            load_settings,
+            settings_png,
+            [
+                prompt,
+                *controls,
+                tier,
+                upscale,
+                seed,
+                randomize,
+                steps,
+                guidance,
+                max_side,
+                canny_auto,
+                canny_low,
+                canny_high,
+                fp8_compute,
+            ],
+            api_visibility="private",
+        )
         demo.load(refresh_tier, tier, tier, api_visibility="private", queue=False)
 
         if examples:
-            rows_ex = [[str(ASSETS / f), p, c1, s1, c2, s2] for f, p, c1, s1, c2, s2 in EXAMPLES
-                       if (ASSETS / f).is_file()]
+            rows_ex = [
+                [str(ASSETS / f), p, c1, s1, c2, s2] for f, p, c1, s1, c2, s2 in EXAMPLES if (ASSETS / f).is_file()
+            ]
             if rows_ex:
-                gr.Examples(rows_ex, [image, prompt, rows[0][0], rows[0][1], rows[1][0], rows[1][1]],
-                            cache_examples=False, label="Examples (scikit-image photos)")
+                gr.Examples(
+                    rows_ex,
+                    [image, prompt, rows[0][0], rows[0][1], rows[1][0], rows[1][1]],
+                    cache_examples=False,
+                    label="Examples (scikit-image photos)",
+                )
     demo.queue(max_size=QUEUE_SIZE)
-    weakref.finalize(demo, shutil.rmtree, out_dir, True)   # the PNGs Gradio has copied to its cache
+    weakref.finalize(demo, shutil.rmtree, out_dir, True)  # the PNGs Gradio has copied to its cache
     return demo

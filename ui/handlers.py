@@ -3,10 +3,10 @@
 Plain functions on plain values (no Gradio objects, no running server), so tests call them directly.
 Bad values raise ValueError with the core's own sentence; the UI shows it as gr.Error.
 """
+
 from __future__ import annotations
 
 import functools
-
 import math
 import random
 import threading
@@ -22,11 +22,11 @@ from preprocessors import load_image
 from preprocessors.image_io import fit_size
 from preprocessors.registry import CONTROLS
 
-ROWS = 3                                   # control rows in the UI
+ROWS = 3  # control rows in the UI
 NONE = "none"
-UPSCALES = ("1", "1.5", "2", "3", "4")       # strings: exact choices for API clients
+UPSCALES = ("1", "1.5", "2", "3", "4")  # strings: exact choices for API clients
 SEED_MAX = 2**63 - 1
-RANDOM_SEED_MAX = 2**32 - 1                # randomized seeds stay exact in JavaScript numbers
+RANDOM_SEED_MAX = 2**32 - 1  # randomized seeds stay exact in JavaScript numbers
 PREVIEW_SIDE = 384
 DEFAULT_ROWS = (("canny", 0.8), (NONE, 0.8), (NONE, 0.8))
 TIER_LABELS = {"cpu": "CPU (slow)", **{t: f"{t} GB" for t in TIERS if t.isdigit()}}
@@ -92,11 +92,12 @@ def controls_from_rows(rows, canny: tuple | None = None) -> tuple[ControlSpec, .
         params = ()
         if kind == "canny" and canny is not None:
             low, high = canny
-            params = (("low", _whole("canny low threshold", low, 0, 255)),
-                      ("high", _whole("canny high threshold", high, 0, 255)))
+            params = (
+                ("low", _whole("canny low threshold", low, 0, 255)),
+                ("high", _whole("canny high threshold", high, 0, 255)),
+            )
             if params[0][1] >= params[1][1]:
-                raise ValueError(f"canny low threshold ({params[0][1]}) must be below the high one "
-                                 f"({params[1][1]}).")
+                raise ValueError(f"canny low threshold ({params[0][1]}) must be below the high one ({params[1][1]}).")
         out.append(ControlSpec(kind, scale=scale, start=0.0, end=end, params=params))
     return tuple(out)
 
@@ -114,9 +115,21 @@ def input_size(path: str) -> tuple[int, int]:
     return open_input(path).size
 
 
-def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=False, steps=28,
-              guidance=3.5, max_side=1024, canny=None, rng: random.Random | None = None,
-              fp8_compute=False) -> Job:
+def build_job(
+    image,
+    prompt,
+    rows,
+    tier="auto",
+    upscale=1.0,
+    seed=0,
+    randomize=False,
+    steps=28,
+    guidance=3.5,
+    max_side=1024,
+    canny=None,
+    rng: random.Random | None = None,
+    fp8_compute=False,
+) -> Job:
     """A validated Job from the UI's values (image: path, PIL or array). The seed is drawn here when
     `randomize` is set, so the Job (and the PNG) hold the seed that was used."""
     img = open_input(image)
@@ -126,10 +139,19 @@ def build_job(image, prompt, rows, tier="auto", upscale=1.0, seed=0, randomize=F
     if randomize:
         seed = (rng or random).randint(0, RANDOM_SEED_MAX)
     seed = _whole("seed", seed, 0, SEED_MAX)
-    return Job(prompt=prompt if isinstance(prompt, str) else "", image=img, controls=controls,
-               width=width, height=height, steps=_whole("steps", steps, 1, 100), guidance=guidance,
-               seed=seed, upscale=upscale, tier=tier or "auto",
-               fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute)
+    return Job(
+        prompt=prompt if isinstance(prompt, str) else "",
+        image=img,
+        controls=controls,
+        width=width,
+        height=height,
+        steps=_whole("steps", steps, 1, 100),
+        guidance=guidance,
+        seed=seed,
+        upscale=upscale,
+        tier=tier or "auto",
+        fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute,
+    )
 
 
 def preview_control(image, kind, canny=None, demo: bool = False, side: int = PREVIEW_SIDE):
@@ -138,6 +160,7 @@ def preview_control(image, kind, canny=None, demo: bool = False, side: int = PRE
         return None
     from core.generate import control_params
     from preprocessors.registry import preprocess
+
     img = open_input(image)
     img.thumbnail((side, side), Image.LANCZOS)
     spec = controls_from_rows([(kind, None, 0.8)], canny)[0]
@@ -160,10 +183,16 @@ def save_result(result, folder: Path, keep: int = 32) -> Path:
 
 def summary_of(result, started: float, finished: float, path: Path | None = None) -> dict:
     s = result.summary()
-    s.update(seed=result.job.seed, job=result.job.describe(), started_at=round(started, 3),
-             finished_at=round(finished, 3), phases=result.report.get("phases", []),
-             timeline=[list(t) for t in result.report.get("timeline", [])],
-             peak_alloc_gb=result.report.get("peak_alloc_gb"), memory=result.report.get("device"))
+    s.update(
+        seed=result.job.seed,
+        job=result.job.describe(),
+        started_at=round(started, 3),
+        finished_at=round(finished, 3),
+        phases=result.report.get("phases", []),
+        timeline=[list(t) for t in result.report.get("timeline", [])],
+        peak_alloc_gb=result.report.get("peak_alloc_gb"),
+        memory=result.report.get("device"),
+    )
     if path is not None:
         s["file"] = Path(path).name
     return s
@@ -195,14 +224,19 @@ def plan_markdown(summary: dict) -> str:
     rows = [
         ("Tier", f"{p['tier']} on {p['device'].upper()}" + (" (demo model)" if summary.get("demo") else "")),
         ("Compute dtype", p["dtype"]),
-        ("Denoiser units", f"{pl['B']} resident, {pl['F']} resident fp8, {pl['S']} streamed, "
-                           f"{pl['Q']} streamed fp8" + (f"; copy ring of {p['ring']} units" if p.get("ring") else "")),
+        (
+            "Denoiser units",
+            f"{pl['B']} resident, {pl['F']} resident fp8, {pl['S']} streamed, "
+            f"{pl['Q']} streamed fp8" + (f"; copy ring of {p['ring']} units" if p.get("ring") else ""),
+        ),
         ("Text encoders", p["text_encoders"]),
         ("VAE tiling", "on" if p["vae_tiling"] else "off"),
         ("Generation tile", f"{p['tile']} px (overlap {p['overlap']})" if p["tile"] else "whole image"),
-        ("Peak memory", f"predicted {_gb(p['predicted_peak_gb'])}, measured "
-                        f"{_gb(summary.get('measured_peak_reserved_gb'))}"
-                        + (" (process RAM on the CPU)" if cpu else " reserved")),
+        (
+            "Peak memory",
+            f"predicted {_gb(p['predicted_peak_gb'])}, measured "
+            f"{_gb(summary.get('measured_peak_reserved_gb'))}" + (" (process RAM on the CPU)" if cpu else " reserved"),
+        ),
         ("Seconds per step", f"predicted {p['predicted_step_s']:.2f}, measured {step_s:.2f}"),
         ("Pinned host RAM", _gb(p["host_ram_gb"])),
         ("Speed-ups", _fast_label(summary.get("fast"))),
@@ -221,6 +255,7 @@ def _fast_label(fast: dict | None) -> str:
     if not fast:
         return "—"
     from core.fast import Fast
+
     known = {k: v for k, v in fast.items() if k in Fast.__dataclass_fields__}
     return Fast(**known).label()
 
@@ -251,7 +286,7 @@ def settings_from_png(source) -> Settings:
     """The settings saved in a PNG's metadata, for the UI's fields (ValueError if there are none)."""
     try:
         params = read_params(source)
-    except Exception:  # not an image, broken metadata: the same answer for the user
+    except Exception:  # noqa: BLE001 - not an image, broken metadata: the same answer for the user
         params = None
     if not params or not isinstance(params.get("job"), dict):
         raise ValueError("This PNG holds no settings from this app (its metadata has no job).")
@@ -267,11 +302,19 @@ def settings_from_png(source) -> Settings:
     rows += [(NONE, 0.7, 0.8)] * (ROWS - len(rows))
     up = float(job.get("upscale", 1.0))
     upscale = min(UPSCALES, key=lambda u: abs(float(u) - up))
-    return Settings(prompt=job.get("prompt", ""), rows=rows, tier=str(job.get("tier", "auto")),
-                    upscale=upscale, seed=int(job.get("seed", 0)), steps=int(job.get("steps", 28)),
-                    guidance=float(job.get("guidance", 3.5)),
-                    max_side=max(int(job.get("width", 1024)), int(job.get("height", 1024))),
-                    canny=canny, dropped=dropped, fp8_compute=job.get("fp8_compute") is True)
+    return Settings(
+        prompt=job.get("prompt", ""),
+        rows=rows,
+        tier=str(job.get("tier", "auto")),
+        upscale=upscale,
+        seed=int(job.get("seed", 0)),
+        steps=int(job.get("steps", 28)),
+        guidance=float(job.get("guidance", 3.5)),
+        max_side=max(int(job.get("width", 1024)), int(job.get("height", 1024))),
+        canny=canny,
+        dropped=dropped,
+        fp8_compute=job.get("fp8_compute") is True,
+    )
 
 
 # -- cancelling -------------------------------------------------------------------------------------
@@ -299,4 +342,3 @@ class CancelFlags:
         if ev is not None:
             ev.set()
         return ev is not None
-

@@ -1,10 +1,10 @@
 """The memory timeline as a matplotlib figure (no pyplot: no global figure state, thread-safe)."""
+
 from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
-          "#ccb974", "#64b5cd")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
 def memory_figure(summary: dict) -> Figure:
@@ -20,8 +20,14 @@ def memory_figure(summary: dict) -> Figure:
         base = ph["name"].rstrip("0123456789")
         first = base not in colors
         color = colors.setdefault(base, COLORS[len(colors) % len(COLORS)])
-        ax.axvspan(ph["start_s"], ph["start_s"] + max(ph["seconds"], 1e-3), color=color, alpha=0.18,
-                   lw=0, label=base if first else None)
+        ax.axvspan(
+            ph["start_s"],
+            ph["start_s"] + max(ph["seconds"], 1e-3),
+            color=color,
+            alpha=0.18,
+            lw=0,
+            label=base if first else None,
+        )
     if timeline:
         ts = [t[0] for t in timeline]
         gb = [t[1] for t in timeline]

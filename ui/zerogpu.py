@@ -4,6 +4,7 @@ the duration estimated from the plan; everywhere else the function is returned u
 
 On ZeroGPU the job runs in the GPU worker process, so only the Job (picklable) goes there: the
 progress and cancel callbacks stay behind (Gradio's own cancel still drops the event)."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,10 @@ def estimate_seconds(engine, job) -> int:
     except Exception:  # noqa: BLE001 - a bad job fails in the run with its own sentence
         return MIN_S * 2
     # the upscale stages' tiles, split exactly as core.upscale splits them
-    tiles = sum(len(token_tiles(w, h, plan.upscale_tile or 1024, plan.overlap or 128)[2])
-                for w, h in stage_sizes(job.width, job.height, job.upscale))
+    tiles = sum(
+        len(token_tiles(w, h, plan.upscale_tile or 1024, plan.overlap or 128)[2])
+        for w, h in stage_sizes(job.width, job.height, job.upscale)
+    )
     total = plan.predicted_step_s * (job.steps + stage_steps(job) * tiles)
     return int(min(MAX_S, max(MIN_S, 1.5 * total + MARGIN_S)))
 

@@ -1,4 +1,5 @@
 """`python -m core`: plan and generate as a user runs them, in subprocesses (offline, demo model)."""
+
 import json
 import os
 import subprocess
@@ -18,14 +19,20 @@ TIMEOUT = 240
 def env():
     e = dict(os.environ)
     e["HF_HUB_OFFLINE"] = "1"
-    e["FLUX_ANYVRAM_CACHE"] = os.environ["FLUX_ANYVRAM_CACHE"]   # the demo model conftest built
+    e["FLUX_ANYVRAM_CACHE"] = os.environ["FLUX_ANYVRAM_CACHE"]  # the demo model conftest built
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
 
 def start(*args):
-    return subprocess.Popen([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "core", *map(str, args)],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc):
@@ -43,16 +50,36 @@ def run_all(commands):
 def inputs(tmp_path_factory, astronaut):
     d = tmp_path_factory.mktemp("cli")
     photo = d / "photo.png"
-    astronaut.crop((0, 64, 512, 448)).save(photo)       # 512×384: a 4:3 input
+    astronaut.crop((0, 64, 512, 448)).save(photo)  # 512×384: a 4:3 input
     fake = d / "notes.png"
     fake.write_text("this is a text file, not a PNG\n")
     return d, photo, fake
 
 
 def generate_args(photo, out, *extra):
-    return ("generate", "--image", photo, "--control", "canny=0.6", "--control", "depth",
-            "--prompt", "an astronaut portrait", "--tier", "auto", "--steps", "2", "--max-side", "128",
-            "--seed", "11", "--demo", "--out", out, *extra)
+    return (
+        "generate",
+        "--image",
+        photo,
+        "--control",
+        "canny=0.6",
+        "--control",
+        "depth",
+        "--prompt",
+        "an astronaut portrait",
+        "--tier",
+        "auto",
+        "--steps",
+        "2",
+        "--max-side",
+        "128",
+        "--seed",
+        "11",
+        "--demo",
+        "--out",
+        out,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +87,11 @@ def generated(inputs):
     d, photo, _ = inputs
     outs = [d / "out1.png", d / "out2.png"]
     fp8 = d / "fp8.png"
-    results = run_all([("plan", "--tier", "8", "--width", "1024", "--height", "1024")]
-                      + [generate_args(photo, o) for o in outs] + [generate_args(photo, fp8, "--fp8-compute")])
+    results = run_all(
+        [("plan", "--tier", "8", "--width", "1024", "--height", "1024")]
+        + [generate_args(photo, o) for o in outs]
+        + [generate_args(photo, fp8, "--fp8-compute")]
+    )
     return results[0], list(zip(results[1:3], outs)), (results[3], fp8)
 
 
@@ -74,7 +104,7 @@ def test_plan_prints_one_json_object_within_the_tier(generated):
     assert plan["tier"] == "8" and plan["budget_gb"] == 7.5
     assert 0 < plan["predicted_peak_gb"] <= 7.5
     assert "tile" in plan and plan["tile"] >= 0 and isinstance(plan["tile"], int)
-    assert sum(plan["placement"].values()) > 300          # the full-size model's units
+    assert sum(plan["placement"].values()) > 300  # the full-size model's units
     assert plan["dtype"] in ("bfloat16", "float32") and plan["predicted_step_s"] > 0
 
 
@@ -83,7 +113,7 @@ def test_generate_writes_a_png_with_its_parameters(generated):
         assert rc == 0, err
         summary = json.loads(out.strip().splitlines()[-1])
         img = Image.open(path)
-        assert img.format == "PNG" and img.size == (128, 96)      # 4:3 input fitted into 128 px
+        assert img.format == "PNG" and img.size == (128, 96)  # 4:3 input fitted into 128 px
         assert summary["size"] == [128, 96] and summary["out"] == str(path) and summary["demo"] is True
         assert summary["measured_peak_reserved_gb"] > 0
         for phase in ("encode", "denoise", "decode"):
@@ -116,7 +146,7 @@ def test_bad_inputs_exit_2_with_one_sentence_and_write_nothing(inputs):
         (generate_args(photo, d / "missing" / "bad6.png"), "--out"),
     ]
     before = sorted(p.name for p in d.rglob("*"))
-    for (args, word), (rc, out, err) in zip(bad, run_all([a for a, _ in bad])):
+    for (_args, word), (rc, out, err) in zip(bad, run_all([a for a, _ in bad])):
         assert rc == 2, (word, rc, err)
         assert out == "", word
         lines = err.strip().splitlines()

@@ -1,5 +1,6 @@
 """The engine on the tiny random-weight demo model (CPU): sizes, determinism, controls, the Pro-2.0
 ControlNet, out-of-memory recovery (injected), errors, cancelling, and the memory report."""
+
 import json
 import threading
 
@@ -24,8 +25,7 @@ def px(image):
 @pytest.fixture(scope="module")
 def job(astronaut):
     # tier "cpu": the same plan on any machine ("auto" is checked on its own below)
-    return Job("an astronaut portrait, detailed", astronaut, (ControlSpec("canny"),), W, H, steps=2, seed=7,
-               tier="cpu")
+    return Job("an astronaut portrait, detailed", astronaut, (ControlSpec("canny"),), W, H, steps=2, seed=7, tier="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,7 @@ def pro2_engine():
 
 def test_pro2_controlnet_runs_canny(pro2_engine, job):
     from core.models import has_mode_ids
+
     assert not has_mode_ids(pro2_engine.pipe)
     r = pro2_engine.run(job)
     assert r.image.size == (W, H) and px(r.image).std() > 1
@@ -97,7 +98,7 @@ def test_pro2_controlnet_rejects_modes_it_lacks(pro2_engine, job, kinds):
         pro2_engine.run(job.with_(controls=tuple(ControlSpec(k) for k in kinds)))
     msg = str(info.value)
     assert kinds[-1] in msg and "support" in msg and "canny" not in msg.split(":")[-1]
-    assert pro2_engine.run(job).image.size == (W, H)   # still usable
+    assert pro2_engine.run(job).image.size == (W, H)  # still usable
 
 
 def test_injected_oom_steps_down_and_recovers(demo_engine, job, reference, monkeypatch):
@@ -158,6 +159,7 @@ def test_a_non_oom_error_is_raised_once_and_the_next_job_succeeds(demo_engine, j
 def test_an_error_inside_tiled_denoising_restores_the_pipeline(demo_engine, job, reference):
     from core.generate import Runtime, control_images, generate_pass
     from core.memory import MemoryMonitor
+
     pipe = demo_engine.pipe
     forwards = (type(pipe.transformer).forward, type(pipe.controlnet).forward)
 
@@ -219,7 +221,7 @@ def test_auto_tier_on_a_cpu_machine_plans_the_cpu(demo_engine, job):
     assert demo_engine.plan(job.with_(tier="auto")).tier == "cpu"
     r = demo_engine.run(job.with_(tier="auto"))
     assert r.plan.tier == "cpu" and r.image.size == (W, H)
-    assert demo_engine.plan(job, tier="8").device == "cuda"   # planning alone is allowed
+    assert demo_engine.plan(job, tier="8").device == "cuda"  # planning alone is allowed
 
 
 def test_concurrent_runs_are_serialised_and_deterministic(demo_engine, job, reference):
@@ -254,12 +256,12 @@ def test_prompt_cache_encodes_each_prompt_once_and_stays_bounded():
     a2, _ = cache.get(pipe, "a", torch.device("cpu"), 8)
     assert FakePipe.calls == 1 and torch.equal(a1, a2)
     cache.get(pipe, "bb", torch.device("cpu"), 8)
-    cache.get(pipe, "a", torch.device("cpu"), 16)    # another sequence length is another entry
+    cache.get(pipe, "a", torch.device("cpu"), 16)  # another sequence length is another entry
     assert FakePipe.calls == 3 and len(cache.data) == 2
     cache.get(pipe, "bb", torch.device("cpu"), 8)
-    assert FakePipe.calls == 3                       # recently used: kept
+    assert FakePipe.calls == 3  # recently used: kept
     cache.get(pipe, "a", torch.device("cpu"), 8)
-    assert FakePipe.calls == 4                       # evicted earlier: encoded again
+    assert FakePipe.calls == 4  # evicted earlier: encoded again
 
 
 def test_faults_count_down():

@@ -2,6 +2,7 @@
 `_scaled_mm` where this torch has it on the CPU), fused QKV, compile wiring (the cheap "eager"
 backend), exact undo, the Job field, and the engine's choices (fp8 ignored with a note where it
 cannot apply)."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,6 +46,7 @@ def parts():
     from diffusers import FluxMultiControlNetModel
 
     from core.demo_model import build_demo_components
+
     c = build_demo_components()
     tr, cn = c["transformer"].eval(), c["controlnet"].eval()
     return SimpleNamespace(transformer=tr, controlnet=FluxMultiControlNetModel([cn]), cn=cn)
@@ -52,11 +54,16 @@ def parts():
 
 def transformer_inputs(n=48, t=8, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, n, 64, generator=g, dtype=dtype),
-                encoder_hidden_states=torch.randn(1, t, 32, generator=g, dtype=dtype),
-                pooled_projections=torch.randn(1, 32, generator=g, dtype=dtype), timestep=torch.tensor([0.5]),
-                guidance=torch.tensor([3.5]), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(t, 3),
-                return_dict=False)
+    return dict(
+        hidden_states=torch.randn(1, n, 64, generator=g, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, t, 32, generator=g, dtype=dtype),
+        pooled_projections=torch.randn(1, 32, generator=g, dtype=dtype),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(n, 3),
+        txt_ids=torch.zeros(t, 3),
+        return_dict=False,
+    )
 
 
 # -- fp8 numerics -----------------------------------------------------------------------------------
@@ -65,9 +72,9 @@ def test_quantize_rows_scales_each_row_to_the_fp8_range():
     q, s = fp8_compute.quantize_rows(x)
     assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (5, 1)
     back = q.float() * s
-    assert torch.isfinite(back).all() and back[4].abs().max() == 0            # an all-zero row stays zero
+    assert torch.isfinite(back).all() and back[4].abs().max() == 0  # an all-zero row stays zero
     for i in range(4):
-        assert q[i].float().abs().max() == fp8_compute.FP8_MAX                       # the row's largest value uses the range
+        assert q[i].float().abs().max() == fp8_compute.FP8_MAX  # the row's largest value uses the range
         assert rel_err(back[i], x[i]) < 0.05
 
 
@@ -83,7 +90,7 @@ def test_fp8_linear_is_close_to_the_bf16_matmul(shape, bias):
     assert out.shape == ref.shape == (*shape[:-1], 48) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 0.06, "e4m3 keeps 3 mantissa bits; row scales keep the error at a few %"
     assert rel_err(out, ref) > 0, "it really is quantized"
-    assert f8._original[0] is lin and not list(f8.children())      # the original is not a submodule
+    assert f8._original[0] is lin and not list(f8.children())  # the original is not a submodule
 
 
 def test_fp8_linear_keeps_the_input_dtype_and_handles_float32():
@@ -111,7 +118,7 @@ def test_fp8_linear_split_into_column_blocks_matches_the_whole_matmul():
     torch.manual_seed(2)
     lin = nn.Linear(96, 40).to(torch.bfloat16)
     a = torch.randn(3, 7, 32, dtype=torch.bfloat16)
-    b = 20 * torch.randn(3, 7, 64, dtype=torch.bfloat16)      # a part with another range: its own scale
+    b = 20 * torch.randn(3, 7, 64, dtype=torch.bfloat16)  # a part with another range: its own scale
     x = torch.cat([a, b], dim=-1)
     split = fp8_compute.Fp8Linear(lin, scaled_mm=False, split=(32, 64))
     whole = fp8_compute.Fp8Linear(lin, scaled_mm=False)
@@ -122,7 +129,7 @@ def test_fp8_linear_split_into_column_blocks_matches_the_whole_matmul():
     try:
         real = fp8_compute.Fp8Linear(lin, scaled_mm=True, fast_accum=False, split=(32, 64))(x)
     except (RuntimeError, NotImplementedError):
-        real = None   # no fp8 _scaled_mm on this CPU build
+        real = None  # no fp8 _scaled_mm on this CPU build
     if real is not None:
         assert rel_err(real, split(x)) < 0.01
     with pytest.raises(ValueError, match="does not add up to 96"):
@@ -142,11 +149,11 @@ def test_fused_qkv_matches_unfused_costs_no_memory_and_unfuses_exactly(parts):
     before, n_params = state(tr), sum(p.numel() for p in tr.parameters())
     with torch.no_grad():
         ref = tr(**kw)[0]
-        assert fast.fuse_qkv(tr) == 4 and fast.fuse_qkv(tr) == 0          # 2 double + 2 single blocks; idempotent
+        assert fast.fuse_qkv(tr) == 4 and fast.fuse_qkv(tr) == 0  # 2 double + 2 single blocks; idempotent
         out = tr(**kw)[0]
     attn = tr.transformer_blocks[0].attn
     assert attn.fused_projections and hasattr(attn, "to_added_qkv") and not hasattr(attn, "to_q")
-    assert sum(p.numel() for p in tr.parameters()) == n_params            # the unfused copies are gone
+    assert sum(p.numel() for p in tr.parameters()) == n_params  # the unfused copies are gone
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert fast.unfuse_qkv(tr) == 4
     assert not attn.fused_projections and not hasattr(attn, "to_qkv")
@@ -175,7 +182,7 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     weights = sum(m.out_features * m.in_features for m in f8s)
     scales = sum(m.out_features * len(m.split) for m in f8s)
     assert fp8_compute.fp8_bytes(tr) == weights + scales * 4 + sum(m.out_features for m in f8s) * 2
-    proj_out = tr.single_transformer_blocks[0].proj_out      # reads cat(attention, MLP): one matmul per part
+    proj_out = tr.single_transformer_blocks[0].proj_out  # reads cat(attention, MLP): one matmul per part
     assert proj_out.split == (32, 128) and fp8_compute.Fp8Linear(nn.Linear(8, 4), False).split == (8,)
     assert fp8_compute.dequantize_fp8(tr) == n and fp8_compute.fp8_layers(tr) == 0
     fast.unfuse_qkv(tr)
@@ -189,7 +196,7 @@ def test_compiled_blocks_give_the_same_output_and_uncompile(parts):
         ref = tr(**kw)[0]
         t0 = fast.compile_seconds()
         assert fast.compile_blocks(tr, backend="eager") == 4
-        assert fast.compile_blocks(tr, backend="eager") == 0              # already compiled
+        assert fast.compile_blocks(tr, backend="eager") == 0  # already compiled
         assert all(fast.is_compiled(b) for b in fast.repeated_blocks(tr))
         out = tr(**kw)[0]
         assert fast.compile_seconds() > t0, "the first call compiled (fullgraph)"
@@ -199,32 +206,34 @@ def test_compiled_blocks_give_the_same_output_and_uncompile(parts):
 
 def test_the_controlnet_blocks_are_found_without_repeated_blocks(parts):
     assert not getattr(parts.cn, "_repeated_blocks", None)
-    assert len(fast.repeated_blocks(parts.cn)) == 2                        # 1 double + 1 single
+    assert len(fast.repeated_blocks(parts.cn)) == 2  # 1 double + 1 single
     assert fast.denoisers(parts) == (parts.transformer, parts.cn)
 
 
 def test_apply_fast_is_idempotent_and_undo_fast_restores_every_bit(parts):
     before = (state(parts.transformer), state(parts.cn))
     got = fast.apply_fast(parts, fp8=True, compile=True, backend="eager")
-    assert got == fast.Fast(fused=True, compiled=True, fp8=True, attention="sdpa", fp8_layers=22 + 11,
-                            compiled_blocks=6, fused_blocks=True)
+    assert got == fast.Fast(
+        fused=True, compiled=True, fp8=True, attention="sdpa", fp8_layers=22 + 11, compiled_blocks=6, fused_blocks=True
+    )
     assert "fp8 compute (33 layers)" in got.label() and "fused QKV" in got.label()
     again = fast.apply_fast(parts, fp8=True, compile=True, backend="eager")
     assert again == got and fp8_compute.fp8_layers(parts.transformer) == 22
-    off = fast.apply_fast(parts, fp8=False, compile=True, backend="eager")    # fp8 off, the rest stays
+    off = fast.apply_fast(parts, fp8=False, compile=True, backend="eager")  # fp8 off, the rest stays
     assert not off.fp8 and off.fp8_layers == 0 and off.fused and off.compiled
     fast.undo_fast(parts)
-    assert (same_state(state(parts.transformer), before[0]) and same_state(state(parts.cn), before[1]))
+    assert same_state(state(parts.transformer), before[0]) and same_state(state(parts.cn), before[1])
     assert not any(fast.is_compiled(b) for m in fast.denoisers(parts) for b in fast.repeated_blocks(m))
 
 
 def test_attention_choice_is_per_processor_and_resolves_on_the_cpu(parts):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
     active = _AttentionBackendRegistry.get_active_backend()[0]
     fast.set_attention(parts.transformer, "cudnn")
     procs = {a.processor._attention_backend for a in fast.attentions(parts.transformer)}
     assert procs == {AttentionBackendName._NATIVE_CUDNN}
-    assert _AttentionBackendRegistry.get_active_backend()[0] == active     # nothing process-wide
+    assert _AttentionBackendRegistry.get_active_backend()[0] == active  # nothing process-wide
     fast.set_attention(parts.transformer, "sdpa")
     assert {a.processor._attention_backend for a in fast.attentions(parts.transformer)} == {None}
     assert fast.resolve_attention("auto", "cpu") == "sdpa"
@@ -270,16 +279,23 @@ def test_job_fp8_compute_is_a_validated_bool_that_round_trips(astronaut):
         with pytest.raises(ValueError, match="fp8_compute"):
             Job("x", astronaut, (ControlSpec("canny"),), 64, 64, fp8_compute=bad)
     d = job.describe()
-    rebuilt = Job(image=astronaut, controls=tuple(ControlSpec(c["kind"], c["scale"], c["start"], c["end"],
-                                                              tuple(c["params"].items())) for c in d.pop("controls")), **d)
+    rebuilt = Job(
+        image=astronaut,
+        controls=tuple(
+            ControlSpec(c["kind"], c["scale"], c["start"], c["end"], tuple(c["params"].items()))
+            for c in d.pop("controls")
+        ),
+        **d,
+    )
     assert rebuilt == job
 
 
 # -- the engine ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def job(astronaut):
-    return Job("an astronaut portrait", astronaut, (ControlSpec("canny", 0.7, end=1.0),), W, H, steps=2, seed=3,
-               tier="cpu")
+    return Job(
+        "an astronaut portrait", astronaut, (ControlSpec("canny", 0.7, end=1.0),), W, H, steps=2, seed=3, tier="cpu"
+    )
 
 
 def px(image):
@@ -311,7 +327,7 @@ def cpu_fast_engine(monkeypatch):
 def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, monkeypatch):
     engine = cpu_fast_engine
     pipe = engine.pipe
-    engine.apply(engine.plan(job))                            # placed (cast to bf16), not yet fast
+    engine.apply(engine.plan(job))  # placed (cast to bf16), not yet fast
     before = state(pipe.transformer)
     graphs = counters["stats"]["unique_graphs"]
     r1 = engine.run(job)
@@ -324,7 +340,7 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, m
     assert r1.summary()["fast"] == f
     applied = []
     monkeypatch.setattr(fast, "apply_fast", lambda *a, _f=fast.apply_fast, **k: applied.append(1) or _f(*a, **k))
-    r2 = engine.run(job)                                      # nothing recompiles for the same job
+    r2 = engine.run(job)  # nothing recompiles for the same job
     assert not applied, "an unchanged fast path is not walked again"
     assert r2.report["fast"]["compile_s"] < 0.5 and not any("compiled" in e for e in r2.events)
     assert np.array_equal(px(r2.image), px(r1.image))
@@ -335,9 +351,9 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, m
     assert any(e.startswith("fp8 compute: 33 block matmuls") for e in r8.events), r8.events
     diff = np.abs(px(r8.image) - px(r1.image)).mean()
     assert 0 < diff < 40, diff
-    back = engine.run(job)                                     # fp8 off: the bf16 weights came back exactly
+    back = engine.run(job)  # fp8 off: the bf16 weights came back exactly
     assert not back.report["fast"]["fp8"] and np.array_equal(px(back.image), px(r1.image))
-    engine._undo()                                             # what a streamed plan does first
+    engine._undo()  # what a streamed plan does first
     assert engine._fast is None and same_state(state(pipe.transformer), before)
     assert not any(fast.is_compiled(b) for b in fast.repeated_blocks(pipe.transformer))
 
@@ -347,6 +363,7 @@ def test_engine_cuda_graphs_replay_the_denoiser_calls_and_give_the_same_image(cp
 
     from core import graphs
     from tests.core.test_graphs import fake_capture
+
     engine = cpu_fast_engine
     plain = engine.run(job.with_(steps=4))
     monkeypatch.setattr(graphs.Pool, "capture", lambda self, run: fake_capture(run))
@@ -356,7 +373,7 @@ def test_engine_cuda_graphs_replay_the_denoiser_calls_and_give_the_same_image(cp
     assert r.report["fast"]["cuda_graphs"] and "CUDA graphs" in engine._fast.label()
     assert (cn.replays, tr.replays) == (3, 3), "step 1 eager; step 2 captured; steps 2-4 replayed"
     assert np.array_equal(px(r.image), px(plain.image))
-    engine.run(job.with_(steps=4, fp8_compute=True))             # new weights: the old graphs are gone
+    engine.run(job.with_(steps=4, fp8_compute=True))  # new weights: the old graphs are gone
     assert graphs.installed(engine.pipe.transformer) is not tr and tr.graphs == {}
     engine._undo()
     assert graphs.installed(engine.pipe.transformer) is None and "forward" not in vars(engine.pipe.transformer)

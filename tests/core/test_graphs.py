@@ -1,6 +1,7 @@
 """core.graphs' bookkeeping on the CPU with a stand-in capture (a "graph" that re-runs the captured
 call on the graph's own inputs and writes into the captured outputs, as a CUDA graph replay does);
 the real capture on a GPU in the gpu-marked test."""
+
 import pytest
 import torch
 from torch import nn
@@ -45,11 +46,11 @@ def test_first_call_eager_second_captured_then_replayed_with_new_inputs():
     ref = [Net.forward(net, x)[0].clone() for x in (x1, x2, x3)]
     net.calls = 0
     out1 = net(x1)[0].clone()
-    assert not gc.graphs and net.calls == 1                  # eager, compiles on a GPU
+    assert not gc.graphs and net.calls == 1  # eager, compiles on a GPU
     out2 = net(x2)[0].clone()
-    assert len(gc.graphs) == 1 and gc.replays == 1           # captured, then replayed with x2
+    assert len(gc.graphs) == 1 and gc.replays == 1  # captured, then replayed with x2
     out3 = net(x3)
-    assert gc.replays == 2 and net.calls == 1 + 1 + 2        # eager, capture, two replays re-run (fake)
+    assert gc.replays == 2 and net.calls == 1 + 1 + 2  # eager, capture, two replays re-run (fake)
     for got, want in zip((out1, out2, out3[0]), ref):
         torch.testing.assert_close(got, want)
     assert out3[0] is gc.graphs[next(iter(gc.graphs))].out[0], "outputs are the graph's own tensors"
@@ -65,10 +66,10 @@ def test_each_call_form_has_its_graph_and_scalars_are_part_of_the_form():
         net(x, scale=0.5)
         net(x, extra=e)
         net(torch.randn(3, 4))
-    assert len(gc.graphs) == 4                               # two tensor shapes, a scale, an extra input
+    assert len(gc.graphs) == 4  # two tensor shapes, a scale, an extra input
     torch.testing.assert_close(net(x, scale=0.5)[0], Net.forward(net, x, scale=0.5)[0])
     net(x, scale=0.25)
-    net(x, scale=0.25)                                       # a fifth form: the old graphs are dropped
+    net(x, scale=0.25)  # a fifth form: the old graphs are dropped
     assert len(gc.graphs) == 1
     assert graphs.form_of([x, 0.5, None, "a", True]) is not None
     assert graphs.form_of([x, object()]) is None, "a leaf that is not a tensor or a plain value: eager"
@@ -93,6 +94,7 @@ def test_a_failing_capture_turns_graphs_off_and_runs_eagerly():
 
     def broken(run):
         raise RuntimeError("operation not permitted when stream is capturing")
+
     gc = graphs.install({"net": net}, capture=broken)["net"]
     x = torch.randn(2, 4)
     net(x)
@@ -103,7 +105,7 @@ def test_a_failing_capture_turns_graphs_off_and_runs_eagerly():
 
 def test_uninstall_restores_the_forward_underneath():
     net, hooked = Net(), Net()
-    hooked.forward = lambda x: ("hook",)                     # another wrapper's instance forward
+    hooked.forward = lambda x: ("hook",)  # another wrapper's instance forward
     graphs.install({"net": net, "hooked": hooked}, capture=fake_capture)
     assert graphs.installed(net) is not None and graphs.installed(hooked) is not None
     assert graphs.uninstall({"net": net, "hooked": hooked}) == 2
@@ -114,9 +116,9 @@ def test_uninstall_restores_the_forward_underneath():
 @pytest.mark.gpu
 @torch.no_grad()
 def test_real_cuda_graphs_replay_the_tiny_transformer_exactly():
+    from core.demo_model import build_demo_components
     from tests.core.test_fast import transformer_inputs
 
-    from core.demo_model import build_demo_components
     tr = build_demo_components()["transformer"].eval().to("cuda")
     kws = []
     for seed in range(4):

@@ -5,6 +5,7 @@ ControlNet + T5 set: only the plan's pinned arena (fp8 packs) becomes anonymous 
 
 Measured in a fresh subprocess (/proc/self/status: RssAnon vs RssFile) on a pipeline folder whose
 transformer is ~0.4 GB, so the effect is far above allocator noise."""
+
 import json
 import shutil
 import subprocess
@@ -49,22 +50,35 @@ def folder(tmp_path_factory):
 
     from core.configs import TINY
     from core.demo_model import ensure_demo_model
+
     root = ensure_demo_model()
     out = tmp_path_factory.mktemp("midsize")
     shutil.copytree(root / "flux", out / "flux", ignore=shutil.ignore_patterns("transformer"))
     shutil.copytree(root / "controlnet-union", out / "controlnet")
-    cfg = dict(TINY["transformer"], attention_head_dim=128, num_attention_heads=8, axes_dims_rope=[16, 56, 56],
-               num_layers=3, num_single_layers=6)
+    cfg = dict(
+        TINY["transformer"],
+        attention_head_dim=128,
+        num_attention_heads=8,
+        axes_dims_rope=[16, 56, 56],
+        num_layers=3,
+        num_single_layers=6,
+    )
     torch.manual_seed(0)
-    FluxTransformer2DModel(**cfg).to(torch.bfloat16).save_pretrained(out / "flux" / "transformer",
-                                                                     safe_serialization=True)
+    FluxTransformer2DModel(**cfg).to(torch.bfloat16).save_pretrained(
+        out / "flux" / "transformer", safe_serialization=True
+    )
     return out
 
 
 def test_loaded_weights_stay_in_file_backed_pages(folder):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder / "flux"), str(folder / "controlnet")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder / "flux"), str(folder / "controlnet")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     n = r["nbytes"]

@@ -1,4 +1,5 @@
 """Job and ControlSpec: validated once, at construction; every bad field names itself."""
+
 import dataclasses
 import json
 import math
@@ -20,14 +21,24 @@ def make(**kw):
 
 def test_valid_job_keeps_and_normalises_its_fields():
     c = (ControlSpec("canny", 0.6), ControlSpec("depth", start=0.1, end=0.9))
-    job = make(controls=list(c), width=1024, height=768, steps=20, guidance=4, seed=2**63 - 1,
-               upscale=2, tier="AUTO", upscale_strength=0.25, upscale_steps=3)
-    assert job.controls == c and isinstance(job.controls, tuple)   # a list becomes a tuple
+    job = make(
+        controls=list(c),
+        width=1024,
+        height=768,
+        steps=20,
+        guidance=4,
+        seed=2**63 - 1,
+        upscale=2,
+        tier="AUTO",
+        upscale_strength=0.25,
+        upscale_steps=3,
+    )
+    assert job.controls == c and isinstance(job.controls, tuple)  # a list becomes a tuple
     assert (job.width, job.height, job.steps, job.seed) == (1024, 768, 20, 2**63 - 1)
     assert isinstance(job.guidance, float) and job.guidance == 4.0
     assert isinstance(job.upscale, float) and job.upscale == 2.0
     assert job.tier == "auto"
-    assert make(tier=8).tier == "8"   # a number from a form becomes the tier's name
+    assert make(tier=8).tier == "8"  # a number from a form becomes the tier's name
     assert job.upscale_strength == 0.25 and job.upscale_steps == 3
 
 
@@ -48,52 +59,55 @@ def test_control_spec_defaults_come_from_the_registry():
         assert 0.0 <= c.start < c.end <= 1.0
 
 
-@pytest.mark.parametrize("field,value,word", [
-    ("prompt", "", "prompt"),
-    ("prompt", "   \n\t", "prompt"),
-    ("prompt", None, "prompt"),
-    ("prompt", "x" * 10_000, "prompt"),
-    ("image", None, "image"),
-    ("image", "photo.png", "image"),
-    ("width", 100, "width"),
-    ("width", 4096, "width"),
-    ("width", MAX_SIDE + 16, "width"),
-    ("width", -16, "width"),
-    ("width", 0, "width"),
-    ("width", 48, "width"),
-    ("width", 128.0, "width"),
-    ("width", True, "width"),
-    ("height", 130, "height"),
-    ("height", -128, "height"),
-    ("steps", 0, "steps"),
-    ("steps", 1000, "steps"),
-    ("steps", -1, "steps"),
-    ("steps", 2.5, "steps"),
-    ("guidance", math.nan, "guidance"),
-    ("guidance", math.inf, "guidance"),
-    ("guidance", -math.inf, "guidance"),
-    ("guidance", -0.1, "guidance"),
-    ("guidance", 31, "guidance"),
-    ("guidance", "strong", "guidance"),
-    ("guidance", None, "guidance"),
-    ("seed", -1, "seed"),
-    ("seed", 2**63, "seed"),
-    ("seed", 1.5, "seed"),
-    ("seed", True, "seed"),
-    ("upscale", 100, "upscale"),
-    ("upscale", 0.5, "upscale"),
-    ("upscale", math.nan, "upscale"),
-    ("upscale", MAX_UPSCALE + 0.01, "upscale"),
-    ("tier", "7", "tier"),
-    ("tier", "graphics", "tier"),
-    ("tier", None, "tier"),
-    ("upscale_strength", 1.5, "upscale_strength"),
-    ("upscale_strength", math.nan, "upscale_strength"),
-    ("upscale_steps", 0, "upscale_steps"),
-    ("upscale_steps", 101, "upscale_steps"),
-    ("controls", (), "controls"),
-    ("controls", tuple(ControlSpec("canny") for _ in range(MAX_CONTROLS + 1)), "controls"),
-])
+@pytest.mark.parametrize(
+    "field,value,word",
+    [
+        ("prompt", "", "prompt"),
+        ("prompt", "   \n\t", "prompt"),
+        ("prompt", None, "prompt"),
+        ("prompt", "x" * 10_000, "prompt"),
+        ("image", None, "image"),
+        ("image", "photo.png", "image"),
+        ("width", 100, "width"),
+        ("width", 4096, "width"),
+        ("width", MAX_SIDE + 16, "width"),
+        ("width", -16, "width"),
+        ("width", 0, "width"),
+        ("width", 48, "width"),
+        ("width", 128.0, "width"),
+        ("width", True, "width"),
+        ("height", 130, "height"),
+        ("height", -128, "height"),
+        ("steps", 0, "steps"),
+        ("steps", 1000, "steps"),
+        ("steps", -1, "steps"),
+        ("steps", 2.5, "steps"),
+        ("guidance", math.nan, "guidance"),
+        ("guidance", math.inf, "guidance"),
+        ("guidance", -math.inf, "guidance"),
+        ("guidance", -0.1, "guidance"),
+        ("guidance", 31, "guidance"),
+        ("guidance", "strong", "guidance"),
+        ("guidance", None, "guidance"),
+        ("seed", -1, "seed"),
+        ("seed", 2**63, "seed"),
+        ("seed", 1.5, "seed"),
+        ("seed", True, "seed"),
+        ("upscale", 100, "upscale"),
+        ("upscale", 0.5, "upscale"),
+        ("upscale", math.nan, "upscale"),
+        ("upscale", MAX_UPSCALE + 0.01, "upscale"),
+        ("tier", "7", "tier"),
+        ("tier", "graphics", "tier"),
+        ("tier", None, "tier"),
+        ("upscale_strength", 1.5, "upscale_strength"),
+        ("upscale_strength", math.nan, "upscale_strength"),
+        ("upscale_steps", 0, "upscale_steps"),
+        ("upscale_steps", 101, "upscale_steps"),
+        ("controls", (), "controls"),
+        ("controls", tuple(ControlSpec("canny") for _ in range(MAX_CONTROLS + 1)), "controls"),
+    ],
+)
 def test_bad_job_field_raises_value_error_naming_it(field, value, word):
     with pytest.raises(ValueError) as info:
         make(**{field: value})
@@ -124,19 +138,22 @@ def test_number_of_controls_limits_are_inclusive():
     assert len(four) == MAX_CONTROLS and make(controls=four).controls == four
 
 
-@pytest.mark.parametrize("kw,word", [
-    (dict(kind="pose"), "control"),
-    (dict(kind="Canny "), "control"),
-    (dict(kind="canny", scale=math.nan), "scale"),
-    (dict(kind="canny", scale=math.inf), "scale"),
-    (dict(kind="canny", scale=-0.1), "scale"),
-    (dict(kind="canny", scale=2.5), "scale"),
-    (dict(kind="canny", start=0.5, end=0.5), "start"),
-    (dict(kind="canny", start=0.9, end=0.2), "start"),
-    (dict(kind="canny", start=-0.1), "start"),
-    (dict(kind="canny", end=1.5), "end"),
-    (dict(kind="canny", end=math.nan), "end"),
-])
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        (dict(kind="pose"), "control"),
+        (dict(kind="Canny "), "control"),
+        (dict(kind="canny", scale=math.nan), "scale"),
+        (dict(kind="canny", scale=math.inf), "scale"),
+        (dict(kind="canny", scale=-0.1), "scale"),
+        (dict(kind="canny", scale=2.5), "scale"),
+        (dict(kind="canny", start=0.5, end=0.5), "start"),
+        (dict(kind="canny", start=0.9, end=0.2), "start"),
+        (dict(kind="canny", start=-0.1), "start"),
+        (dict(kind="canny", end=1.5), "end"),
+        (dict(kind="canny", end=math.nan), "end"),
+    ],
+)
 def test_bad_control_raises_value_error_naming_it(kw, word):
     with pytest.raises(ValueError) as info:
         ControlSpec(**kw)
@@ -150,8 +167,19 @@ def test_unknown_control_lists_the_choices():
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("w,h,u", [(1024, 768, 1.0), (1024, 768, 1.5), (1024, 1024, 2.0), (832, 1216, 3.0),
-                                   (64, 64, 4.0), (80, 112, 1.5), (2048, 2048, 4.0), (1008, 592, 2.5)])
+@pytest.mark.parametrize(
+    "w,h,u",
+    [
+        (1024, 768, 1.0),
+        (1024, 768, 1.5),
+        (1024, 1024, 2.0),
+        (832, 1216, 3.0),
+        (64, 64, 4.0),
+        (80, 112, 1.5),
+        (2048, 2048, 4.0),
+        (1008, 592, 2.5),
+    ],
+)
 def test_out_size_is_the_upscaled_size_in_multiples_of_16(w, h, u):
     ow, oh = make(width=w, height=h, upscale=u).out_size
     assert ow % 16 == 0 and oh % 16 == 0
@@ -163,22 +191,42 @@ def test_out_size_is_the_upscaled_size_in_multiples_of_16(w, h, u):
 
 
 def test_describe_is_json_ready_and_complete():
-    job = make(controls=(ControlSpec("canny", 0.6, params=(("low", 50), ("high", 150))), ControlSpec("depth")),
-               upscale=1.5, upscale_steps=2, seed=12345, guidance=2.5)
+    job = make(
+        controls=(ControlSpec("canny", 0.6, params=(("low", 50), ("high", 150))), ControlSpec("depth")),
+        upscale=1.5,
+        upscale_steps=2,
+        seed=12345,
+        guidance=2.5,
+    )
     d = job.describe()
     back = json.loads(json.dumps(d))
     assert back == d
     assert "image" not in d
-    for name in ("prompt", "width", "height", "steps", "guidance", "seed", "upscale", "tier",
-                 "upscale_strength", "upscale_steps"):
+    for name in (
+        "prompt",
+        "width",
+        "height",
+        "steps",
+        "guidance",
+        "seed",
+        "upscale",
+        "tier",
+        "upscale_strength",
+        "upscale_steps",
+    ):
         assert d[name] == getattr(job, name)
     assert [c["kind"] for c in d["controls"]] == ["canny", "depth"]
     assert d["controls"][0] == dict(kind="canny", scale=0.6, start=0.0, end=0.8, params=dict(low=50, high=150))
     assert d["controls"][1]["scale"] == CONTROLS["depth"].default_scale
     # enough to rebuild the same job
-    rebuilt = Job(image=IMG, controls=tuple(ControlSpec(c["kind"], c["scale"], c["start"], c["end"],
-                                                        tuple(c["params"].items())) for c in back["controls"]),
-                  **{k: v for k, v in back.items() if k != "controls"})
+    rebuilt = Job(
+        image=IMG,
+        controls=tuple(
+            ControlSpec(c["kind"], c["scale"], c["start"], c["end"], tuple(c["params"].items()))
+            for c in back["controls"]
+        ),
+        **{k: v for k, v in back.items() if k != "controls"},
+    )
     assert rebuilt == job
 
 

@@ -1,4 +1,5 @@
 """Loading models: one actionable sentence for everything that can go wrong, and the demo model."""
+
 import os
 import time
 
@@ -11,7 +12,7 @@ from core.models import ModelSpec, ModelUnavailableError, _explain, has_mode_ids
 
 def assert_one_sentence(msg):
     assert msg.endswith("."), msg
-    assert "\n" not in msg and "Traceback" not in msg and "File \"" not in msg, msg
+    assert "\n" not in msg and "Traceback" not in msg and 'File "' not in msg, msg
     assert ". " not in msg.rstrip("."), f"more than one sentence: {msg}"
     assert len(msg) < 400, msg
 
@@ -32,13 +33,13 @@ def test_uncached_hub_model_offline_is_one_sentence(demo):
     msg = str(info.value)
     assert_one_sentence(msg)
     assert FLUX_DEV in msg and "HF_HUB_OFFLINE" in msg and "local folder" in msg and "--model" in msg
-    assert "snapshot" not in msg and "OSError" not in msg      # the library's own text stays out
+    assert "snapshot" not in msg and "OSError" not in msg  # the library's own text stays out
     assert time.perf_counter() - t < 60, "offline must fail fast, not retry the network"
 
 
 def test_uncached_hub_controlnet_offline_names_the_controlnet():
     with pytest.raises(ModelUnavailableError) as info:
-        load_pipeline(ModelSpec(), torch.float32)     # the ControlNet is loaded first
+        load_pipeline(ModelSpec(), torch.float32)  # the ControlNet is loaded first
     msg = str(info.value)
     assert_one_sentence(msg)
     assert UNION_PRO in msg and "controlnet" in msg and "--controlnet" in msg and "HF_HUB_OFFLINE" in msg
@@ -65,8 +66,11 @@ def test_folder_without_safetensors(tmp_path, demo, what):
     (folder / "model_index.json").write_text("{}")
     (folder / "config.json").write_text("{}")
     (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\0" * 64)
-    spec = ModelSpec(base=str(folder), controlnet=demo.controlnet) if what == "model" else \
-        ModelSpec(base=demo.base, controlnet=str(folder))
+    spec = (
+        ModelSpec(base=str(folder), controlnet=demo.controlnet)
+        if what == "model"
+        else ModelSpec(base=demo.base, controlnet=str(folder))
+    )
     with pytest.raises(ModelUnavailableError) as info:
         load_pipeline(spec, torch.float32)
     msg = str(info.value)
@@ -100,6 +104,7 @@ def test_explain_messages(monkeypatch):
 
 def test_demo_model_loads_through_the_normal_path(demo):
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+
     pipe = load_pipeline(demo, torch.float32)
     assert isinstance(pipe, FluxControlNetPipeline)
     assert isinstance(pipe.controlnet, FluxMultiControlNetModel) and len(pipe.controlnet.nets) == 1
@@ -117,6 +122,7 @@ def test_pro2_demo_has_no_mode_ids():
 
 def test_demo_model_folder_is_built_once(demo):
     from core.demo_model import demo_dir, ensure_demo_model
+
     root = ensure_demo_model()
     assert root == demo_dir() and (root / "done").exists()
     assert str(root) in demo.base and str(root) in demo.controlnet

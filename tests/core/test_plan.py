@@ -1,16 +1,35 @@
 """Plans on the full-size architecture (built on the meta device): budgets, placements, step-down,
 and the memory estimator's arithmetic on hand-built sizes."""
+
 import json
 import math
 
 import pytest
 
-from core.device import GiB, DeviceInfo
-from core.units import align as _align
-from core.plan import (CAL, keep_placement, pass_size, CONTEXT_GB, GPU_TIERS, JobShape, ModelSizes, Plan, budget_for, host_bytes,
-                       phase_bytes, plan_for, predict_peak_bytes, predict_step_s, slot_bytes, spread,
-                       step_down, tokens, unit_bytes)
+from core.device import DeviceInfo, GiB
+from core.plan import (
+    CAL,
+    CONTEXT_GB,
+    GPU_TIERS,
+    JobShape,
+    ModelSizes,
+    Plan,
+    budget_for,
+    host_bytes,
+    keep_placement,
+    pass_size,
+    phase_bytes,
+    plan_for,
+    predict_peak_bytes,
+    predict_step_s,
+    slot_bytes,
+    spread,
+    step_down,
+    tokens,
+    unit_bytes,
+)
 from core.units import UnitSize
+from core.units import align as _align
 
 NOMINAL = DeviceInfo("cuda", "test", 80, 80, True, 128.0, 25.0, 150.0)
 NO_BF16 = DeviceInfo("cuda", "old", 24, 24, False, 128.0, 12.0, 30.0)
@@ -21,6 +40,7 @@ SHAPE = JobShape(1024, 1024, 1)
 @pytest.fixture(scope="module")
 def full():
     from core.sizes import sizes_from_config
+
     return sizes_from_config("full")
 
 
@@ -34,7 +54,7 @@ def test_full_size_architecture_has_the_known_parameter_counts(full):
     # FLUX.1-dev transformer ~11.9 B + Union-Pro ControlNet (5 + 10 blocks) ~3.3 B; T5-XXL encoder ~4.7 B
     denoiser = sum(u.numel for u in full.units) + full.fixed_params
     assert 14.8e9 < denoiser < 15.6e9, denoiser
-    cn = sum(u.numel for u in full.units[:full.n_cn_units])
+    cn = sum(u.numel for u in full.units[: full.n_cn_units])
     assert 2.8e9 < cn < 3.6e9, cn
     assert 4.6e9 < full.t5_params < 5.0e9
     assert full.t5_unit_params < full.t5_params
@@ -54,17 +74,39 @@ def test_every_tier_plans_within_its_budget(full, tier):
     assert p.dtype == "bfloat16" and p.predicted_step_s > 0
     # the reported peak is the estimator's value for this very plan (whole-image plans)
     if p.tile == 0:
-        again = predict_peak_bytes(full, p.placement, p.slots, p.dtype, p.text_encoders, p.vae_tiling,
-                                   SHAPE.width, SHAPE.height, SHAPE.controls, ring=p.ring) / GiB
+        again = (
+            predict_peak_bytes(
+                full,
+                p.placement,
+                p.slots,
+                p.dtype,
+                p.text_encoders,
+                p.vae_tiling,
+                SHAPE.width,
+                SHAPE.height,
+                SHAPE.controls,
+                ring=p.ring,
+            )
+            / GiB
+        )
         assert again == pytest.approx(p.predicted_peak_gb, abs=0.006)
     s = p.summary()
     assert sum(s["placement"].values()) == len(full.units)
     json.dumps(s)
 
 
-@pytest.mark.parametrize("shape", [JobShape(512, 512, 1), JobShape(1024, 1024, 2), JobShape(1536, 1024, 4),
-                                   JobShape(2048, 2048, 1), JobShape(1024, 1024, 1, 2.0),
-                                   JobShape(768, 1024, 3, 4.0), JobShape(2048, 2048, 1, 4.0)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        JobShape(512, 512, 1),
+        JobShape(1024, 1024, 2),
+        JobShape(1536, 1024, 4),
+        JobShape(2048, 2048, 1),
+        JobShape(1024, 1024, 1, 2.0),
+        JobShape(768, 1024, 3, 4.0),
+        JobShape(2048, 2048, 1, 4.0),
+    ],
+)
 def test_every_tier_fits_every_job_shape(full, shape):
     for tier in GPU_TIERS:
         p = plan_for(tier, shape, full, NOMINAL)
@@ -74,7 +116,7 @@ def test_every_tier_fits_every_job_shape(full, shape):
 
 
 def test_budgets_shrink_and_residency_grows_with_the_tier(full):
-    plans = [plan_for(t, SHAPE, full, NOMINAL) for t in GPU_TIERS]   # largest first
+    plans = [plan_for(t, SHAPE, full, NOMINAL) for t in GPU_TIERS]  # largest first
     budgets = [p.budget_gb for p in plans]
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == len(budgets)
     kept = [resident_bytes(full, p) for p in plans]
@@ -88,8 +130,9 @@ def test_48_tier_keeps_everything_resident(full):
     assert p.dtype == "bfloat16" and p.text_encoders == "gpu"
     assert p.host_ram_gb == 0 and p.tile == 0
     # and it really is the whole denoiser plus text encoders plus VAE
-    whole = (sum(u.numel for u in full.units) + full.fixed_params + full.t5_params + full.clip_params
-             + full.vae_params) * 2
+    whole = (
+        sum(u.numel for u in full.units) + full.fixed_params + full.t5_params + full.clip_params + full.vae_params
+    ) * 2
     assert p.predicted_peak_gb * GiB > whole
 
 
@@ -111,8 +154,10 @@ def test_gpu_without_bf16_computes_in_float32_with_a_note(full):
         assert any("float32" in n for n in p.notes), p.notes
         assert p.predicted_peak_gb <= p.budget_gb
     # float32 weights are twice the bytes: the same tier keeps fewer units resident
-    assert resident_bytes(full, plan_for("24", SHAPE, full, NO_BF16)) / 4 <= \
-        resident_bytes(full, plan_for("24", SHAPE, full, NOMINAL)) / 2
+    assert (
+        resident_bytes(full, plan_for("24", SHAPE, full, NO_BF16)) / 4
+        <= resident_bytes(full, plan_for("24", SHAPE, full, NOMINAL)) / 2
+    )
     assert not plan_for("24", SHAPE, full, NOMINAL).notes
 
 
@@ -121,7 +166,7 @@ def test_cpu_plans(full):
         p = plan_for(tier, SHAPE, full, dev)
         assert (p.tier, p.device, p.text_encoders) == ("cpu", "cpu", "cpu")
         assert p.placement == "B" * len(full.units) and p.budget_gb == 0 and p.slots == 0
-        assert p.dtype == "bfloat16"   # the full model in fp32 would need ~70 GB of RAM
+        assert p.dtype == "bfloat16"  # the full model in fp32 would need ~70 GB of RAM
         assert any("CPU" in n for n in p.notes)
 
 
@@ -152,7 +197,7 @@ def test_step_down_goes_tier_by_tier_then_to_smaller_tiles(full):
     while plan is not None and len(chain) < 20:
         chain.append(plan)
         nxt = step_down(plan, SHAPE, full, NOMINAL)
-        if nxt is not None:   # every step asks for less: a smaller budget or a smaller tile
+        if nxt is not None:  # every step asks for less: a smaller budget or a smaller tile
             assert nxt.budget_gb <= plan.budget_gb
             assert nxt.budget_gb < plan.budget_gb or (0 < nxt.tile < plan.tile or (plan.tile == 0 < nxt.tile))
             assert nxt.predicted_peak_gb <= nxt.budget_gb
@@ -162,7 +207,7 @@ def test_step_down_goes_tier_by_tier_then_to_smaller_tiles(full):
     assert [t for i, t in enumerate(tiers) if i == 0 or t != tiers[i - 1]] == ["24", "16", "12", "8", "6", "4"]
     tiles = [p.tile for p in chain if p.tier == "4"]
     assert tiles[-1] == 384 and all(0 < b < a or a == 0 for a, b in zip(tiles, tiles[1:]))
-    assert all(p.tile == 0 for p in chain if p.tier != "4")   # a 1024² job needs no tiles above 4 GB
+    assert all(p.tile == 0 for p in chain if p.tier != "4")  # a 1024² job needs no tiles above 4 GB
 
 
 def test_step_down_from_auto_starts_below_the_auto_budget(full):
@@ -189,7 +234,7 @@ def test_step_down_from_the_cpu_plan_ends(full):
 
 
 def test_step_down_never_raises_the_budget_for_a_small_auto_budget(full):
-    dev = DeviceInfo("cuda", "4 GB card", 4, 3.9, True, 64.0)      # auto budget 3.4 GiB
+    dev = DeviceInfo("cuda", "4 GB card", 4, 3.9, True, 64.0)  # auto budget 3.4 GiB
     shape = JobShape(512, 512, 1)
     p = plan_for("auto", shape, full, dev)
     nxt = step_down(p, shape, full, dev)
@@ -197,7 +242,7 @@ def test_step_down_never_raises_the_budget_for_a_small_auto_budget(full):
 
 
 def test_plans_respect_the_host_ram_cap(full):
-    dev = DeviceInfo("cuda", "test", 80, 80, True, 16.0)           # 16 GiB of host RAM: cap 13.6 GiB
+    dev = DeviceInfo("cuda", "test", 80, 80, True, 16.0)  # 16 GiB of host RAM: cap 13.6 GiB
     for tier in ("8", "4"):
         try:
             p = plan_for(tier, SHAPE, full, dev)
@@ -234,7 +279,7 @@ def test_spread_keeps_within_budget_and_spreads_the_streamed_units(n, frac):
     keep = spread(costs, budget)
     kept = sum(c for c, k in zip(costs, keep) if k)
     assert kept <= budget
-    assert kept >= budget - 10        # no budget wasted (equal costs)
+    assert kept >= budget - 10  # no budget wasted (equal costs)
     # streamed units are spread through the order, not bunched at the end
     assert longest_run(keep, False) <= math.ceil(1 / frac), keep
     if frac == 0.5:
@@ -252,18 +297,32 @@ def test_spread_with_uneven_costs_and_edges():
 
 
 # -- estimator arithmetic on a hand-built ModelSizes ---------------------------------------------
-SMALL = ModelSizes(units=(UnitSize("cn.0.attn", 1000, 900), UnitSize("cn.0.ff", 3000, 2900),
-                          UnitSize("tr.0.attn", 1200, 1100), UnitSize("tr.0.ff", 4000, 3800),
-                          UnitSize("tr.1.ff", 4000, 3800)),
-                   n_cn_units=2, fixed_params=500, t5_params=7000, t5_unit_params=6000, t5_max_unit=2500,
-                   clip_params=300, vae_params=800, hidden=64, max_seq=16)
+SMALL = ModelSizes(
+    units=(
+        UnitSize("cn.0.attn", 1000, 900),
+        UnitSize("cn.0.ff", 3000, 2900),
+        UnitSize("tr.0.attn", 1200, 1100),
+        UnitSize("tr.0.ff", 4000, 3800),
+        UnitSize("tr.1.ff", 4000, 3800),
+    ),
+    n_cn_units=2,
+    fixed_params=500,
+    t5_params=7000,
+    t5_unit_params=6000,
+    t5_max_unit=2500,
+    clip_params=300,
+    vae_params=800,
+    hidden=64,
+    max_seq=16,
+)
 NUMEL = sum(u.numel for u in SMALL.units)
 
 
 def test_unit_and_slot_bytes_arithmetic():
     n = len(SMALL.units)
-    assert sum(unit_bytes(u, "B", 2) for u in SMALL.units) - sum(unit_bytes(u, "S", 2) for u in SMALL.units) \
-        == NUMEL * 2
+    assert (
+        sum(unit_bytes(u, "B", 2) for u in SMALL.units) - sum(unit_bytes(u, "S", 2) for u in SMALL.units) == NUMEL * 2
+    )
     assert sum(unit_bytes(u, "B", 4) for u in SMALL.units) == NUMEL * 4
     assert all(unit_bytes(u, c, 2) == 0 for u in SMALL.units for c in "SQ")
     u = SMALL.units[1]
@@ -271,9 +330,9 @@ def test_unit_and_slot_bytes_arithmetic():
     assert host_bytes(u, "S", 2) == 3000 * 2 and host_bytes(u, "B", 2) == host_bytes(u, "F", 2) == 0
     # buffers: work slots for fp8 units (F, Q), a copy ring for streamed ones (S, Q)
     assert slot_bytes(SMALL, "B" * n, 3, 2) == 0
-    assert slot_bytes(SMALL, "S" * n, 2, 2, ring=4) == 4 * _align(4000 * 2)   # ring only: S needs no cast
-    assert slot_bytes(SMALL, "F" * n, 2, 2) == 2 * 4000 * 2                   # slots only: F needs no copy
-    assert slot_bytes(SMALL, "F" * n, 9, 2) == n * 4000 * 2                   # never more slots than units
+    assert slot_bytes(SMALL, "S" * n, 2, 2, ring=4) == 4 * _align(4000 * 2)  # ring only: S needs no cast
+    assert slot_bytes(SMALL, "F" * n, 2, 2) == 2 * 4000 * 2  # slots only: F needs no copy
+    assert slot_bytes(SMALL, "F" * n, 9, 2) == n * 4000 * 2  # never more slots than units
     assert slot_bytes(SMALL, "SBBBB", 3, 2, ring=3) == 3 * _align(1000 * 2)
     assert slot_bytes(SMALL, "BBBBB", 3, 2, text_stream=True, ring=5) == 5 * _align(2500 * 2)  # T5 too
     # Q: a slot to cast into and a ring of fp8 packs ([aligned fp8 part | bf16 rest])
@@ -337,7 +396,7 @@ def test_step_time_prefers_resident_weights(full):
     assert 0 < resident < fp8 < streamed
     slow_bus = DeviceInfo("cuda", "slow", 80, 80, True, 128.0, 5.0, 150.0)
     assert predict_step_s(full, "S" * n, "bfloat16", 1024, 1024, 1, slow_bus) > streamed
-    assert predict_step_s(full, "B" * n, "bfloat16", 1024, 1024, 2, NOMINAL) > resident   # the CN runs twice
+    assert predict_step_s(full, "B" * n, "bfloat16", 1024, 1024, 2, NOMINAL) > resident  # the CN runs twice
 
 
 def test_plan_is_a_frozen_record():
@@ -356,8 +415,12 @@ def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
     assert one.placement != two.placement
     kept = keep_placement(two, one, one_shape, full, H100)
     assert kept.placement == two.placement and kept.ring == two.ring and kept.slots == two.slots
-    again = predict_peak_bytes(full, two.placement, two.slots, "bfloat16", two.text_encoders, kept.vae_tiling,
-                               1024, 1024, 1, ring=two.ring) / GiB
+    again = (
+        predict_peak_bytes(
+            full, two.placement, two.slots, "bfloat16", two.text_encoders, kept.vae_tiling, 1024, 1024, 1, ring=two.ring
+        )
+        / GiB
+    )
     assert kept.predicted_peak_gb == pytest.approx(again, abs=0.006) and kept.predicted_peak_gb <= kept.budget_gb
     assert one.predicted_step_s <= kept.predicted_step_s <= 1.15 * one.predicted_step_s
     # nothing on the GPU, another tier or dtype: the new plan as it is
@@ -368,21 +431,34 @@ def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
 
 
 def test_placement_is_moved_when_it_would_not_fit_or_is_much_slower(full):
-    small = plan_for("24", JobShape(768, 768, 1), full, H100)       # more resident: less room for activations
+    small = plan_for("24", JobShape(768, 768, 1), full, H100)  # more resident: less room for activations
     big_shape = JobShape(1024, 1024, 3)
     big = plan_for("24", big_shape, full, H100)
-    over = predict_peak_bytes(full, small.placement, small.slots, "bfloat16", small.text_encoders, big.vae_tiling,
-                              1024, 1024, 3, ring=small.ring) / GiB
+    over = (
+        predict_peak_bytes(
+            full,
+            small.placement,
+            small.slots,
+            "bfloat16",
+            small.text_encoders,
+            big.vae_tiling,
+            1024,
+            1024,
+            3,
+            ring=small.ring,
+        )
+        / GiB
+    )
     assert small.placement != big.placement and over > big.budget_gb
     assert keep_placement(small, big, big_shape, full, H100) is big
     large = plan_for("24", JobShape(1024, 1024, 2), full, H100)
     small_shape = JobShape(768, 768, 2)
     new = plan_for("24", small_shape, full, H100)
-    assert keep_placement(large, new, small_shape, full, H100) is new   # 1.5x slower per step: move
+    assert keep_placement(large, new, small_shape, full, H100) is new  # 1.5x slower per step: move
 
 
 def test_pass_size_is_the_larger_of_generation_and_upscale_tiles():
     assert pass_size(JobShape(1024, 768, 1), 0) == (1024, 768)
-    assert pass_size(JobShape(768, 768, 1, 2.0), 0) == (1024, 1024)     # upscale tiles of 1024
-    assert pass_size(JobShape(768, 768, 1, 1.25), 0) == (960, 960)      # the whole 960² output
+    assert pass_size(JobShape(768, 768, 1, 2.0), 0) == (1024, 1024)  # upscale tiles of 1024
+    assert pass_size(JobShape(768, 768, 1, 1.25), 0) == (960, 960)  # the whole 960² output
     assert pass_size(JobShape(2048, 2048, 1), 768) == (768, 768)

@@ -1,4 +1,5 @@
 """PNG metadata: every parameter travels inside the image and comes back unchanged."""
+
 import io
 import json
 
@@ -16,9 +17,19 @@ def noise(w=48, h=32, seed=0):
 
 @pytest.fixture
 def params():
-    job = Job("an astronaut — «portrait», 宇宙飛行士 🚀", noise(), (ControlSpec("canny", 0.6, params=(("low", 40),)),
-              ControlSpec("depth", start=0.1, end=0.9)), 1024, 768, steps=20, guidance=2.5, seed=2**62 + 1,
-              upscale=2.0, tier="8", upscale_steps=None)
+    job = Job(
+        "an astronaut — «portrait», 宇宙飛行士 🚀",
+        noise(),
+        (ControlSpec("canny", 0.6, params=(("low", 40),)), ControlSpec("depth", start=0.1, end=0.9)),
+        1024,
+        768,
+        steps=20,
+        guidance=2.5,
+        seed=2**62 + 1,
+        upscale=2.0,
+        tier="8",
+        upscale_steps=None,
+    )
     plan = dict(tier="8", budget_gb=7.5, placement=dict(B=0, F=70, S=0, Q=242), notes=["a note"], tile=0)
     return dict(job=job.describe(), plan=plan, demo=False)
 
@@ -29,7 +40,7 @@ def test_round_trip_through_a_file(tmp_path, params):
     assert path == tmp_path / "out.png" and path.exists()
     back = read_params(path)
     assert back == params
-    assert back["job"]["seed"] == 2**62 + 1                   # big integers stay exact
+    assert back["job"]["seed"] == 2**62 + 1  # big integers stay exact
     loaded = Image.open(path)
     assert loaded.format == "PNG" and loaded.size == img.size
     assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(img)), "metadata must not touch pixels"
@@ -40,9 +51,10 @@ def test_round_trip_through_a_file(tmp_path, params):
 
 def test_round_trip_rebuilds_the_same_job(tmp_path, params):
     path = save_png(noise(), tmp_path / "job.png", params)
-    j = read_params(Image.open(path))["job"]                   # a PIL image works as well as a path
-    controls = tuple(ControlSpec(c["kind"], c["scale"], c["start"], c["end"], tuple(c["params"].items()))
-                     for c in j.pop("controls"))
+    j = read_params(Image.open(path))["job"]  # a PIL image works as well as a path
+    controls = tuple(
+        ControlSpec(c["kind"], c["scale"], c["start"], c["end"], tuple(c["params"].items())) for c in j.pop("controls")
+    )
     rebuilt = Job(image=noise(), controls=controls, **j)
     assert rebuilt.describe() == params["job"]
 

@@ -1,4 +1,5 @@
 """Faults at every phase, precision faults and long runs on the demo engine (CPU)."""
+
 import gc
 
 import psutil
@@ -10,8 +11,16 @@ from core.job import ControlSpec, Job
 
 
 def small_job(img, **kw):
-    args = dict(prompt="an astronaut", image=img, controls=(ControlSpec("canny"),), width=64, height=64,
-                steps=1, seed=3, tier="cpu")
+    args = dict(
+        prompt="an astronaut",
+        image=img,
+        controls=(ControlSpec("canny"),),
+        width=64,
+        height=64,
+        steps=1,
+        seed=3,
+        tier="cpu",
+    )
     args.update(kw)
     return Job(**args)
 
@@ -33,8 +42,9 @@ def test_out_of_memory_in_any_phase_is_recovered(demo_engine, astronaut, phase):
 
 def test_black_result_is_rerun_in_float32(demo_engine, astronaut, monkeypatch):
     real = engine_mod.plan_for
-    monkeypatch.setattr(engine_mod, "plan_for",
-                        lambda *a, **k: real(*a, **{**k, "dtype": k.get("dtype") or "bfloat16"}))
+    monkeypatch.setattr(
+        engine_mod, "plan_for", lambda *a, **k: real(*a, **{**k, "dtype": k.get("dtype") or "bfloat16"})
+    )
     demo_engine.faults = Faults(black=1)
     try:
         res = demo_engine.run(small_job(astronaut))
@@ -49,6 +59,7 @@ def test_black_result_is_rerun_in_float32(demo_engine, astronaut, monkeypatch):
 
 def test_black_detection():
     from PIL import Image
+
     assert is_black_or_nan(Image.new("RGB", (8, 8)))
     assert not is_black_or_nan(Image.new("RGB", (8, 8), (0, 0, 40)))
 

@@ -1,4 +1,5 @@
 """Residency on the tiny demo denoiser: every placement computes what the resident model computes."""
+
 import copy
 
 import pytest
@@ -13,6 +14,7 @@ GPU = torch.cuda.is_available()
 
 def tiny_denoiser(seed=0):
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
     torch.manual_seed(seed)
     tr = FluxTransformer2DModel(**TINY["transformer"]).eval()
     cn = FluxControlNetModel(**TINY["controlnet"]).eval()
@@ -39,12 +41,31 @@ def run(tr, cn, device, steps=3, seed=1):
         for s in range(steps):
             t = torch.full((1,), 1.0 - s / steps, device=device)
             gd = torch.full((1,), 3.5, device=device)
-            bs, sbs = cn(hidden_states=x, controlnet_cond=cond, controlnet_mode=torch.zeros(1, 1, dtype=torch.long, device=device),
-                         conditioning_scale=0.7, timestep=t, guidance=gd, pooled_projections=pooled,
-                         encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
-            v = tr(hidden_states=x, timestep=t, guidance=gd, pooled_projections=pooled, encoder_hidden_states=txt,
-                   controlnet_block_samples=bs, controlnet_single_block_samples=sbs, txt_ids=txt_ids,
-                   img_ids=img_ids, return_dict=False)[0]
+            bs, sbs = cn(
+                hidden_states=x,
+                controlnet_cond=cond,
+                controlnet_mode=torch.zeros(1, 1, dtype=torch.long, device=device),
+                conditioning_scale=0.7,
+                timestep=t,
+                guidance=gd,
+                pooled_projections=pooled,
+                encoder_hidden_states=txt,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )
+            v = tr(
+                hidden_states=x,
+                timestep=t,
+                guidance=gd,
+                pooled_projections=pooled,
+                encoder_hidden_states=txt,
+                controlnet_block_samples=bs,
+                controlnet_single_block_samples=sbs,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
             x = x - 0.1 * v
             outs.append(v.float().cpu())
     return torch.stack(outs)
@@ -70,7 +91,7 @@ def test_placement_matches_resident(device, pattern):
     dtype = torch.float32
     ref = run(copy.deepcopy(tr).to(device), copy.deepcopy(cn).to(device), device)
     units = denoiser_units(tr, cn)
-    placement = (pattern * len(units))[:len(units)]
+    placement = (pattern * len(units))[: len(units)]
     for m in (tr, cn):  # non-unit params resident
         for name, child in m.named_children():
             if name not in ("transformer_blocks", "single_transformer_blocks"):
@@ -114,7 +135,7 @@ def test_cast_modes_and_ring_sizes_match_resident(cast, ring):
     tr, cn = tiny_denoiser()
     ref = run(copy.deepcopy(tr), copy.deepcopy(cn), "cpu")
     units = denoiser_units(tr, cn)
-    placement = ("BQSF" * len(units))[:len(units)]
+    placement = ("BQSF" * len(units))[: len(units)]
     res = Residency(units, placement, torch.device("cpu"), torch.float32, slots=2, ring=ring, cast=cast)
     got = run(tr, cn, "cpu")
     assert 0 < ((got - ref).norm() / ref.norm()) < 0.1
@@ -135,8 +156,16 @@ def test_skipped_units_and_unknown_order_still_compute_the_same():
     txt, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
     ids = torch.zeros(64, 3)
     ids[:, 1], ids[:, 2] = torch.arange(64) // 8, torch.arange(64) % 8
-    kw = dict(hidden_states=x, timestep=torch.ones(1), guidance=torch.full((1,), 3.5), pooled_projections=pooled,
-              encoder_hidden_states=txt, txt_ids=torch.zeros(8, 3), img_ids=ids, return_dict=False)
+    kw = dict(
+        hidden_states=x,
+        timestep=torch.ones(1),
+        guidance=torch.full((1,), 3.5),
+        pooled_projections=pooled,
+        encoder_hidden_states=txt,
+        txt_ids=torch.zeros(8, 3),
+        img_ids=ids,
+        return_dict=False,
+    )
     with torch.no_grad():
         want = ref_tr(**kw)[0]
         for _ in range(3):  # the transformer alone: every ControlNet unit in the order is skipped
@@ -154,7 +183,7 @@ def test_skipped_units_and_unknown_order_still_compute_the_same():
 def test_learned_order_has_no_misses():
     tr, cn = tiny_denoiser()
     units = denoiser_units(tr, cn)
-    res = Residency(units, ("SQF" * len(units))[:len(units)], torch.device("cpu"), torch.float32, ring=4)
+    res = Residency(units, ("SQF" * len(units))[: len(units)], torch.device("cpu"), torch.float32, ring=4)
     run(tr, cn, "cpu", steps=1)
     res.end_step()
     res.stats.update(hits=0, misses=0)
@@ -168,16 +197,17 @@ def test_learned_order_has_no_misses():
 
 def test_ring_hands_out_regions_in_order_and_waits_for_release():
     from core.buffers import Ring
+
     ring = Ring(1024)
     a, wa = ring.alloc(400)
     b, wb = ring.alloc(400)
     assert (a[0], b[0]) == (0, 512) and wa == wb == []
-    assert ring.alloc(300) is None            # wraps onto a, which is still in use
+    assert ring.alloc(300) is None  # wraps onto a, which is still in use
     Ring.release(a, "evt-a")
-    c, wc = ring.alloc(300)                   # reuses a's bytes after a's event
+    c, wc = ring.alloc(300)  # reuses a's bytes after a's event
     assert c[0] == 0 and wc == ["evt-a"]
-    assert ring.alloc(300) is None            # b still in use
-    Ring.release(b, None)                    # released with no event: same-stream order suffices
+    assert ring.alloc(300) is None  # b still in use
+    Ring.release(b, None)  # released with no event: same-stream order suffices
     d, wd = ring.alloc(500)
     assert d[0] == 512 and wd == []
     with pytest.raises(ValueError, match="does not fit"):
@@ -185,7 +215,8 @@ def test_ring_hands_out_regions_in_order_and_waits_for_release():
 
 
 # -- the scheduler under any call order ----------------------------------------------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 def _units(n, seed=0):
@@ -194,9 +225,13 @@ def _units(n, seed=0):
 
 
 @settings(max_examples=60, deadline=None)
-@given(placement=st.lists(st.sampled_from("BFSQ"), min_size=6, max_size=6).map("".join),
-       ring=st.integers(2, 5), slots=st.integers(1, 3), cast=st.sampled_from(["side", "compute"]),
-       calls=st.lists(st.one_of(st.integers(0, 5), st.just(-1)), min_size=1, max_size=40))
+@given(
+    placement=st.lists(st.sampled_from("BFSQ"), min_size=6, max_size=6).map("".join),
+    ring=st.integers(2, 5),
+    slots=st.integers(1, 3),
+    cast=st.sampled_from(["side", "compute"]),
+    calls=st.lists(st.one_of(st.integers(0, 5), st.just(-1)), min_size=1, max_size=40),
+)
 def test_any_call_order_computes_with_the_right_weights(placement, ring, slots, cast, calls):
     """Units called in any order (repeats, skips, step ends at any point: -1) always run with their
     own weights: the ring never hands a unit's bytes to another one before it has run."""

@@ -1,4 +1,5 @@
 """Skipping idle ControlNet passes changes no pixel and saves the passes."""
+
 import torch
 
 from core.generate import control_args
@@ -7,10 +8,18 @@ from core.skip import skip_idle_controls
 
 
 def run(pipe, job, controls, skip):
-    kw = dict(prompt="an astronaut", control_image=controls, height=job.height, width=job.width,
-              num_inference_steps=job.steps, guidance_scale=3.5, output_type="np",
-              generator=torch.Generator("cpu").manual_seed(1), max_sequence_length=64,
-              **control_args(pipe, job.controls))
+    kw = dict(
+        prompt="an astronaut",
+        control_image=controls,
+        height=job.height,
+        width=job.width,
+        num_inference_steps=job.steps,
+        guidance_scale=3.5,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(1),
+        max_sequence_length=64,
+        **control_args(pipe, job.controls),
+    )
     if not skip:
         return pipe(**kw).images, None
     with skip_idle_controls(pipe) as stats:
@@ -24,6 +33,7 @@ def test_skipping_idle_controls_is_exact_and_saves_passes(demo_engine, astronaut
     job = Job("an astronaut", astronaut, specs, 64, 64, steps=4, tier="cpu")
     img = astronaut.resize((64, 64))
     from preprocessors.registry import preprocess
+
     controls = [preprocess("canny", img), preprocess("gray", img)]
     ref, _ = run(pipe, job, controls, skip=False)
     got, stats = run(pipe, job, controls, skip=True)

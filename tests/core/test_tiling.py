@@ -3,8 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.tiling import (Tile, border_lines, fuse, paste, seam_ratio, tile_grid, tile_weights,
-                         tokens_of)
+from core.tiling import Tile, border_lines, fuse, paste, seam_ratio, tile_grid, tile_weights, tokens_of
 
 GRIDS = [  # (H, W, tile, overlap)
     (64, 64, 64, 16),
@@ -71,11 +70,19 @@ def test_tile_grid_single_and_exact():
     assert [(t.x0, t.x1) for t in tile_grid(1, 100, 32, 8)] == [(0, 31), (23, 54), (46, 77), (69, 100)]
 
 
-@pytest.mark.parametrize("args,name", [
-    ((10, 10, 0, 0), "tile"), ((10, 10, -4, 0), "tile"), ((10, 10, 8, -1), "overlap"),
-    ((10, 10, 8, 8), "overlap"), ((10, 10, 8, 9), "overlap"), ((0, 10, 8, 2), "height"),
-    ((10, -3, 8, 2), "width"), ((10.5, 10, 8, 2), "height"),
-])
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        ((10, 10, 0, 0), "tile"),
+        ((10, 10, -4, 0), "tile"),
+        ((10, 10, 8, -1), "overlap"),
+        ((10, 10, 8, 8), "overlap"),
+        ((10, 10, 8, 9), "overlap"),
+        ((0, 10, 8, 2), "height"),
+        ((10, -3, 8, 2), "width"),
+        ((10.5, 10, 8, 2), "height"),
+    ],
+)
 def test_tile_grid_errors(args, name):
     with pytest.raises(ValueError, match=name):
         tile_grid(*args)
@@ -92,8 +99,12 @@ def test_tile_weights_shape_and_ramps(kind):
         assert (w > 0).all() and (w <= 1).all()
         assert torch.allclose(w[ov:-ov, ov:-ov], torch.ones(()))  # interior is exactly 1
         # ramps only on sides shared with another tile; the image border stays at 1
-        sides = {"top": (w[0, ov:-ov], t.y0 > 0), "bottom": (w[-1, ov:-ov], t.y1 < H),
-                 "left": (w[ov:-ov, 0], t.x0 > 0), "right": (w[ov:-ov, -1], t.x1 < W)}
+        sides = {
+            "top": (w[0, ov:-ov], t.y0 > 0),
+            "bottom": (w[-1, ov:-ov], t.y1 < H),
+            "left": (w[ov:-ov, 0], t.x0 > 0),
+            "right": (w[ov:-ov, -1], t.x1 < W),
+        }
         for name, (edge, shared) in sides.items():
             if shared:
                 assert (edge < 0.05).all(), name
@@ -101,7 +112,7 @@ def test_tile_weights_shape_and_ramps(kind):
                 assert torch.allclose(edge, torch.ones(())), name
         # monotone rise from a shared edge into the interior
         if t.x0 > 0:
-            row = w[t.height // 2, :ov + 1]
+            row = w[t.height // 2, : ov + 1]
             assert (row[1:] >= row[:-1]).all()
         total[t.slice()] += w
     assert (total > 0).all()
@@ -198,6 +209,7 @@ def test_seam_ratio_inputs_and_scale():
 def _true_signal(H, W):
     from skimage.data import camera
     from skimage.transform import resize
+
     img = resize(camera().astype(np.float64) / 255.0, (H, W), anti_aliasing=True)
     # 3 "channels" of the same photo with different gains, like latent channels
     return torch.from_numpy(np.stack([img, 0.7 * img, 1.0 - img])).float()

@@ -1,4 +1,5 @@
 """Progressive upscaling (stages ≤ 2×) and tiled denoising inside the demo pipeline."""
+
 import math
 
 import numpy as np
@@ -20,14 +21,15 @@ def out_size(w, h, factor):
     return Job("p", IMG, (ControlSpec("canny"),), w, h, upscale=factor).out_size
 
 
-@pytest.mark.parametrize("factor,expected", [(1.0, []), (1.5, [1.5]), (2.0, [2.0]), (3.0, [2.0, 1.5]),
-                                             (4.0, [2.0, 2.0]), (2.5, [2.0, 1.25])])
+@pytest.mark.parametrize(
+    "factor,expected", [(1.0, []), (1.5, [1.5]), (2.0, [2.0]), (3.0, [2.0, 1.5]), (4.0, [2.0, 2.0]), (2.5, [2.0, 1.25])]
+)
 def test_stage_factors(factor, expected):
     got = stage_factors(factor)
     assert got == pytest.approx(expected)
     assert all(1.0 < s <= 2.0 for s in got)
     assert math.prod(got) == pytest.approx(factor)
-    assert len(got) == max(0, math.ceil(math.log2(factor) - 1e-9))   # the fewest stages of ≤ 2×
+    assert len(got) == max(0, math.ceil(math.log2(factor) - 1e-9))  # the fewest stages of ≤ 2×
 
 
 @pytest.mark.parametrize("w,h", [(128, 128), (1024, 768), (832, 1216), (80, 64), (2048, 2048)])
@@ -49,9 +51,19 @@ def test_final_stage_is_the_out_size_for_any_factor(w, factor):
     assert stage_sizes(w, w, factor)[-1] == out_size(w, w, factor)
 
 
-@pytest.mark.parametrize("w,h,tile,ov", [(1024, 1024, 512, 64), (2048, 1536, 1024, 128), (1040, 656, 384, 48),
-                                         (256, 128, 64, 32), (128, 128, 0, 0), (512, 512, 1024, 128),
-                                         (4096, 4096, 1024, 128), (160, 96, 32, 16)])
+@pytest.mark.parametrize(
+    "w,h,tile,ov",
+    [
+        (1024, 1024, 512, 64),
+        (2048, 1536, 1024, 128),
+        (1040, 656, 384, 48),
+        (256, 128, 64, 32),
+        (128, 128, 0, 0),
+        (512, 512, 1024, 128),
+        (4096, 4096, 1024, 128),
+        (160, 96, 32, 16),
+    ],
+)
 def test_token_tiles_cover_the_grid(w, h, tile, ov):
     rows, cols, tiles, ov_tok = tiled.token_tiles(w, h, tile, ov)
     assert (rows, cols) == (h // 16, w // 16)
@@ -79,9 +91,18 @@ def latents(pipe, astronaut, tile, overlap, w=128, h=128, seed=1):
     job = Job("an astronaut", astronaut, (ControlSpec("canny"), ControlSpec("gray", 0.5)), w, h, steps=2)
     ctrl = control_images(job, astronaut.resize((w, h)), True)
     with torch.no_grad(), tiled.tiled_denoising(pipe, w, h, tile, overlap) as tiles:
-        out = pipe(prompt=job.prompt, control_image=ctrl, height=h, width=w, num_inference_steps=2,
-                   guidance_scale=3.5, generator=torch.Generator().manual_seed(seed), output_type="latent",
-                   max_sequence_length=64, **control_args(pipe, job.controls)).images
+        out = pipe(
+            prompt=job.prompt,
+            control_image=ctrl,
+            height=h,
+            width=w,
+            num_inference_steps=2,
+            guidance_scale=3.5,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            max_sequence_length=64,
+            **control_args(pipe, job.controls),
+        ).images
     return out, tiles
 
 
@@ -103,7 +124,9 @@ def test_a_tile_covering_the_image_is_the_untiled_result(pipe, astronaut, monkey
     assert len(tiles) == 1 and torch.equal(same, whole)
     # force the tiled code path with two tiles that are both the whole image: fusing identical
     # predictions must give exactly the untiled prediction (ControlNet deferred and re-run per tile)
-    monkeypatch.setattr(tiled, "token_tiles", lambda w, h, t, o: (h // 16, w // 16, [Tile(0, 0, h // 16, w // 16)] * 2, 0))
+    monkeypatch.setattr(
+        tiled, "token_tiles", lambda w, h, t, o: (h // 16, w // 16, [Tile(0, 0, h // 16, w // 16)] * 2, 0)
+    )
     fused, tiles = latents(pipe, astronaut, 64, 32)
     assert len(tiles) == 2
     assert torch.equal(fused, whole)
@@ -114,17 +137,26 @@ def test_tile_progress_is_reported(pipe, astronaut):
     job = Job("an astronaut", astronaut, (ControlSpec("canny"),), 128, 64, steps=1)
     ctrl = control_images(job, astronaut.resize((128, 64)), True)
     with torch.no_grad(), tiled.tiled_denoising(pipe, 128, 64, 64, 32, lambda i, n: seen.append((i, n))) as tiles:
-        pipe(prompt=job.prompt, control_image=ctrl, height=64, width=128, num_inference_steps=1,
-             generator=torch.Generator().manual_seed(0), output_type="latent", max_sequence_length=64,
-             **control_args(pipe, job.controls))
+        pipe(
+            prompt=job.prompt,
+            control_image=ctrl,
+            height=64,
+            width=128,
+            num_inference_steps=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            max_sequence_length=64,
+            **control_args(pipe, job.controls),
+        )
     n = len(tiles)
     assert n == 3 and seen == [(i, n) for i in range(1, n + 1)]
 
 
 @pytest.mark.parametrize("w,h,factor", [(128, 128, 1.5), (128, 96, 2.0), (64, 64, 3.0)])
 def test_demo_upscale_end_to_end(demo_engine, astronaut, w, h, factor):
-    job = Job("an astronaut", astronaut, (ControlSpec("canny"),), w, h, steps=1, seed=5, upscale=factor,
-              upscale_steps=1)
+    job = Job(
+        "an astronaut", astronaut, (ControlSpec("canny"),), w, h, steps=1, seed=5, upscale=factor, upscale_steps=1
+    )
     r = demo_engine.run(job)
     assert r.image.size == job.out_size
     n = len(stage_factors(factor))
@@ -136,11 +168,17 @@ def test_demo_upscale_end_to_end(demo_engine, astronaut, w, h, factor):
 
 
 def test_upscale_stage_in_tiles(demo_engine, astronaut, pipe):
-    job = Job("an astronaut", astronaut, (ControlSpec("canny"),), 64, 64, steps=1, seed=5, upscale=2.0,
-              upscale_steps=1)
+    job = Job("an astronaut", astronaut, (ControlSpec("canny"),), 64, 64, steps=1, seed=5, upscale=2.0, upscale_steps=1)
     seen, events = [], []
-    rt = Runtime(pipe, torch.device("cpu"), demo_engine.max_seq, 64, 32, upscale_tile=64,
-                 progress=lambda label, i, n: seen.append((label, i, n)))
+    rt = Runtime(
+        pipe,
+        torch.device("cpu"),
+        demo_engine.max_seq,
+        64,
+        32,
+        upscale_tile=64,
+        progress=lambda label, i, n: seen.append((label, i, n)),
+    )
     base = astronaut.resize((64, 64))
     out = upscale(job, astronaut, base, rt, demo_engine.img2img, MemoryMonitor(), events, PromptCache(), True)
     assert out.size == (128, 128)
@@ -153,6 +191,6 @@ def test_stage_controls_add_the_tile_control(pipe, astronaut):
     job = Job("p", astronaut, (ControlSpec("depth"), ControlSpec("tile")), 64, 64)
     resized = astronaut.resize((128, 128))
     specs, images = stage_controls(job, astronaut, resized, pipe, demo=True)
-    assert [s.kind for s in specs] == ["tile", "depth"]       # the user's tile is not doubled
+    assert [s.kind for s in specs] == ["tile", "depth"]  # the user's tile is not doubled
     assert [im.size for im in images] == [(128, 128)] * 2
     assert images[0] is resized

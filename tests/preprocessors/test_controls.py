@@ -239,9 +239,7 @@ def test_registry_table():
     assert list(CONTROLS) == list(EXPECTED)  # the UI lists controls in this order
     for name, (mode_id, scale, pro2, fn) in EXPECTED.items():
         kind = get_control(name)
-        assert (kind.name, kind.mode_id, kind.default_scale, kind.in_pro2, kind.fn) == (
-            name, mode_id, scale, pro2, fn
-        )
+        assert (kind.name, kind.mode_id, kind.default_scale, kind.in_pro2, kind.fn) == (name, mode_id, scale, pro2, fn)
         assert kind.label and len(kind.label) <= 24
     assert 4 not in {k.mode_id for k in CONTROLS.values()}  # no pose detector, no pose mode
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -257,8 +255,7 @@ def test_get_control_normalises_and_rejects():
 
 def test_preprocess_dispatches_and_checks_parameters():
     img = Image.fromarray(data.astronaut())
-    assert np.array_equal(np.asarray(preprocess("canny", img, low=50, high=150)),
-                          np.asarray(canny(img, 50, 150)))
+    assert np.array_equal(np.asarray(preprocess("canny", img, low=50, high=150)), np.asarray(canny(img, 50, 150)))
     assert np.array_equal(np.asarray(preprocess("gray", img)), np.asarray(gray(img)))
     with pytest.raises(ValueError, match="does not take parameter 'radius'; it takes: low, high"):
         preprocess("canny", img, radius=3)

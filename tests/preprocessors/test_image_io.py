@@ -21,7 +21,6 @@ from PIL import Image
 from preprocessors import image_io
 from preprocessors.image_io import ImageInputError, fit_size, load_image, resize_to
 
-
 # --- builders: every hostile input is made here, in memory or under tmp_path --------------
 
 
@@ -232,7 +231,11 @@ CASES = {
     "truncated_png": (_truncated_png, BAD, r"damaged or truncated"),
     "zero_bytes": (lambda t: b"", BAD, r"empty \(0 bytes\)"),
     "zero_byte_file": (_empty_file, BAD, r"empty"),
-    "text_renamed_png": (_text_as_png, BAD, r"^The upload is not an image Pillow can read \(cannot identify image file\)\.$"),
+    "text_renamed_png": (
+        _text_as_png,
+        BAD,
+        r"^The upload is not an image Pillow can read \(cannot identify image file\)\.$",
+    ),
     "png_bomb_50000": (lambda t: _png_header_only(50000, 50000), BAD, r"2,500,000,000.*40,000,000"),
     "png_over_limit_7000": (lambda t: _png_header_only(7000, 7000), BAD, r"49,000,000.*limit is 40,000,000"),
     "gray16_png": (_gray16, OK, _check_gray16),

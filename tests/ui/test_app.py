@@ -1,4 +1,5 @@
 """The Gradio app: built without launching, then launched and driven through gradio_client."""
+
 from __future__ import annotations
 
 import time
@@ -22,7 +23,7 @@ def test_create_demo_builds_without_launching(demo_engine):
     demo = create_demo(demo_engine)
     info = demo.get_api_info()
     names = list(info["named_endpoints"])
-    assert names == ["/generate"], names               # helper events stay out of the API
+    assert names == ["/generate"], names  # helper events stay out of the API
     params = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     assert params[:5] == ["image", "prompt", "control_1", "scale_1", "end_1"]
     assert params[11:18] == ["tier", "upscale", "seed", "randomize_seed", "steps", "guidance", "max_side"]
@@ -38,7 +39,7 @@ def test_generate_two_controls_and_upscale(app_url, example_photo):
     client = Client(app_url, verbose=False)
     path, summary, seed = client.predict(*api_args(handle_file(example_photo)), api_name="/generate")
     img = Image.open(path)
-    assert img.format == "PNG" and max(img.size) == 512 == summary["size"][0]   # 256 generated, 2× upscaled
+    assert img.format == "PNG" and max(img.size) == 512 == summary["size"][0]  # 256 generated, 2× upscaled
     params = read_params(path)
     assert params["demo"] is True and params["job"]["seed"] == seed == 5
     assert [c["kind"] for c in params["job"]["controls"]] == ["canny", "depth"]
@@ -73,21 +74,23 @@ def test_cancel_then_next_request_completes(app_url, example_photo, demo_engine)
 
     client = Client(app_url, verbose=False)
     photo = handle_file(example_photo)
-    long = client.submit(*api_args(photo, steps=100, upscale="1", max_side=256, controls=(("canny", 0.7),)),
-                         api_name="/generate")
+    long = client.submit(
+        *api_args(photo, steps=100, upscale="1", max_side=256, controls=(("canny", 0.7),)), api_name="/generate"
+    )
     deadline = time.time() + 60
-    while not demo_engine.busy:             # wait until the engine is running it
+    while not demo_engine.busy:  # wait until the engine is running it
         assert time.time() < deadline, "the long job never started"
         time.sleep(0.1)
     time.sleep(0.5)
     long.cancel()
     t = time.time()
-    while demo_engine.busy:                 # the engine polls the cancel flag between steps
+    while demo_engine.busy:  # the engine polls the cancel flag between steps
         assert time.time() - t < 8, "the engine kept running after the cancel"
         time.sleep(0.1)
     print(f"engine stopped {time.time() - t:.2f} s after the cancel")
-    path, summary, _ = client.predict(*api_args(photo, upscale="1", max_side=128, controls=(("canny", 0.7),)),
-                                      api_name="/generate")
+    path, summary, _ = client.predict(
+        *api_args(photo, upscale="1", max_side=128, controls=(("canny", 0.7),)), api_name="/generate"
+    )
     assert Image.open(path).size == (128, 128)
     assert summary["started_at"] > t - 1
 

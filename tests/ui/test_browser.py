@@ -1,5 +1,6 @@
 """The page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): upload a photo,
 set two controls, run on the demo model, wait for the result slider and the memory plot."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,15 @@ from urllib.parse import urljoin
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [
     pytest.mark.browser,
@@ -47,7 +55,7 @@ def test_page_runs_two_controls(app_url, example_photo, tmp_path):
             set_slider(page, "max-side", 192)
             page.wait_for_selector("#size-info :text('192×192')", timeout=30_000)
             previews = page.locator(".control-preview img")
-            sync_api.expect(previews).to_have_count(2, timeout=60_000)   # canny and depth previews
+            sync_api.expect(previews).to_have_count(2, timeout=60_000)  # canny and depth previews
 
             page.locator("#run").click()
             sync_api.expect(page.locator("#result img")).to_have_count(2, timeout=120_000)
@@ -64,8 +72,9 @@ def test_page_runs_two_controls(app_url, example_photo, tmp_path):
             page.locator("#prompt textarea").fill("something else")
             page.get_by_text("Load settings from a PNG", exact=True).click()
             page.locator("#settings-png input[type=file]").set_input_files(str(png))
-            sync_api.expect(page.locator("#prompt textarea")).to_have_value("an astronaut, studio light",
-                                                                             timeout=30_000)
+            sync_api.expect(page.locator("#prompt textarea")).to_have_value(
+                "an astronaut, studio light", timeout=30_000
+            )
             assert page.locator("#seed input").input_value() == seed
             assert not page.locator("#randomize input").is_checked()
             shot = tmp_path / "app.png"

@@ -1,4 +1,5 @@
 """ui.handlers without Gradio running: UI values → Job, bad values → the core's sentence, PNG settings."""
+
 from __future__ import annotations
 
 import random
@@ -21,15 +22,25 @@ def photo_path(tmp_path_factory, astronaut):
 
 
 def job_from(photo, **kw):
-    args = dict(image=photo, prompt="an astronaut", rows=ROWS, tier="auto", upscale="2", seed=7,
-                randomize=False, steps=2, guidance=3.5, max_side=256)
+    args = dict(
+        image=photo,
+        prompt="an astronaut",
+        rows=ROWS,
+        tier="auto",
+        upscale="2",
+        seed=7,
+        randomize=False,
+        steps=2,
+        guidance=3.5,
+        max_side=256,
+    )
     args.update(kw)
     return H.build_job(**args)
 
 
 def test_build_job_from_ui_values(photo_path):
     job = job_from(photo_path)
-    assert (job.width, job.height) == (256, 256)      # the 512² astronaut fitted into max side 256
+    assert (job.width, job.height) == (256, 256)  # the 512² astronaut fitted into max side 256
     assert job.out_size == (512, 512)
     assert [c.kind for c in job.controls] == ["canny", "depth"]
     assert job.controls[1].scale == 0.5 and job.controls[1].end == 0.6
@@ -50,26 +61,29 @@ def test_randomize_draws_the_seed_into_the_job(photo_path):
 def test_canny_thresholds_go_into_the_params(photo_path):
     job = job_from(photo_path, canny=(50, 150))
     assert dict(job.controls[0].params) == {"low": 50, "high": 150}
-    assert dict(job.controls[1].params) == {}          # depth gets no canny thresholds
+    assert dict(job.controls[1].params) == {}  # depth gets no canny thresholds
     with pytest.raises(ValueError, match="canny low threshold"):
         job_from(photo_path, canny=(150, 50))
 
 
-@pytest.mark.parametrize("change, sentence", [
-    (dict(prompt="  "), "prompt must be a non-empty text."),
-    (dict(prompt="x" * 2001), "the limit is 2000"),
-    (dict(rows=[("none", 0.7, 0.8)] * 3), "controls: give between 1 and 4 controls, got 0."),
-    (dict(rows=[("canny", 2.5, 0.8)]), "scale of control 'canny' must be between 0.0 and 2.0"),
-    (dict(rows=[("canny", 0.7, 0.0)]), "control start (0.0) must be below control end (0.0)."),
-    (dict(rows=[("sketch", 0.7, 0.8)]), "Unknown control 'sketch'"),
-    (dict(tier="3"), "tier must be one of auto, cpu, 4, 6, 8, 12, 16, 24, 48"),
-    (dict(upscale="8"), "upscale must be between 1.0 and 4.0"),
-    (dict(steps=0), "steps must be a whole number between 1 and 100"),
-    (dict(steps=2.5), "steps must be a whole number between 1 and 100"),
-    (dict(guidance=99), "guidance must be between 0.0 and 30.0"),
-    (dict(seed=-1), "seed must be a whole number"),
-    (dict(image=None), "Upload an image first"),
-])
+@pytest.mark.parametrize(
+    "change, sentence",
+    [
+        (dict(prompt="  "), "prompt must be a non-empty text."),
+        (dict(prompt="x" * 2001), "the limit is 2000"),
+        (dict(rows=[("none", 0.7, 0.8)] * 3), "controls: give between 1 and 4 controls, got 0."),
+        (dict(rows=[("canny", 2.5, 0.8)]), "scale of control 'canny' must be between 0.0 and 2.0"),
+        (dict(rows=[("canny", 0.7, 0.0)]), "control start (0.0) must be below control end (0.0)."),
+        (dict(rows=[("sketch", 0.7, 0.8)]), "Unknown control 'sketch'"),
+        (dict(tier="3"), "tier must be one of auto, cpu, 4, 6, 8, 12, 16, 24, 48"),
+        (dict(upscale="8"), "upscale must be between 1.0 and 4.0"),
+        (dict(steps=0), "steps must be a whole number between 1 and 100"),
+        (dict(steps=2.5), "steps must be a whole number between 1 and 100"),
+        (dict(guidance=99), "guidance must be between 0.0 and 30.0"),
+        (dict(seed=-1), "seed must be a whole number"),
+        (dict(image=None), "Upload an image first"),
+    ],
+)
 def test_bad_values_give_the_core_sentence(photo_path, change, sentence):
     with pytest.raises(ValueError) as err:
         job_from(photo_path, **change)
@@ -89,14 +103,25 @@ def test_bad_upload_gives_the_image_sentence(tmp_path):
 
 def test_png_settings_round_trip(photo_path, tmp_path):
     job = job_from(photo_path, canny=(40, 120), tier="12", upscale="1.5", seed=1234, steps=9, guidance=4.5)
-    path = save_png(job.image.resize((job.width, job.height)), tmp_path / "out.png",
-                    dict(job=job.describe(), plan={}, demo=True))
+    path = save_png(
+        job.image.resize((job.width, job.height)), tmp_path / "out.png", dict(job=job.describe(), plan={}, demo=True)
+    )
     s = H.settings_from_png(str(path))
     assert s.prompt == "an astronaut" and s.tier == "12" and s.upscale == "1.5" and s.seed == 1234
     assert s.steps == 9 and s.guidance == 4.5 and s.max_side == 256 and s.canny == (40, 120)
     assert s.rows == [("canny", 0.7, 0.8), ("depth", 0.5, 0.6), ("none", 0.7, 0.8)]
-    again = job_from(photo_path, prompt=s.prompt, rows=s.rows, tier=s.tier, upscale=s.upscale, seed=s.seed,
-                     steps=s.steps, guidance=s.guidance, max_side=s.max_side, canny=s.canny)
+    again = job_from(
+        photo_path,
+        prompt=s.prompt,
+        rows=s.rows,
+        tier=s.tier,
+        upscale=s.upscale,
+        seed=s.seed,
+        steps=s.steps,
+        guidance=s.guidance,
+        max_side=s.max_side,
+        canny=s.canny,
+    )
     assert again.describe() == job.describe()
 
 
@@ -131,6 +156,7 @@ def test_preview_and_plan_panel(photo_path, demo_engine):
     for text in ("Tier", "cpu", "Peak memory", "predicted", "measured", "Seconds per phase", "denoise"):
         assert text in md
     from ui.plots import memory_figure
+
     fig = memory_figure(s)
     assert fig.axes[0].lines, "the timeline is drawn"
 
@@ -158,7 +184,7 @@ def test_gallery_drops_missing_files(tmp_path):
 
 def test_fp8_compute_travels_from_the_checkbox_to_the_png_and_back(photo_path, tmp_path):
     assert job_from(photo_path).fp8_compute is False
-    assert job_from(photo_path, fp8_compute=None).fp8_compute is False     # an API call leaving it out
+    assert job_from(photo_path, fp8_compute=None).fp8_compute is False  # an API call leaving it out
     job = job_from(photo_path, fp8_compute=True)
     assert job.fp8_compute is True
     with pytest.raises(ValueError, match="fp8_compute"):
@@ -166,17 +192,33 @@ def test_fp8_compute_travels_from_the_checkbox_to_the_png_and_back(photo_path, t
     path = save_png(job.image, tmp_path / "fp8.png", dict(job=job.describe(), plan={}, demo=True))
     s = H.settings_from_png(str(path))
     assert s.fp8_compute is True
-    old = save_png(job.image, tmp_path / "old.png", dict(job={k: v for k, v in job.describe().items()
-                                                              if k != "fp8_compute"}, plan={}, demo=True))
-    assert H.settings_from_png(str(old)).fp8_compute is False                # PNGs from before the option
+    old = save_png(
+        job.image,
+        tmp_path / "old.png",
+        dict(job={k: v for k, v in job.describe().items() if k != "fp8_compute"}, plan={}, demo=True),
+    )
+    assert H.settings_from_png(str(old)).fp8_compute is False  # PNGs from before the option
 
 
 def test_plan_panel_names_the_speed_ups():
-    plan = dict(tier="48", device="cuda", dtype="bfloat16", placement=dict(B=312, F=0, S=0, Q=0), slots=3,
-                text_encoders="gpu", vae_tiling=False, tile=0, overlap=128, predicted_peak_gb=41.0,
-                predicted_step_s=0.2, host_ram_gb=0.0, notes=[])
-    fast = dict(fused=True, compiled=True, fp8=True, attention="cudnn", fp8_layers=500, compiled_blocks=72,
-                compile_s=40.0)
+    plan = dict(
+        tier="48",
+        device="cuda",
+        dtype="bfloat16",
+        placement=dict(B=312, F=0, S=0, Q=0),
+        slots=3,
+        text_encoders="gpu",
+        vae_tiling=False,
+        tile=0,
+        overlap=128,
+        predicted_peak_gb=41.0,
+        predicted_step_s=0.2,
+        host_ram_gb=0.0,
+        notes=[],
+    )
+    fast = dict(
+        fused=True, compiled=True, fp8=True, attention="cudnn", fp8_layers=500, compiled_blocks=72, compile_s=40.0
+    )
     md = H.plan_markdown(dict(plan=plan, fast=fast, seconds={}, size=[1024, 1024], seed=1))
     assert "| Speed-ups | fused QKV, compiled blocks, cuDNN attention, fp8 compute (500 layers) |" in md
     assert "| Speed-ups | — |" in H.plan_markdown(dict(plan=plan, seconds={}, size=[1024, 1024], seed=1))

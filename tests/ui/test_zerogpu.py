@@ -1,4 +1,5 @@
 """ZeroGPU: spaces.GPU wraps the GPU function only where SPACES_ZERO_GPU is set and `spaces` imports."""
+
 from __future__ import annotations
 
 import sys
@@ -23,12 +24,14 @@ def test_wrapped_on_zerogpu_with_a_duration_from_the_plan(monkeypatch, demo_engi
     seen = {}
     monkeypatch.setattr(demo_engine, "run", lambda job: "ran")
 
-    def GPU(duration):  # noqa: N802 - the spaces API
+    def GPU(duration):
         def deco(fn):
             def wrapped(*a, **k):
                 seen["duration"] = duration(*a, **k)
                 return fn(*a, **k)
+
             return wrapped
+
         return deco
 
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
@@ -42,5 +45,5 @@ def test_wrapped_on_zerogpu_with_a_duration_from_the_plan(monkeypatch, demo_engi
 
 def test_missing_spaces_package_is_a_no_op(monkeypatch, demo_engine):
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setitem(sys.modules, "spaces", None)   # import spaces → ImportError
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces → ImportError
     assert zerogpu.gpu_wrap(run, demo_engine) is run
