@@ -6,29 +6,28 @@ and the allowed values, before anything is loaded or written.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
 from preprocessors.registry import CONTROLS, check_params
 
+from .limits import MAX_CONTROLS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
+
+__all__ = [
+    "MAX_CONTROLS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SIDE",
+    "MAX_UPSCALE",
+    "TIERS",
+    "GPU_TIERS",
+    "ControlSpec",
+    "Job",
+    "out_size",
+]
+
 GPU_TIERS = ("48", "24", "16", "12", "8", "6", "4")  # largest first: the step-down order
 TIERS = ("auto", "cpu") + GPU_TIERS[::-1]
-MAX_PROMPT_CHARS = 2000
-MAX_CONTROLS = 4
-MAX_SIDE = 2048  # generation size before upscaling
-MAX_UPSCALE = 4.0
-
-
-def _finite(name: str, value, lo: float, hi: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a number between {lo} and {hi}, got {value!r}.") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}.")
-    return v
 
 
 def out_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -48,9 +47,9 @@ class ControlSpec:
         if self.kind not in CONTROLS:
             raise ValueError(f"Unknown control '{self.kind}'; choose one of: {', '.join(CONTROLS)}.")
         scale = CONTROLS[self.kind].default_scale if self.scale is None else self.scale
-        object.__setattr__(self, "scale", _finite(f"scale of control '{self.kind}'", scale, 0.0, 2.0))
-        object.__setattr__(self, "start", _finite("control start", self.start, 0.0, 1.0))
-        object.__setattr__(self, "end", _finite("control end", self.end, 0.0, 1.0))
+        object.__setattr__(self, "scale", check("scale", scale, f"scale of control '{self.kind}'"))
+        object.__setattr__(self, "start", check("control_start", self.start, "control start"))
+        object.__setattr__(self, "end", check("control_end", self.end, "control end"))
         if self.start >= self.end:
             raise ValueError(f"control start ({self.start}) must be below control end ({self.end}).")
         try:
@@ -93,23 +92,12 @@ class Job:
         if not 1 <= len(controls) <= MAX_CONTROLS:
             raise ValueError(f"controls: give between 1 and {MAX_CONTROLS} controls, got {len(controls)}.")
         object.__setattr__(self, "controls", controls)
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 64 <= v <= MAX_SIDE or v % 16:
-                raise ValueError(f"{name} must be a multiple of 16 between 64 and {MAX_SIDE}, got {v!r}.")
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= 100:
-            raise ValueError(f"steps must be a whole number between 1 and 100, got {self.steps!r}.")
-        object.__setattr__(self, "guidance", _finite("guidance", self.guidance, 0.0, 30.0))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a whole number between 0 and 2**63-1, got {self.seed!r}.")
-        object.__setattr__(self, "upscale", _finite("upscale", self.upscale, 1.0, MAX_UPSCALE))
-        object.__setattr__(self, "upscale_strength", _finite("upscale_strength", self.upscale_strength, 0.0, 1.0))
-        if self.upscale_steps is not None and not (
-            isinstance(self.upscale_steps, int)
-            and not isinstance(self.upscale_steps, bool)
-            and 1 <= self.upscale_steps <= 100
+        for name in ("width", "height", "steps", "seed") + (
+            ("upscale_steps",) if self.upscale_steps is not None else ()
         ):
-            raise ValueError(f"upscale_steps must be between 1 and 100, got {self.upscale_steps!r}.")
+            check(name, getattr(self, name))
+        for name in ("guidance", "upscale", "upscale_strength"):
+            object.__setattr__(self, name, check(name, getattr(self, name)))
         if str(self.tier).lower() not in TIERS:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
         object.__setattr__(self, "tier", str(self.tier).lower())

@@ -23,6 +23,7 @@ from core.device import detect
 from core.engine import OutOfMemory
 from core.generate import JobCancelled
 from core.job import MAX_PROMPT_CHARS, TIERS, out_size
+from core.limits import LIMITS
 from core.models import ModelUnavailableError
 
 from . import handlers as H
@@ -290,8 +291,12 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=H.SEED_MAX, elem_id="seed")
                     randomize = gr.Checkbox(True, label="Randomize seed", elem_id="randomize")
                 with gr.Accordion("Advanced", open=False):
-                    steps = gr.Slider(1, 100, value=d.steps, step=1, precision=0, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0.0, 20.0, value=d.guidance, step=0.1, label="Guidance")
+                    lim = LIMITS["steps"]
+                    steps = gr.Slider(
+                        lim.lo, lim.hi, value=d.steps, step=1, precision=0, label="Steps", elem_id="steps"
+                    )
+                    lim = LIMITS["guidance"]
+                    guidance = gr.Slider(lim.lo, lim.hi, value=d.guidance, step=lim.step, label="Guidance")
                     max_side = gr.Slider(
                         64,
                         2048,

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.job import TIERS, ControlSpec, Job
+from core.limits import SEED_MAX
 from core.pngmeta import read_params, save_png
 from preprocessors import load_image
 from preprocessors.image_io import fit_size
@@ -25,7 +26,6 @@ from preprocessors.registry import CONTROLS
 ROWS = 3  # control rows in the UI
 NONE = "none"
 UPSCALES = ("1", "1.5", "2", "3", "4")  # strings: exact choices for API clients
-SEED_MAX = 2**63 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # randomized seeds stay exact in JavaScript numbers
 PREVIEW_SIDE = 384
 DEFAULT_ROWS = (("canny", 0.8), (NONE, 0.8), (NONE, 0.8))
