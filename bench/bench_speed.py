@@ -62,8 +62,8 @@ def log(*a):
 class Bench:
     def __init__(self, a):
         from bench.random_model import photo, random_engine
-        from core import fast, fp8_compute
         from core.job import ControlSpec, Job
+        from core.speed import fast, fp8_compute
 
         self.a, self.fast = a, fast
         self.cuda = not a.cpu_smoke
@@ -116,7 +116,7 @@ class Bench:
 
     def diffusers_call(self, job):
         """Eager diffusers with exactly the engine's inputs (resized photo, control images, lists)."""
-        from core.generate import control_args, control_images
+        from core.denoise.generate import control_args, control_images
 
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         controls = control_images(job, image)
@@ -191,7 +191,7 @@ class Bench:
                 denoise_s=r.report["seconds"].get("denoise"),
                 decode_s=r.report["seconds"].get("decode"),
             )
-            from core import graphs
+            from core.speed import graphs
 
             row["cuda_graphs"] = {
                 name: dict(forms=len(gc.graphs), replays=gc.replays, disabled=gc.disabled)
@@ -218,7 +218,7 @@ class Bench:
         compiled blocks undone: once they were not, and 'diffusers_compile' measured our fp8 path);
         diffusers' compiled blocks off, dynamo's caches cleared before ours."""
         if variant in DIFFUSERS:
-            from core.fp8_compute import Fp8Linear
+            from core.speed.fp8_compute import Fp8Linear
 
             self.engine._undo_fast()
             plain = self.fast.attentions(self.pipe.transformer)
@@ -246,7 +246,7 @@ def device_info() -> dict:
     """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
     import importlib.metadata as md
 
-    from core import fast, fp8_compute
+    from core.speed import fast, fp8_compute
 
     items = dict(
         capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),

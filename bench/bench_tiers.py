@@ -24,9 +24,9 @@ from PIL import Image
 
 from bench.env import environment, md_table, write
 from bench.random_model import PROMPT, photo, random_engine
+from core.denoise.generate import PromptCache
 from core.device import detect
 from core.engine import Engine
-from core.generate import PromptCache
 from core.job import ControlSpec, Job
 from preprocessors.registry import preprocess
 
@@ -102,7 +102,7 @@ def run_variant(engine: Engine, spec: str, job: Job) -> dict:
     """One tier's plan with the copy ring and cast stream of `spec` ("tier:ring:cast")."""
     from dataclasses import replace
 
-    from core import residency
+    from core.stream import residency
 
     tier, ring, cast = spec.split(":")
     plan_fn = engine.plan

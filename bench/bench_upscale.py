@@ -16,9 +16,9 @@ import torch
 from bench.bench_tiers import PROMPT, cap, photo
 from bench.env import environment, md_table, write
 from bench.random_model import random_engine
-from core.generate import PromptCache
+from core.denoise.generate import PromptCache
+from core.denoise.tiled import token_tiles
 from core.job import ControlSpec, Job
-from core.tiled import token_tiles
 from core.tiling import seam_ratio
 
 

@@ -60,7 +60,7 @@ def profile_steps(engine, job, steps: int, trace: Path | None = None):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from core.residency import Residency
+    from core.stream.residency import Residency
 
     originals = {name: getattr(Residency, name) for name in ("_before", "_after")}
     for name, fn in originals.items():  # label hook time in the trace

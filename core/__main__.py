@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .configs import FLUX_DEV, UNION_PRO
-from .job import TIERS
+from core.configs import FLUX_DEV, UNION_PRO
+from core.job import TIERS
 
 
 def _add_model_args(ap):
@@ -23,9 +23,9 @@ def _add_model_args(ap):
 
 
 def cmd_plan(a) -> dict:
-    from .device import DeviceInfo, detect
-    from .plan import JobShape, plan_for
-    from .sizes import sizes_from_config
+    from core.device import DeviceInfo, detect
+    from core.plan.planner import JobShape, plan_for
+    from core.plan.sizes import sizes_from_config
 
     dev = detect()
     if dev.kind == "cpu" and a.tier not in ("cpu", "auto"):
@@ -39,14 +39,13 @@ def cmd_plan(a) -> dict:
 def cmd_generate(a) -> dict:
     import time
 
+    from core.engine import Engine
+    from core.job import ControlSpec, Job
+    from core.models import ModelSpec
+    from core.pngmeta import save_png
     from preprocessors import load_image
     from preprocessors.image_io import fit_size
     from preprocessors.registry import parse_control_arg
-
-    from .engine import Engine
-    from .job import ControlSpec, Job
-    from .models import ModelSpec
-    from .pngmeta import save_png
 
     t0 = time.perf_counter()
     image = load_image(a.image)
@@ -112,8 +111,8 @@ def main(argv=None) -> int:
     _add_model_args(g)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .engine import OutOfMemory
-    from .models import ModelUnavailableError
+    from core.engine import OutOfMemory
+    from core.models import ModelUnavailableError
 
     try:
         res = cmd_plan(a) if a.cmd == "plan" else cmd_generate(a)

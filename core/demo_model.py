@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import SCHEDULER, TINY, constructors
+from core.configs import SCHEDULER, TINY, constructors
 
 DEMO_VERSION = "v1"  # bump when the demo architecture changes: a new folder is built
 _lock = threading.Lock()

@@ -30,7 +30,7 @@ class DeviceInfo:
 def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
     """Pinned the way streamed weights are (cudaHostRegister) and unpinned after: PyTorch's caching
     host allocator would keep a pin_memory=True block locked for the life of the process."""
-    from .buffers import pinned
+    from core.stream.packs import pinned
 
     x = pinned(nbytes, True)
     try:

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import fast, fp8_compute, graphs
-from .device import DeviceInfo, detect
-from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
-from .job import Job
-from .memory import MemoryMonitor, free_memory, is_oom
-from .models import ModelSpec, load_pipeline, union_net
-from .plan import JobShape, Plan, keep_placement, plan_for, step_down
-from .residency import Residency
-from .sizes import sizes_from_pipeline
-from .units import denoiser_units, text_encoder_units
-from .upscale import upscale
+from core.denoise.generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
+from core.denoise.upscale import upscale
+from core.device import DeviceInfo, detect
+from core.job import Job
+from core.models import ModelSpec, load_pipeline, union_net
+from core.monitor import MemoryMonitor, free_memory, is_oom
+from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
+from core.plan.sizes import sizes_from_pipeline
+from core.plan.units import denoiser_units, text_encoder_units
+from core.speed import fast, fp8_compute, graphs
+from core.stream.residency import Residency
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
+from core.limits import MAX_CONTROLS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
 from preprocessors.registry import CONTROLS, check_params
-
-from .limits import MAX_CONTROLS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
 
 __all__ = [
     "MAX_CONTROLS",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import FLUX_DEV, UNION_PRO
+from core.configs import FLUX_DEV, UNION_PRO
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class ModelSpec:
 
     @staticmethod
     def demo_spec(pro2: bool = False) -> ModelSpec:
-        from .demo_model import ensure_demo_model
+        from core.demo_model import ensure_demo_model
 
         root = ensure_demo_model()
         cn = "controlnet-union-pro2" if pro2 else "controlnet-union"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.denoise.generate import JobCancelled
 from core.device import detect
 from core.engine import OutOfMemory
-from core.generate import JobCancelled
 from core.job import MAX_PROMPT_CHARS, TIERS, out_size
 from core.limits import LIMITS
 from core.models import ModelUnavailableError

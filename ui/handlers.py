@@ -158,7 +158,7 @@ def preview_control(image, kind, canny=None, demo: bool = False, side: int = PRE
     """The control image for one row, on a small copy of the input (None without image or type)."""
     if image is None or kind in (None, "", NONE):
         return None
-    from core.generate import control_params
+    from core.denoise.generate import control_params
     from preprocessors.registry import preprocess
 
     img = open_input(image)
@@ -254,7 +254,7 @@ def _fast_label(fast: dict | None) -> str:
     """'fused QKV, compiled blocks, cuDNN attention' for all-resident GPU plans, else '—'."""
     if not fast:
         return "—"
-    from core.fast import Fast
+    from core.speed.fast import Fast
 
     known = {k: v for k, v in fast.items() if k in Fast.__dataclass_fields__}
     return Fast(**known).label()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
-from core.tiled import token_tiles
-from core.upscale import stage_sizes, stage_steps
+from core.denoise.tiled import token_tiles
+from core.denoise.upscale import stage_sizes, stage_steps
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core.denoise.generate import JobCancelled, PromptCache
 from core.engine import Engine, Faults, OutOfMemory
-from core.generate import JobCancelled, PromptCache
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
-from core.plan import JobShape, step_down
+from core.plan.planner import JobShape, step_down
 
 W, H = 128, 96
 
@@ -157,8 +157,8 @@ def test_a_non_oom_error_is_raised_once_and_the_next_job_succeeds(demo_engine, j
 
 
 def test_an_error_inside_tiled_denoising_restores_the_pipeline(demo_engine, job, reference):
-    from core.generate import Runtime, control_images, generate_pass
-    from core.memory import MemoryMonitor
+    from core.denoise.generate import Runtime, control_images, generate_pass
+    from core.monitor import MemoryMonitor
 
     pipe = demo_engine.pipe
     forwards = (type(pipe.transformer).forward, type(pipe.controlnet).forward)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from core import fast, fp8_compute
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
+from core.speed import fast, fp8_compute
 
 W, H = 128, 96
 
@@ -361,7 +361,7 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, m
 def test_engine_cuda_graphs_replay_the_denoiser_calls_and_give_the_same_image(cpu_fast_engine, job, monkeypatch):
     from dataclasses import replace
 
-    from core import graphs
+    from core.speed import graphs
     from tests.core.test_graphs import fake_capture
 
     engine = cpu_fast_engine

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import fp8_compute, fused_blocks
+from core.speed import fp8_compute, fused_blocks
 from tests.core.test_fast import parts, rel_err, same_state, state, transformer_inputs  # noqa: F401
 
 

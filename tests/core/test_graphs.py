@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from core import graphs
+from core.speed import graphs
 
 
 class FakeGraph:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from core.device import DeviceInfo, GiB
-from core.plan import (
+from core.plan.planner import (
     CAL,
     CONTEXT_GB,
     GPU_TIERS,
@@ -28,8 +28,8 @@ from core.plan import (
     tokens,
     unit_bytes,
 )
-from core.units import UnitSize
-from core.units import align as _align
+from core.plan.units import UnitSize
+from core.plan.units import align as _align
 
 NOMINAL = DeviceInfo("cuda", "test", 80, 80, True, 128.0, 25.0, 150.0)
 NO_BF16 = DeviceInfo("cuda", "old", 24, 24, False, 128.0, 12.0, 30.0)
@@ -39,7 +39,7 @@ SHAPE = JobShape(1024, 1024, 1)
 
 @pytest.fixture(scope="module")
 def full():
-    from core.sizes import sizes_from_config
+    from core.plan.sizes import sizes_from_config
 
     return sizes_from_config("full")
 

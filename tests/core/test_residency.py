@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.configs import TINY
-from core.residency import Residency
-from core.units import buffer_bytes, denoiser_units, unit_sizes
+from core.plan.units import buffer_bytes, denoiser_units, unit_sizes
+from core.stream.residency import Residency
 
 GPU = torch.cuda.is_available()
 
@@ -196,7 +196,7 @@ def test_learned_order_has_no_misses():
 
 
 def test_ring_hands_out_regions_in_order_and_waits_for_release():
-    from core.buffers import Ring
+    from core.stream.packs import Ring
 
     ring = Ring(1024)
     a, wa = ring.alloc(400)

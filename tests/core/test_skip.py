@@ -2,9 +2,9 @@
 
 import torch
 
-from core.generate import control_args
+from core.denoise.generate import control_args
+from core.denoise.skip import skip_idle_controls
 from core.job import ControlSpec, Job
-from core.skip import skip_idle_controls
 
 
 def run(pipe, job, controls, skip):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-import core.tiled as tiled
-from core.generate import PromptCache, Runtime, control_args, control_images
+import core.denoise.tiled as tiled
+from core.denoise.generate import PromptCache, Runtime, control_args, control_images
+from core.denoise.upscale import stage_controls, stage_factors, stage_sizes, upscale
 from core.job import ControlSpec, Job
-from core.memory import MemoryMonitor
+from core.monitor import MemoryMonitor
 from core.tiling import Tile
-from core.upscale import stage_controls, stage_factors, stage_sizes, upscale
 
 IMG = Image.new("RGB", (64, 64))
 

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from .units import align, fp8_params, packed_bytes
+from core.plan.units import align, fp8_params, packed_bytes
 
 FP8 = torch.float8_e4m3fn
 

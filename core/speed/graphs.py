@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .patch import restore_forward, set_forward
+from core.patch import restore_forward, set_forward
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from . import fp8_compute, fused_blocks, graphs
-from .fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
+from core.speed import fp8_compute, fused_blocks, graphs
+from core.speed.fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 
 log = logging.getLogger(__name__)
 

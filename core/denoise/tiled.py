@@ -13,8 +13,8 @@ import contextlib
 
 import torch
 
-from .patch import patched_forwards
-from .tiling import Tile, tile_grid, tile_weights, tokens_of
+from core.patch import patched_forwards
+from core.tiling import Tile, tile_grid, tile_weights, tokens_of
 
 
 def token_tiles(width: int, height: int, tile_px: int, overlap_px: int) -> tuple[int, int, list[Tile], int]:

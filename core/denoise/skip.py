@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .patch import patched_forwards
+from core.patch import patched_forwards
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ from collections import deque
 
 import torch
 
-from .buffers import Pack, Ring, pinned
-from .units import align, ring_bytes, unit_sizes, work_slots
+from core.plan.units import align, ring_bytes, unit_sizes, work_slots
+from core.stream.packs import Pack, Ring, pinned
 
 log = logging.getLogger(__name__)
 CODES = "BFSQ"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .units import UnitSize, packed_bytes
+from core.plan.units import UnitSize, packed_bytes
 
 BUS_EFF = 0.9  # share of the measured host→device bandwidth the copy stream reaches under compute
 CAST_BPS = 1.5e12  # bytes/s an fp8 → bf16 cast moves (reads 1, writes 2 per parameter)

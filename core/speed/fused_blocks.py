@@ -62,7 +62,7 @@ class LinearGELU(nn.Module):
 
 def project_parts(proj: nn.Module, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """proj(cat(parts, -1)) without the concatenation."""
-    from .fp8_compute import Fp8Linear
+    from core.speed.fp8_compute import Fp8Linear
 
     if isinstance(proj, Fp8Linear):
         return proj(parts)

@@ -18,14 +18,13 @@ import math
 import torch
 from PIL import Image
 
+from core.denoise.generate import PromptCache, Runtime, control_args, control_params, decode, step_callback
+from core.denoise.skip import skip_idle_controls
+from core.denoise.tiled import tiled_denoising
+from core.job import ControlSpec, Job, out_size
+from core.models import has_mode_ids
+from core.monitor import MemoryMonitor
 from preprocessors.registry import preprocess
-
-from .generate import PromptCache, Runtime, control_args, control_params, decode, step_callback
-from .job import ControlSpec, Job, out_size
-from .memory import MemoryMonitor
-from .models import has_mode_ids
-from .skip import skip_idle_controls
-from .tiled import tiled_denoising
 
 TILE_SCALE = 0.45
 

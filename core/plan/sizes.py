@@ -6,9 +6,9 @@ import functools
 
 from torch import nn
 
-from .models import union_net
-from .plan import ModelSizes
-from .units import denoiser_units, text_encoder_units, unit_sizes
+from core.models import union_net
+from core.plan.planner import ModelSizes
+from core.plan.units import denoiser_units, text_encoder_units, unit_sizes
 
 
 def _count(m: nn.Module) -> int:
@@ -45,7 +45,7 @@ def sizes_from_config(name: str = "full") -> ModelSizes:
     """Sizes of the full-size (or tiny) architecture without weights: built on the meta device."""
     from accelerate import init_empty_weights
 
-    from .configs import FULL, TINY, constructors
+    from core.configs import FULL, TINY, constructors
 
     cfg = FULL if name == "full" else TINY
     with init_empty_weights():

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from core.denoise.skip import skip_idle_controls
+from core.denoise.tiled import tiled_denoising
+from core.job import ControlSpec, Job
+from core.models import has_mode_ids
+from core.monitor import MemoryMonitor, free_memory, is_oom
 from preprocessors.registry import CONTROLS, preprocess
-
-from .job import ControlSpec, Job
-from .memory import MemoryMonitor, free_memory, is_oom
-from .models import has_mode_ids
-from .skip import skip_idle_controls
-from .tiled import tiled_denoising
 
 Progress = Callable[[str, int, int], None]  # (stage label, done, total)
 

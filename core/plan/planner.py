@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field, replace
 
-from .device import DeviceInfo, GiB
-from .job import GPU_TIERS, out_size
-from .timing import simulate_step
-from .units import UnitSize, buffer_bytes, ring_bytes
+from core.device import DeviceInfo, GiB
+from core.job import GPU_TIERS, out_size
+from core.plan.timing import simulate_step
+from core.plan.units import UnitSize, buffer_bytes, ring_bytes
 
 SLOTS = 2  # work slots for fp8 units: one in use, one cast ahead
 MODEL_EFF = 0.92  # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
@@ -295,7 +295,7 @@ def tile_overlap(tile: int) -> int:
 
 def _n_tiles(shape: JobShape, tile: int) -> int:
     """Tiles of the generation pass, split exactly as core.tiled will split it."""
-    from .tiled import token_tiles
+    from core.denoise.tiled import token_tiles
 
     return len(token_tiles(shape.width, shape.height, tile, tile_overlap(tile))[2])
 
