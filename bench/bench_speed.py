@@ -75,7 +75,7 @@ class Bench:
         if a.cpu_smoke:  # logic check only: compile with the eager backend, fp8 emulated, bf16 on the CPU
             self.base_fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
             fp8_compute.fp8_supported = lambda index=0: True
-            plan = self.engine._plan
+            plan = self.engine.plan
             self.engine.plan = lambda job, tier=None: plan(job, tier, dtype="bfloat16")
         self.engine.fast = self.base_fast
         img = photo(a.size)
@@ -220,7 +220,7 @@ class Bench:
         if variant in DIFFUSERS:
             from core.speed.fp8_compute import Fp8Linear
 
-            self.engine._undo_fast()
+            self.engine.state.undo_fast()
             plain = self.fast.attentions(self.pipe.transformer)
             if any(getattr(x, "fused_projections", False) for x in plain) or any(
                 isinstance(m, Fp8Linear) for m in self.pipe.transformer.modules()
@@ -230,7 +230,7 @@ class Bench:
             kw = dict(fullgraph=True) if self.cuda else dict(fullgraph=True, backend="eager")
             self.pipe.transformer.compile_repeated_blocks(**kw)
         if recompiles(variant):  # compiled blocks are kept as they are: other settings need new ones
-            self.engine._undo_fast()
+            self.engine.state.undo_fast()
             torch._dynamo.reset()
 
     def teardown(self, variant: str) -> None:
@@ -238,7 +238,7 @@ class Bench:
             self.fast.uncompile_blocks(self.pipe.transformer)
             torch._dynamo.reset()
         if recompiles(variant):
-            self.engine._undo_fast()
+            self.engine.state.undo_fast()
             torch._dynamo.reset()
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from bench.env import environment, md_table, write
 from bench.random_model import PROMPT, photo, random_engine
-from core.denoise.generate import PromptCache
+from core.denoise.runtime import PromptCache
 from core.device import detect
 from core.engine import Engine
 from core.job import ControlSpec, Job
@@ -55,7 +55,7 @@ def step_timer():
 
 
 def run_tier(engine: Engine, tier: str, job: Job) -> dict:
-    engine._undo()
+    engine.release()
     cap(None)
     torch.cuda.empty_cache()
     budget = float(tier) - 0.5
@@ -106,13 +106,18 @@ def run_variant(engine: Engine, spec: str, job: Job) -> dict:
 
     tier, ring, cast = spec.split(":")
     plan_fn = engine.plan
-    engine.plan = lambda j, t=None: replace(plan_fn(j, t), ring=int(ring))
+
+    def with_ring(j, t=None):
+        p = plan_fn(j, t)
+        return replace(p, placement=replace(p.placement, ring=int(ring)))
+
+    engine.plan = with_ring
     residency.DEFAULT_CAST = cast
     try:
         row = run_tier(engine, tier, job)
     finally:
         engine.plan, residency.DEFAULT_CAST = plan_fn, "side"
-    engine._undo()
+    engine.release()
     row.update(variant=spec, ring=int(ring), cast=cast)
     print(
         "VARIANT",
@@ -126,14 +131,14 @@ def profile_tier(engine: Engine, tier: str, job: Job, out: Path) -> dict:
     """Two profiled steps of a tier: copy time, the share of it under a compute kernel, kernel time."""
     from bench.profile_streaming import profile_steps
 
-    engine._undo()
+    engine.release()
     cap(float(tier) - 0.5)
     try:
         res, summary = profile_steps(engine, job.with_(tier=tier), 3, out / f"trace_tier{tier}.json")
     finally:
         cap(None)
     row = dict(tier=tier, seconds=res.report["seconds"], **summary)
-    engine._undo()
+    engine.release()
     print("PROFILE", row, flush=True)
     return row
 
@@ -293,7 +298,7 @@ def main():
     for tier in filter(None, a.tiers.split(",")):
         data["tiers"].append(run_tier(engine, tier, job))
         report(out, data)
-    engine._undo()
+    engine.release()
     if "leaf_fp8" in baselines:
         data["diffusers"].append(run_diffusers(pipe, "leaf_fp8", job, control))
     report(out, data)

@@ -16,10 +16,10 @@ import torch
 from bench.bench_tiers import PROMPT, cap, photo
 from bench.env import environment, md_table, write
 from bench.random_model import random_engine
-from core.denoise.generate import PromptCache
-from core.denoise.tiled import token_tiles
+from bench.seams import seam_ratio
+from core.denoise.runtime import PromptCache
 from core.job import ControlSpec, Job
-from core.tiling import seam_ratio
+from core.tiling import token_tiles
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     rows = []
     for tier in a.tiers.split(","):
         for f in (float(x) for x in a.factors.split(",")):
-            engine._undo()
+            engine.release()
             cap(None)
             torch.cuda.empty_cache()
             cap(float(tier) - 0.5)

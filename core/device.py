@@ -30,13 +30,13 @@ class DeviceInfo:
 def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
     """Pinned the way streamed weights are (cudaHostRegister) and unpinned after: PyTorch's caching
     host allocator would keep a pin_memory=True block locked for the life of the process."""
-    from core.stream.packs import pinned
+    from core.stream.packs import pinned, unpin
 
     x = pinned(nbytes, True)
     try:
         return _copy_rate(x, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
     finally:
-        torch.cuda.cudart().cudaHostUnregister(x.data_ptr())
+        unpin(x)
 
 
 def _copy_rate(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
-"""Engine: a loaded pipeline placed on the device by a plan, running jobs one at a time.
+"""Engine: a pipeline placed on the device by a plan, running jobs one at a time.
 
-Data flows one way: Job → Plan → placed pipeline → Result. An out-of-memory at any phase frees
-memory, steps down to the next smaller plan and retries; the Result says what happened.
+Data flows one way: Job → Plan → placed pipeline (core.placed) → Result (core.result). A failed
+attempt (out of GPU or host memory, a black result, a fast-path error) is followed by the attempt
+core.attempts.next_attempt chooses, from a clean device; the Result says what happened.
 """
 
 from __future__ import annotations
@@ -9,62 +10,31 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
-from core.denoise.generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
+from core.attempts import Failure, Retry, next_attempt
+from core.denoise.generate import control_images, generate_pass
+from core.denoise.runtime import JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
 from core.device import DeviceInfo, detect
 from core.job import Job
-from core.models import ModelSpec, load_pipeline, union_net
-from core.monitor import MemoryMonitor, free_memory, is_oom
+from core.models import ModelSpec
+from core.monitor import MemoryMonitor, free_memory, is_host_oom, is_oom
+from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
-from core.plan.sizes import sizes_from_pipeline
-from core.plan.units import denoiser_units, text_encoder_units
-from core.speed import fast, fp8_compute, graphs
-from core.stream.residency import Residency
+from core.result import Result, is_black_or_nan
+from core.speed import fast, graphs
 
 log = logging.getLogger(__name__)
 
-
-MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")  # the pipeline's placed parts
+__all__ = ["Engine", "Faults", "OutOfMemory", "Result", "is_black_or_nan"]
 
 
 class OutOfMemory(RuntimeError):
     """Even the smallest plan ran out of memory; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Result:
-    image: Image.Image
-    job: Job
-    plan: Plan
-    report: dict  # memory monitor: peaks, seconds per phase, timeline
-    events: tuple[str, ...]  # what the engine did that a user should know
-    controls: tuple[Image.Image, ...] = field(default=(), repr=False)
-    demo: bool = False
-
-    def summary(self) -> dict:
-        s = dict(
-            size=list(self.image.size),
-            tier=self.plan.tier,
-            demo=self.demo,
-            predicted_peak_gb=self.plan.predicted_peak_gb,
-            measured_peak_reserved_gb=self.report["peak_reserved_gb"],
-            seconds=self.report["seconds"],
-            events=list(self.events),
-            plan=self.plan.summary(),
-            fast=self.report.get("fast"),
-        )
-        if self.demo:
-            s["note"] = "demo model with random weights: the image is noise"
-        return s
-
-    def png_params(self) -> dict:
-        """What the PNG's metadata holds: every parameter of the job and the plan."""
-        return dict(job=self.job.describe(), plan=self.plan.summary(), demo=self.demo)
 
 
 class Faults:
@@ -88,47 +58,33 @@ class Faults:
         return self._take("black")
 
 
-def is_black_or_nan(image: Image.Image) -> bool:
-    """NaN latents decode to black; a result with (almost) no signal is a precision fault."""
-    import numpy as np
-
-    a = np.asarray(image)
-    return bool(a.max() <= 3)
-
-
-def _shape(job: Job) -> JobShape:
-    return JobShape(job.width, job.height, len(job.controls), job.upscale)
-
-
-def _placement_key(plan: Plan) -> tuple:
-    """What moving the weights depends on; plans that agree on it share one placement."""
-    return plan.device, plan.dtype, plan.placement, plan.slots, plan.ring, plan.text_encoders
+def shape_of(job: Job) -> JobShape:
+    return JobShape(job.width, job.height, len(job.controls), job.upscale, job.steps, job.upscale_steps)
 
 
 class Engine:
     def __init__(
-        self, spec: ModelSpec | None = None, device: DeviceInfo | None = None, pipe=None, max_seq: int | None = None
+        self,
+        spec: ModelSpec | None = None,
+        device: DeviceInfo | None = None,
+        pipe=None,
+        max_seq: int | None = None,
+        fast_config: fast.FastConfig | None = None,
     ):
         self.spec = spec or ModelSpec.demo_spec()
         self.device = device or detect()
-        self.pipe, self.img2img = pipe, None
-        self.max_seq = max_seq
-        self.sizes = None
+        self.state = PlacedPipeline(self.spec, self.device, pipe, max_seq)
         self.cache = PromptCache()
-        self.residency: Residency | None = None
-        self._placed: Plan | None = None  # the plan whose placement is on the device now
         self._lock = threading.Lock()
         self.faults = Faults()
-        self._owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
-        # all-resident plans: fused QKV, compiled blocks, attention kernel (core/fast.py). On ZeroGPU
-        # a call may run in a fresh process, where compiling would be paid by every job.
-        self.fast = fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
-        self._fast: fast.Fast | None = None  # what is applied now
-        self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
-        self._fast_want: tuple | None = None  # what _fast was applied for
-        if pipe is not None:
-            self._init_pipe(pipe)
+        # all-resident plans: fused QKV, compiled blocks, attention kernel (core.speed). On ZeroGPU
+        # a call may run in a fresh process, where compiling would be paid by every job. `fast` is
+        # the caller's setting; what failed in this process is taken out of it in `fast_in_use`.
+        self.fast = fast_config or fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
+        self._fast_failed: fast.FastConfig | None = None  # `fast` less what failed, while `fast` is unchanged
+        self._fast_failed_for: fast.FastConfig | None = None
 
+    # -- views of the placed pipeline -----------------------------------------------------------
     @property
     def demo(self) -> bool:
         return self.spec.demo
@@ -138,176 +94,140 @@ class Engine:
         """A job is running (jobs run one at a time)."""
         return self._lock.locked()
 
-    # -- loading and placement ----------------------------------------------------------------
-    def _init_pipe(self, pipe) -> None:
-        from diffusers import FluxControlNetImg2ImgPipeline
+    @property
+    def pipe(self):
+        return self.state.pipe
 
-        self.pipe = pipe
-        names = (
-            "scheduler",
-            "vae",
-            "text_encoder",
-            "tokenizer",
-            "text_encoder_2",
-            "tokenizer_2",
-            "transformer",
-            "controlnet",
-        )
-        self.img2img = FluxControlNetImg2ImgPipeline(**{n: getattr(pipe, n) for n in names})
-        self.img2img.set_progress_bar_config(disable=True)
-        if self.max_seq is None:
-            self.max_seq = min(512, pipe.tokenizer_2.model_max_length)
-        self.sizes = sizes_from_pipeline(pipe, self.max_seq)
+    @property
+    def img2img(self):
+        return self.state.img2img
 
+    @property
+    def sizes(self):
+        return self.state.sizes
+
+    @property
+    def max_seq(self) -> int | None:
+        return self.state.max_seq
+
+    @property
+    def residency(self):
+        return self.state.residency
+
+    @property
+    def fast_in_use(self) -> fast.FastConfig:
+        """The fast path as configured, less what failed in this process (for the same config)."""
+        if self._fast_failed is not None and self._fast_failed_for == self.fast:
+            return self._fast_failed
+        return self.fast
+
+    # -- planning and placing -------------------------------------------------------------------
     def load(self) -> None:
-        if self.pipe is None:
-            if self.device.kind == "cuda":
-                dtype = torch.bfloat16 if self.device.bf16 else torch.float32
-            else:  # the tiny demo model computes in fp32 on the CPU; the real one in bf16 (RAM)
-                dtype = torch.float32 if self.spec.demo else torch.bfloat16
-            self._init_pipe(load_pipeline(self.spec, dtype))
+        self.state.load()
 
-    def plan(self, job: Job, tier: str | None = None) -> Plan:
-        return self._plan(job, tier)
-
-    def _plan(self, job: Job, tier: str | None = None, dtype: str | None = None) -> Plan:
+    def plan(self, job: Job, tier: str | None = None, dtype: str | None = None) -> Plan:
+        """The plan this job runs under (a placement already on the GPU is kept where it serves);
+        `dtype` forces the compute dtype (float32 after a black result)."""
         self.load()
-        shape = _shape(job)
+        shape = shape_of(job)
         new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
-        return keep_placement(self._placed, new, shape, self.sizes, self.device)
+        return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
 
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""
         if plan.device == "cuda" and self.device.kind != "cuda":
             raise ValueError(f"No CUDA GPU was found, so the {plan.tier} GB tier cannot run; choose 'auto' or 'cpu'.")
         if plan.device == "cuda":
-            held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
-            if self._fast is not None and self._fast.fp8:  # fp8 weights are buffers, not parameters
-                held += sum(fp8_compute.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
-            free = torch.cuda.mem_get_info()[0] / 2**30 + held
+            free = torch.cuda.mem_get_info()[0] / 2**30 + self.state.held_gb()
             if plan.budget_gb > free + 0.25 and plan.tier != "auto":
                 raise ValueError(
                     f"The {plan.tier} GB tier needs {plan.budget_gb:.1f} GiB of free GPU memory; "
                     f"this GPU has {free:.1f} GiB free. Choose 'auto' or a smaller tier."
                 )
 
-    def _undo(self) -> None:
-        self._undo_fast()
-        if self.residency is not None:
-            self.residency.remove()
-            self.residency = None
-        for name in MODELS:
-            getattr(self.pipe, name).to("cpu")
-        self._placed = None
-        free_memory()
-
     def apply(self, plan: Plan) -> None:
         """Place the pipeline as the plan says (a no-op if it already is)."""
-        pipe = self.pipe
-        if self._placed is None or _placement_key(plan) != _placement_key(self._placed):
-            t5_code = "B" if plan.text_encoders == "gpu" else "S"
-            full = t5_code * len(text_encoder_units(pipe.text_encoder_2)) + plan.placement
-            old = self.residency.placement if self.residency else ""
-            # fp8 storage rounds weights; a unit going back to bf16 must come from the source again
-            lossy = any(o in "FQ" and n in "BS" for o, n in zip(old, full))
-            self._undo()
-            if lossy and self._owns_pipe:
-                log.info("reloading the weights: the previous plan stored some in fp8")
-                pipe = self.pipe = self.img2img = None  # every reference: the old weights go first
-                free_memory()
-                self.load()
-                pipe = self.pipe
-            elif lossy:
-                log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
-            dtype = getattr(torch, plan.dtype)
-            if pipe.transformer.dtype != dtype:
-                from diffusers.utils import logging as dlogging
+        self.state.place(plan)
 
-                level = dlogging.get_verbosity()
-                dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
-                for name in MODELS:
-                    getattr(pipe, name).to(dtype)
-                dlogging.set_verbosity(level)
-            if plan.device == "cuda":
-                dev = torch.device("cuda")
-                for model in (pipe.transformer, union_net(pipe)):
-                    for name, child in model.named_children():
-                        if name not in ("transformer_blocks", "single_transformer_blocks"):
-                            child.to(dev)
-                pipe.vae.to(dev)
-                pipe.text_encoder.to(dev)  # CLIP-L: 0.25 GB, always resident
-                t5 = pipe.text_encoder_2
-                t5_units = text_encoder_units(t5)
-                in_units = {id(p) for _, m in t5_units for p in m.parameters()}
-                for p in t5.parameters():  # embedding, norms, position bias: resident
-                    if id(p) not in in_units:
-                        p.data = p.data.to(dev)
-                units = t5_units + denoiser_units(pipe.transformer, union_net(pipe))
-                self.residency = Residency(units, full, dev, dtype, plan.slots, plan.ring)
-                free_memory()
-            self._placed = plan
-        if plan.vae_tiling:
-            pipe.vae.enable_tiling()
-            pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64
-        else:
-            pipe.vae.disable_tiling()
+    def release(self) -> None:
+        """Everything back on the CPU and every device buffer freed (the next job places again)."""
+        self.state.release()
 
     # -- running ------------------------------------------------------------------------------
     def run(self, job: Job, progress=None, cancel=None, source: Image.Image | None = None) -> Result:
-        """Run a job to its final image, stepping down on out-of-memory."""
+        """Run a job to its final image; failed attempts are followed as core.attempts says."""
         with self._lock:
             plan = self.plan(job)
             self.check_fits(plan)
             events: list[str] = []
             while True:
-                err = None
+                mon = MemoryMonitor(plan.device, hook=self.faults.check)
+                result = None
                 try:
-                    mon = MemoryMonitor(plan.device, hook=self.faults.check)
-                    result = self._run_once(job, plan, mon, events, progress, cancel, source)
+                    result = self._attempt(job, plan, mon, events, progress, cancel, source)
                     if not is_black_or_nan(result.image):
                         return result
-                    if plan.dtype == "float32":
-                        events.append("the result is black even in float32: check the model weights")
-                        return replace(result, events=tuple(events))
-                    events.append(f"the result was black (NaN) in {plan.dtype}: rerun in float32")
-                    log.warning(events[-1])
-                    plan = self._plan(job, dtype="float32")
-                    continue
+                    failure = Failure("black")
                 except JobCancelled:
                     free_memory()
                     raise
                 except Exception as e:
-                    if not is_oom(e) and self._fast_failed(e, events):
-                        continue
-                    if not is_oom(e):
+                    failure = self._classify(e, mon)
+                    if failure is None:
                         free_memory()
                         raise
-                    where = mon.phases[-1].name if mon.phases else "?"
-                    err = f"in {where}: " + str(e).split("\n")[0][:100]
                 # outside the except block, so the traceback's tensors can be freed
-                free_memory()
-                nxt = step_down(plan, _shape(job), self.sizes, self.device)
-                if nxt is None and plan.device == "cpu":
-                    raise OutOfMemory(
-                        "Out of memory on the CPU even with the smallest tiles; close other "
-                        "programs or lower the size or upscale factor."
-                    )
-                if nxt is None:
-                    raise OutOfMemory(
-                        "Out of GPU memory even with the smallest plan; close other programs "
-                        "using the GPU, lower the size or upscale factor, or choose the CPU tier."
-                    )
-                events.append(
-                    f"out of memory ({err}) with the {plan.tier} plan (tile {plan.tile}): "
-                    f"stepped down to the {nxt.tier} plan (tile {nxt.tile}) and retried"
+                if failure.cause in ("gpu", "host"):
+                    self.state.release()  # the next attempt starts from a clean device
+                else:
+                    free_memory()
+                decision = next_attempt(
+                    failure,
+                    plan,
+                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device),
+                    less_host=lambda p: self._less_host(job, p),
+                    in_float32=lambda: self.plan(job, dtype="float32"),
                 )
-                log.warning(events[-1])
-                plan = nxt
+                if isinstance(decision, str):
+                    if failure.cause == "black":
+                        events.append(decision)
+                        return replace(result, events=tuple(events))
+                    raise OutOfMemory(decision)
+                assert isinstance(decision, Retry)
+                events.append(decision.event)
+                log.warning(decision.event)
+                plan = decision.plan
 
-    def _run_once(self, job, plan, mon, events, progress, cancel, source) -> Result:
+    def _classify(self, err: Exception, mon: MemoryMonitor) -> Failure | None:
+        where = mon.phases[-1].name if mon.phases else "?"
+        msg = str(err).split("\n")[0][:100]
+        if is_oom(err):
+            return Failure("gpu", where, msg)
+        if is_host_oom(err):
+            return Failure("host", where, msg)
+        degraded = without_failed_part(self.fast_in_use, self.state.fast, err)
+        if degraded is None:
+            return None
+        self._fast_failed, self._fast_failed_for = degraded[0], self.fast
+        return Failure("fast", where, degraded[1])
+
+    def _less_host(self, job: Job, plan: Plan) -> Plan | None:
+        """The same tier with less pinned host RAM than `plan` (fp8 instead of exact streamed
+        weights), or None where no such plan exists."""
+        if plan.device != "cuda" or plan.host_ram_gb <= 0:
+            return None
+        try:
+            nxt = plan_for(
+                plan.tier, shape_of(job), self.sizes, self.device, dtype=plan.dtype, host_cap_gb=0.9 * plan.host_ram_gb
+            )
+        except ValueError:
+            return None
+        return nxt if nxt.host_ram_gb < plan.host_ram_gb else None
+
+    def _attempt(self, job, plan, mon, events, progress, cancel, source) -> Result:
         with mon.phase("load"):
-            self.apply(plan)
-            speed = self._apply_fast(job, plan, events, progress)
+            self.state.place(plan)
+            speed = self.state.apply_fast(self.fast_in_use, job, plan, events, progress)
         compiled_before = fast.compile_seconds()
         rt = Runtime(
             self.pipe,
@@ -319,37 +239,34 @@ class Engine:
             self.residency,
             progress,
             cancel,
+            img2img=self.img2img,
+            monitor=mon,
+            events=events,
+            cache=self.cache,
+            demo=self.demo,
+            depth_device=plan.depth_device,
         )
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
-        # the depth model (~0.1 GB) runs on the GPU only where the plan leaves room
-        depth_device = "cuda" if plan.device == "cuda" and plan.budget_gb >= 40 else "cpu"
         with mon.phase("preprocess"):
-            controls = control_images(job, image, self.demo, depth_device)
+            controls = control_images(job, image, self.demo, plan.depth_device)
         if not self.demo and any(c.kind == "depth" for c in job.controls):
             from preprocessors.depth import depth_model_is_demo
 
-            if depth_model_is_demo(device=depth_device):
-                events.append(
+            if depth_model_is_demo(device=plan.depth_device):
+                rt.note(
                     "Depth Anything could not be loaded (offline?): the depth control came from a "
                     "random demo model; download depth-anything/Depth-Anything-V2-Small-hf"
                 )
-        out = generate_pass(job, image, controls, rt, mon, events, self.cache)
+        out = generate_pass(job, image, controls, rt)
         if job.upscale > 1:
-            out = upscale(
-                job, source or job.image, out, rt, self.img2img, mon, events, self.cache, self.demo, depth_device
-            )
+            out = upscale(job, source or job.image, out, rt)
         if self.faults.black():
             out = Image.new("RGB", out.size)
         if speed is not None and speed.cuda_graphs:
             for name, m in fast.graphed_models(self.pipe).items():
                 gc = graphs.installed(m)
-                msg = (
-                    gc
-                    and gc.disabled
-                    and f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without"
-                )
-                if msg and msg not in events:
-                    events.append(msg)
+                if gc and gc.disabled:
+                    rt.note(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
         report = mon.report()
         if speed is not None:
             compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
@@ -360,47 +277,3 @@ class Engine:
                     f"image size; included in the denoise time)"
                 )
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)
-
-    # -- the fast path (core/fast.py): only while the whole denoiser is resident ------------------
-    def _apply_fast(self, job: Job, plan: Plan, events: list[str], progress=None) -> fast.Fast | None:
-        use_fp8, why = fast.fp8_decision(plan, self.fast, job.fp8_compute)
-        if why:
-            events.append(why)
-        cfg = self.fast
-        if not fast.eligible(plan, cfg):
-            self._undo_fast()
-            return None
-        compile_ = cfg.compile and fast.can_compile(cfg.backend, plan.device)
-        if cfg.compile and not compile_:
-            events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
-        want = (use_fp8, compile_, cfg)
-        if want != self._fast_want:  # walking the modules costs ~70 ms: once
-            before, self._fast_dirty = self._fast, True
-            self._fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, cfg=cfg)
-            self._fast_want = want
-            if progress is not None and compile_ and self._fast != before:
-                progress("compiling for this GPU (first job only)", 0, job.steps)
-        if use_fp8:
-            events.append(f"fp8 compute: {self._fast.fp8_layers} block matmuls in fp8 (row-wise scales)")
-        return self._fast
-
-    def _undo_fast(self) -> None:
-        """Plain diffusers modules again (exactly): Residency hooks the children of the blocks."""
-        if self._fast_dirty:
-            fast.undo_fast(self.pipe)
-            self._fast, self._fast_want, self._fast_dirty = None, None, False
-
-    def _fast_failed(self, err: Exception, events: list[str]) -> bool:
-        """An error from the fast path (a torch.compile error, or a kernel this GPU refuses): note it,
-        run this job (and the next ones) without that part of it. False: not ours, raise it."""
-        if self._fast is None or isinstance(err, ValueError) or not isinstance(err, RuntimeError):
-            return False
-        what = str(err).strip().split("\n")[0][:120]
-        if self._fast.compiled and fast.is_compile_error(err):
-            events.append(f"torch.compile failed ({what}): ran without compiling")
-            self.fast = replace(self.fast, compile=False)
-        else:
-            events.append(f"the fast path failed ({what}): ran without it")
-            self.fast = replace(self.fast, enabled=False)
-        log.warning(events[-1])
-        return True

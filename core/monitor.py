@@ -101,5 +101,18 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class HostOutOfMemory(MemoryError):
+    """Host RAM could not be allocated or pinned for a plan; a plan that pins less may fit."""
+
+
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """GPU out of memory. 'resource already mapped' is how an allocation can fail right after an
+    out-of-memory with expandable segments (seen on the H200): the same cause, the same remedy."""
+    msg = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in msg or "resource already mapped" in msg
+
+
+def is_host_oom(err: BaseException) -> bool:
+    """Host RAM ran out: ours (HostOutOfMemory), Python's MemoryError, or PyTorch's CPU allocator."""
+    msg = str(err).lower()
+    return isinstance(err, MemoryError) or "can't allocate memory" in msg or "defaultcpuallocator" in msg

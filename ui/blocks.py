@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.denoise.generate import JobCancelled
+from core.denoise.runtime import JobCancelled
 from core.device import detect
 from core.engine import OutOfMemory
 from core.job import MAX_PROMPT_CHARS, TIERS, out_size

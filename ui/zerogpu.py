@@ -10,9 +10,6 @@ from __future__ import annotations
 import logging
 import os
 
-from core.denoise.tiled import token_tiles
-from core.denoise.upscale import stage_sizes, stage_steps
-
 log = logging.getLogger(__name__)
 
 MIN_S, MAX_S, MARGIN_S = 30, 300, 20
@@ -23,18 +20,13 @@ def on_zerogpu() -> bool:
 
 
 def estimate_seconds(engine, job) -> int:
-    """Predicted seconds per step × steps (upscale stages and tiles included), plus a margin."""
+    """The plan's predicted denoising seconds for the whole job (upscale stages and tiles
+    included, core.plan.planner.job_seconds), with a margin, within what ZeroGPU allows."""
     try:
         plan = engine.plan(job)
     except Exception:  # noqa: BLE001 - a bad job fails in the run with its own sentence
         return MIN_S * 2
-    # the upscale stages' tiles, split exactly as core.upscale splits them
-    tiles = sum(
-        len(token_tiles(w, h, plan.upscale_tile or 1024, plan.overlap or 128)[2])
-        for w, h in stage_sizes(job.width, job.height, job.upscale)
-    )
-    total = plan.predicted_step_s * (job.steps + stage_steps(job) * tiles)
-    return int(min(MAX_S, max(MIN_S, 1.5 * total + MARGIN_S)))
+    return int(min(MAX_S, max(MIN_S, 1.5 * plan.predicted_job_s + MARGIN_S)))
 
 
 def gpu_wrap(fn, engine):

@@ -5,61 +5,15 @@ Phases are explicit so the memory monitor can time them and an out-of-memory say
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from PIL import Image
 
-from core.denoise.skip import skip_idle_controls
-from core.denoise.tiled import tiled_denoising
+from core.denoise.passes import denoising, step_callback
+from core.denoise.runtime import Runtime
 from core.job import ControlSpec, Job
 from core.models import has_mode_ids
-from core.monitor import MemoryMonitor, free_memory, is_oom
+from core.monitor import free_memory, is_oom
 from preprocessors.registry import CONTROLS, preprocess
-
-Progress = Callable[[str, int, int], None]  # (stage label, done, total)
-
-
-class JobCancelled(Exception):
-    """The user cancelled; raised between denoising steps."""
-
-
-@dataclass
-class Runtime:
-    """What a pass needs besides the job: the pipeline as placed by the plan."""
-
-    pipe: object
-    device: torch.device
-    max_seq: int
-    tile: int  # generation tile (px), 0: whole image
-    overlap: int
-    upscale_tile: int = 1024  # tile of the upscale stages
-    residency: object | None = None  # core.residency.Residency, told about step ends
-    progress: Progress | None = None
-    cancel: Callable[[], bool] | None = None
-
-
-class PromptCache:
-    """Prompt embeddings kept on the CPU: the text encoders run once per prompt."""
-
-    def __init__(self, size: int = 8):
-        self.size, self.data = size, OrderedDict()
-
-    def get(self, pipe, prompt: str, device: torch.device, max_seq: int):
-        key = (prompt, max_seq, pipe.text_encoder_2.dtype)
-        if key not in self.data:
-            with torch.no_grad():
-                pe, pooled, _ = pipe.encode_prompt(
-                    prompt=prompt, prompt_2=prompt, device=device, max_sequence_length=max_seq
-                )
-            self.data[key] = (pe.cpu(), pooled.cpu())
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
-        self.data.move_to_end(key)
-        pe, pooled = self.data[key]
-        return pe.to(device), pooled.to(device)
 
 
 def control_images(
@@ -96,26 +50,12 @@ def control_args(pipe, controls: tuple[ControlSpec, ...]) -> dict:
     )
 
 
-def step_callback(rt: Runtime, label: str, total: int):
-    def cb(pipe, i, t, kw):
-        if rt.residency is not None:
-            rt.residency.end_step()
-        if rt.progress is not None:
-            rt.progress(label, i + 1, total)
-        if rt.cancel is not None and rt.cancel():
-            raise JobCancelled("cancelled")
-        return {}
-
-    return cb
-
-
-def decode(
-    pipe, latents: torch.Tensor, width: int, height: int, monitor: MemoryMonitor, events: list[str]
-) -> Image.Image:
+def decode(rt: Runtime, latents: torch.Tensor, width: int, height: int) -> Image.Image:
     """Packed latents → PIL; an out-of-memory retries with tiled VAE decoding."""
+    pipe = rt.pipe
     lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    with monitor.phase("decode"), torch.no_grad():
+    with rt.monitor.phase("decode"), torch.no_grad():
         try:
             img = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
         except Exception as e:
@@ -123,35 +63,21 @@ def decode(
                 raise
             del e
             free_memory()
-            events.append("VAE decode ran out of memory: retried with tiled decoding")
+            rt.events.append("VAE decode ran out of memory: retried with tiled decoding")
             pipe.vae.enable_tiling()
             img = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 
-def generate_pass(
-    job: Job,
-    image: Image.Image,
-    controls: list[Image.Image],
-    rt: Runtime,
-    monitor: MemoryMonitor,
-    events: list[str],
-    cache: PromptCache,
-) -> Image.Image:
+def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt: Runtime) -> Image.Image:
     """Text-to-image with controls at job.width × job.height (in fused tiles if the plan says so)."""
     pipe = rt.pipe
-    with monitor.phase("encode"):
-        pe, pooled = cache.get(pipe, job.prompt, rt.device, rt.max_seq)
+    with rt.monitor.phase("encode"):
+        pe, pooled = rt.cache.get(pipe, job.prompt, rt.device, rt.max_seq)
     gen = torch.Generator("cpu").manual_seed(job.seed)
-    label = "generate"
-    with (
-        monitor.phase("denoise"),
-        torch.no_grad(),
-        skip_idle_controls(pipe) as skipped,
-        tiled_denoising(pipe, job.width, job.height, rt.tile, rt.overlap) as tiles,
-    ):
-        if len(tiles) > 1:
-            events.append(f"generated in {len(tiles)} fused tiles of {rt.tile}px")
+    with rt.monitor.phase("denoise"), denoising(rt, job.width, job.height, rt.tile, rt.overlap) as info:
+        if len(info.tiles) > 1:
+            rt.events.append(f"generated in {len(info.tiles)} fused tiles of {rt.tile}px")
         latents = pipe(
             prompt_embeds=pe,
             pooled_prompt_embeds=pooled,
@@ -163,9 +89,7 @@ def generate_pass(
             generator=gen,
             output_type="latent",
             max_sequence_length=rt.max_seq,
-            callback_on_step_end=step_callback(rt, label, job.steps),
+            callback_on_step_end=step_callback(rt, "generate", job.steps),
             **control_args(pipe, job.controls),
         ).images
-    if skipped["skipped"]:
-        events.append(f"skipped {skipped['skipped']} idle ControlNet passes (outside control start/end)")
-    return decode(pipe, latents, job.width, job.height, monitor, events)
+    return decode(rt, latents, job.width, job.height)

@@ -14,19 +14,7 @@ import contextlib
 import torch
 
 from core.patch import patched_forwards
-from core.tiling import Tile, tile_grid, tile_weights, tokens_of
-
-
-def token_tiles(width: int, height: int, tile_px: int, overlap_px: int) -> tuple[int, int, list[Tile], int]:
-    """(token rows, token cols, tiles, overlap in tokens) for an image and a tile size in pixels."""
-    rows, cols = height // 16, width // 16
-    if tile_px <= 0:
-        return rows, cols, [Tile(0, 0, rows, cols)], 0
-    t = max(1, tile_px // 16)
-    ov = min(max(1, overlap_px // 16), t - 1) if t > 1 else 0
-    if rows <= t and cols <= t:
-        return rows, cols, [Tile(0, 0, rows, cols)], 0
-    return rows, cols, tile_grid(rows, cols, t, ov), ov
+from core.tiling import tile_weights, token_tiles, tokens_of
 
 
 @contextlib.contextmanager

@@ -18,42 +18,15 @@ import math
 import torch
 from PIL import Image
 
-from core.denoise.generate import PromptCache, Runtime, control_args, control_params, decode, step_callback
-from core.denoise.skip import skip_idle_controls
-from core.denoise.tiled import tiled_denoising
-from core.job import ControlSpec, Job, out_size
+from core.denoise.generate import control_args, control_params, decode
+from core.denoise.passes import denoising, step_callback
+from core.denoise.runtime import Runtime
+from core.job import ControlSpec, Job
 from core.models import has_mode_ids
-from core.monitor import MemoryMonitor
+from core.plan.stages import stage_sizes, stage_steps
 from preprocessors.registry import preprocess
 
 TILE_SCALE = 0.45
-
-
-def stage_factors(factor: float) -> list[float]:
-    """Stages of at most 2×: 4 → [2, 2]; 3 → [2, 1.5]; 1.5 → [1.5]; 1 → []."""
-    if factor <= 1.0 + 1e-6:
-        return []
-    n = math.ceil(math.log(factor, 2) - 1e-9)
-    out, left = [], factor
-    for _ in range(n - 1):
-        out.append(2.0)
-        left /= 2.0
-    out.append(left)  # halving is exact in floating point: the stages multiply back to `factor`
-    return out
-
-
-def stage_steps(job: Job) -> int:
-    """Denoising steps of each upscale stage."""
-    return job.upscale_steps or max(4, min(10, job.steps // 3))
-
-
-def stage_sizes(width: int, height: int, factor: float) -> list[tuple[int, int]]:
-    """Pixel size after each stage; the last one is the job's output size."""
-    sizes, f = [], 1.0
-    for s in stage_factors(factor):
-        f *= s
-        sizes.append(out_size(width, height, f))
-    return sizes
 
 
 def stage_controls(
@@ -77,38 +50,24 @@ def stage_controls(
     return tuple(specs), images
 
 
-def upscale(
-    job: Job,
-    source: Image.Image,
-    image: Image.Image,
-    rt: Runtime,
-    img2img,
-    monitor: MemoryMonitor,
-    events: list[str],
-    cache: PromptCache,
-    demo: bool = False,
-    depth_device: str | None = None,
-) -> Image.Image:
-    """Take `image` (job.width × job.height) up to job.out_size in stages."""
-    steps = stage_steps(job)
+def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime) -> Image.Image:
+    """Take `image` (job.width × job.height) up to job.out_size in stages (rt.img2img shares the
+    placed pipeline's modules)."""
+    steps = stage_steps(job.steps, job.upscale_steps)
     sizes = stage_sizes(job.width, job.height, job.upscale)
     for k, (w, h) in enumerate(sizes, 1):
         label = f"upscale {k}/{len(sizes)} to {w}×{h}"
         resized = image.resize((w, h), Image.LANCZOS)
-        specs, controls = stage_controls(job, source, resized, rt.pipe, demo, depth_device)
-        with monitor.phase("encode"):
-            pe, pooled = cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
+        specs, controls = stage_controls(job, source, resized, rt.pipe, rt.demo, rt.depth_device)
+        with rt.monitor.phase("encode"):
+            pe, pooled = rt.cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))
         runs = total - int(max(total - total * job.upscale_strength, 0))  # what img2img will run
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
-        with (
-            monitor.phase(f"upscale{k}"),
-            torch.no_grad(),
-            skip_idle_controls(rt.pipe),
-            tiled_denoising(rt.pipe, w, h, rt.upscale_tile or 1024, rt.overlap or 128, on_tile) as tiles,
-        ):
-            events.append(f"{label}: {len(tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
-            latents = img2img(
+        tile, overlap = rt.upscale_tile or 1024, rt.overlap or 128
+        with rt.monitor.phase(f"upscale{k}"), denoising(rt, w, h, tile, overlap, on_tile, report=False) as info:
+            rt.events.append(f"{label}: {len(info.tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
+            latents = rt.img2img(
                 image=resized,
                 prompt_embeds=pe,
                 pooled_prompt_embeds=pooled,
@@ -124,5 +83,5 @@ def upscale(
                 callback_on_step_end=step_callback(rt, label, runs),
                 **control_args(rt.pipe, specs),
             ).images
-        image = decode(rt.pipe, latents, w, h, monitor, events)
+        image = decode(rt, latents, w, h)
     return image

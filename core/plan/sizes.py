@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from torch import nn
 
 from core.models import union_net
-from core.plan.planner import ModelSizes
-from core.plan.units import denoiser_units, text_encoder_units, unit_sizes
+from core.plan.units import UnitSize, denoiser_units, text_encoder_units, unit_sizes
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    units: tuple[UnitSize, ...]  # denoiser units in execution order (ControlNet first)
+    n_cn_units: int  # the first n units belong to the ControlNet (they run once per control)
+    fixed_params: int  # non-unit denoiser params (embedders, norms, zero-convs): always resident
+    t5_params: int
+    t5_unit_params: int  # T5 Linear layers: resident ("gpu") or streamed with the denoiser's slots
+    t5_max_unit: int
+    clip_params: int  # CLIP (and T5's embedding and norms) stay on the GPU
+    vae_params: int
+    hidden: int = 3072
+    max_seq: int = 512
 
 
 def _count(m: nn.Module) -> int:

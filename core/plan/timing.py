@@ -1,6 +1,6 @@
 """How long a denoising step takes under a placement: a small event simulation of the three streams.
 
-core.residency runs copies (host → GPU ring), casts (fp8 → compute dtype) and compute on separate
+core.stream.residency runs copies (host → GPU ring), casts (fp8 → compute dtype) and compute on separate
 CUDA streams. Whether a copy hides under compute depends on *where* the streamed units sit: a
 modulation layer holds 57 M parameters and does almost no work, an attention unit at 4k tokens
 does a lot. So the time of a step is not max(compute, bus) but what this simulation finds when it
@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from collections import deque
 
-from core.plan.units import UnitSize, packed_bytes
+from core.device import DeviceInfo, GiB
+from core.plan.memory import PassShape, esize, tokens
+from core.plan.placement import Placement, store
+from core.plan.sizes import ModelSizes
+from core.plan.units import UnitSize, ring_bytes, stored_bytes
 
 BUS_EFF = 0.9  # share of the measured host→device bandwidth the copy stream reaches under compute
 CAST_BPS = 1.5e12  # bytes/s an fp8 → bf16 cast moves (reads 1, writes 2 per parameter)
 CAST_SHARE = 0.5  # share of a side-stream cast that still slows the compute stream
+MODEL_EFF = 0.92  # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
+# resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
 HOOK_S = 40e-6  # CPU time of the hooks per managed unit (hidden unless the GPU waits)
 
 
@@ -38,7 +44,7 @@ def unit_flops(u: UnitSize, n_img: int, n_txt: int, hidden: int) -> float:
 
 def simulate_step(
     units: list[UnitSize],
-    placement: str,
+    codes: str,
     order: list[int],
     es: int,
     ring_bytes: int,
@@ -51,12 +57,10 @@ def simulate_step(
     """Seconds of one step in steady state. `order`: unit indices as they run in a step (ControlNet
     units once per control); `compute_s`: the step's compute time with everything resident, spread
     over the units by their FLOPs."""
+    stores = [store(c) for c in codes]
     flops = [unit_flops(units[i], n_img, n_txt, hidden) for i in order]
     scale = compute_s / max(sum(flops), 1.0)
-    moved = [
-        packed_bytes(units[i].numel, units[i].fp8_numel, es, placement[i] == "Q") if placement[i] in "SQ" else 0
-        for i in order
-    ]
+    moved = [stored_bytes(units[i], stores[i], es) if stores[i].streamed else 0 for i in order]
     bw = h2d_bps * BUS_EFF
     comp_free = copy_free = 0.0
     held: deque[tuple[int, float]] = deque()  # ring bytes in order of copy, with their release time
@@ -66,19 +70,52 @@ def simulate_step(
         if rep == 1:
             step_start = comp_free
         for k, i in enumerate(order):
-            code = placement[i]
+            s = stores[i]
             ready = 0.0
-            if code in "SQ":
+            if s.streamed:
                 start = copy_free
                 while held and held_bytes + moved[k] > ring_bytes:
                     b, t = held.popleft()
                     held_bytes -= b
                     start = max(start, t)
                 copy_free = ready = start + moved[k] / bw
-            cast = units[i].numel * 3 / CAST_BPS if code in "FQ" else 0.0
+            cast = units[i].numel * 3 / CAST_BPS if s.fp8 else 0.0
             begin = max(comp_free, ready)
-            comp_free = begin + flops[k] * scale + CAST_SHARE * cast + (HOOK_S if code != "B" else 0.0)
-            if code in "SQ":  # Q leaves the ring once cast, S once computed
-                held.append((moved[k], begin if code == "Q" else comp_free))
+            comp_free = begin + flops[k] * scale + CAST_SHARE * cast + (HOOK_S if s.managed else 0.0)
+            if s.streamed:  # an fp8 pack leaves the ring once cast, a plain one once computed
+                held.append((moved[k], begin if s.fp8 else comp_free))
                 held_bytes += moved[k]
     return comp_free - step_start
+
+
+def compute_s(sizes: ModelSizes, dtype: str, ps: PassShape, device: DeviceInfo) -> float:
+    """Seconds of one denoising step's compute with every weight resident."""
+    es = esize(dtype)
+    n_tot = tokens(ps.width, ps.height) + sizes.max_seq + 1
+    k = [ps.controls if i < sizes.n_cn_units else 1 for i in range(len(sizes.units))]
+    params = sum(u.numel * ki for u, ki in zip(sizes.units, k))
+    flops = 2 * params * n_tot
+    n_blocks = len(sizes.units) / 4.5  # ~4.5 units per block; attention cost per block
+    flops += 4 * n_tot**2 * sizes.hidden * n_blocks
+    return flops / (device.tflops * 1e12 * MODEL_EFF * (1.0 if es == 2 else 0.25))
+
+
+def predict_step_s(sizes: ModelSizes, p: Placement, ps: PassShape, device: DeviceInfo) -> float:
+    """Seconds per denoising step of one pass under a placement (the copy, cast and compute streams
+    simulated). Ranks placements and is shown to the user."""
+    es = esize(p.dtype)
+    n_cn = sizes.n_cn_units
+    order = [i for _ in range(ps.controls) for i in range(n_cn)] + list(range(n_cn, len(sizes.units)))
+    units = list(sizes.units)
+    return simulate_step(
+        units,
+        p.units,
+        order,
+        es,
+        ring_bytes(units, p.units, es, p.ring),
+        compute_s(sizes, p.dtype, ps, device),
+        tokens(ps.width, ps.height),
+        sizes.max_seq + 1,
+        sizes.hidden,
+        device.h2d_gbps * GiB,
+    )

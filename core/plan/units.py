@@ -2,8 +2,8 @@
 
 The denoiser (ControlNet + transformer) is cut into *units*: the children of every transformer
 block (attention, feed-forward, modulation), at most ~75 M parameters each. A unit's placement
-(core.residency) decides where its weights live; the byte arithmetic here is shared by the plan
-(core.plan) and the residency, so the memory the plan counts is the memory the residency takes.
+(core.stream.residency) decides where its weights live; the byte arithmetic here is shared by the plan
+(core.plan.planner) and the residency, so the memory the plan counts is the memory the residency takes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from core.plan.placement import Store, store
 
 
 @dataclass(frozen=True)
@@ -79,20 +81,39 @@ def packed_bytes(numel: int, fp8_numel: int, es: int, fp8: bool) -> int:
     return align(n8) + (numel - n8) * es if n8 else numel * es
 
 
-def ring_bytes(units: list[UnitSize], placement: str, es: int, ring: int) -> int:
-    """The copy ring: `ring` (at least 2) times the largest S/Q pack; 0 if nothing streams."""
-    moved = [packed_bytes(u.numel, u.fp8_numel, es, c == "Q") for u, c in zip(units, placement) if c in "SQ"]
-    return align(max(moved)) * max(ring, 2) if moved else 0
+def stored_bytes(u: UnitSize, s: Store, es: int) -> int:
+    """Bytes one unit takes where it is stored (GPU arena if resident, pinned host arena if streamed),
+    as the residency lays it out: every pack starts aligned."""
+    return align(packed_bytes(u.numel, u.fp8_numel, es, s.fp8))
 
 
-def work_slots(units: list[UnitSize], placement: str, slots: int) -> tuple[int, int]:
-    """(count, elements each) of the compute-dtype work slots F/Q units are cast into."""
-    cast = [u.numel for u, c in zip(units, placement) if c in "FQ"]
+def gpu_bytes(u: UnitSize, s: Store, es: int) -> int:
+    """GPU bytes of a unit between uses (buffers excluded): plain resident weights are parameters,
+    fp8-resident ones a pack in the arena."""
+    if s.streamed:
+        return 0
+    return stored_bytes(u, s, es) if s.fp8 else u.numel * es
+
+
+def host_bytes(u: UnitSize, s: Store, es: int) -> int:
+    """Pinned host bytes of a streamed unit."""
+    return stored_bytes(u, s, es) if s.streamed else 0
+
+
+def ring_bytes(units: list[UnitSize], codes: str, es: int, ring: int) -> int:
+    """The copy ring: `ring` (at least 2) times the largest streamed pack; 0 if nothing streams."""
+    moved = [stored_bytes(u, s, es) for u, s in zip(units, map(store, codes)) if s.streamed]
+    return max(moved) * max(ring, 2) if moved else 0
+
+
+def work_slots(units: list[UnitSize], codes: str, slots: int) -> tuple[int, int]:
+    """(count, elements each) of the compute-dtype work slots fp8 units are cast into."""
+    cast = [u.numel for u, c in zip(units, codes) if store(c).fp8]
     return (min(max(slots, 1), len(cast)), max(cast)) if cast else (0, 0)
 
 
-def buffer_bytes(units: list[UnitSize], placement: str, es: int, slots: int, ring: int) -> int:
-    """GPU bytes of the streaming buffers: `slots` work slots of the largest F/Q unit (compute dtype)
+def buffer_bytes(units: list[UnitSize], codes: str, es: int, slots: int, ring: int) -> int:
+    """GPU bytes of the streaming buffers: `slots` work slots of the largest fp8 unit (compute dtype)
     plus the copy ring. The plan sizes its memory with this, Residency its buffers with its parts."""
-    n, numel = work_slots(units, placement, slots)
-    return n * numel * es + ring_bytes(units, placement, es, ring)
+    n, numel = work_slots(units, codes, slots)
+    return n * numel * es + ring_bytes(units, codes, es, ring)

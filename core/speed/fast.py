@@ -1,7 +1,8 @@
 """Top speed when the whole denoiser is resident: fused QKV, regional compilation, the attention
 kernel, and (opt-in) fp8 compute.
 
-Only for plans whose every denoiser unit is resident ("B") on a CUDA GPU: core.residency hooks the
+Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU:
+core.stream.residency hooks the
 children of the transformer blocks, and fused or compiled blocks would hide them. Every change here
 has an exact inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
 
@@ -368,7 +369,7 @@ def undo_fast(pipe) -> None:
 
 def eligible(plan, cfg: FastConfig) -> bool:
     """The fast path applies to plans that keep every denoiser unit resident in the compute dtype."""
-    return cfg.enabled and plan.device in cfg.devices and bool(plan.placement) and set(plan.placement) == {"B"}
+    return cfg.enabled and plan.device in cfg.devices and plan.placement.all_resident
 
 
 def fp8_decision(plan, cfg: FastConfig, wanted: bool) -> tuple[bool, str | None]:

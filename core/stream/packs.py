@@ -1,13 +1,11 @@
-"""Where streamed and fp8 weights live: one flat pack per unit, a pinned host arena, and the
-circular GPU ring that copies land in (used by core.residency)."""
+"""Where streamed and fp8 weights live: one flat pack per unit, and the pinned host arena."""
 
 from __future__ import annotations
-
-from collections import deque
 
 import torch
 from torch import nn
 
+from core.monitor import HostOutOfMemory
 from core.plan.units import align, fp8_params, packed_bytes
 
 FP8 = torch.float8_e4m3fn
@@ -60,49 +58,32 @@ class Pack:
             off += n
 
 
+_REGISTERED: dict[int, int] = {}  # data_ptr -> bytes of every host buffer registered with CUDA
+
+
 def pinned(nbytes: int, pin: bool) -> torch.Tensor:
     """Host memory for streamed weights. Registered with cudaHostRegister at its exact size (the
-    caching host allocator would round a 13 GB request up to 16 GB)."""
-    t = torch.empty(nbytes, dtype=torch.uint8)
+    caching host allocator would round a 13 GB request up to 16 GB). A failure to allocate or to
+    register is HostOutOfMemory (the plan needs less host RAM), never a half-registered buffer."""
+    try:
+        t = torch.empty(nbytes, dtype=torch.uint8)
+    except RuntimeError as e:  # malloc refused (a cgroup or ulimit below the plan's need)
+        raise HostOutOfMemory(f"could not allocate {nbytes / 2**30:.1f} GiB of host RAM for streamed weights") from e
     if pin and nbytes:
         rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
         if int(rc) != 0:
-            raise RuntimeError(
-                f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({rc}): not enough host RAM to pin"
-            )
+            torch.cuda.cudart().cudaGetLastError()  # clear it: the failure is ours to report, not sticky
+            raise HostOutOfMemory(f"could not pin {nbytes / 2**30:.1f} GiB of host RAM for streamed weights ({rc})")
+        _REGISTERED[t.data_ptr()] = nbytes
     return t
 
 
-class Ring:
-    """A circular byte buffer handed out in order. A region is reused once its last reader has
-    released it; `alloc` returns the events the writer must wait for (None: still in use)."""
+def unpin(t: torch.Tensor) -> None:
+    """Undo pinned(): idempotent, and a no-op for memory that was never registered."""
+    if _REGISTERED.pop(t.data_ptr(), None) is not None:
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
-    def __init__(self, size: int):
-        self.size, self.head = size, 0
-        self.live: deque[list] = deque()  # [start, end, released, event] in allocation order
 
-    def alloc(self, n: int):
-        if n > self.size:
-            raise ValueError(f"a {n}-byte unit does not fit the {self.size}-byte ring")
-        wrap = self.head + n > self.size
-        spans = [(self.head, self.size), (0, n)] if wrap else [(self.head, self.head + n)]
-        waits, k = [], 0
-        for r in self.live:  # the regions in the way are the oldest ones
-            if not any(r[0] < b and a < r[1] for a, b in spans):
-                break
-            if not r[2]:
-                return None
-            k += 1
-        for _ in range(k):
-            r = self.live.popleft()
-            if r[3] is not None:
-                waits.append(r[3])
-        start = 0 if wrap else self.head
-        region = [start, start + n, False, None]
-        self.live.append(region)
-        self.head = start + align(n)
-        return region, waits
-
-    @staticmethod
-    def release(region: list, event) -> None:
-        region[2], region[3] = True, event
+def registered_bytes() -> int:
+    """Host bytes registered with CUDA now (tests check that recovery leaves none behind)."""
+    return sum(_REGISTERED.values())

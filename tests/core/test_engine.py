@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.denoise.generate import JobCancelled, PromptCache
+from core.denoise.runtime import JobCancelled, PromptCache
 from core.engine import Engine, Faults, OutOfMemory
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
@@ -157,8 +157,8 @@ def test_a_non_oom_error_is_raised_once_and_the_next_job_succeeds(demo_engine, j
 
 
 def test_an_error_inside_tiled_denoising_restores_the_pipeline(demo_engine, job, reference):
-    from core.denoise.generate import Runtime, control_images, generate_pass
-    from core.monitor import MemoryMonitor
+    from core.denoise.generate import control_images, generate_pass
+    from core.denoise.runtime import Runtime
 
     pipe = demo_engine.pipe
     forwards = (type(pipe.transformer).forward, type(pipe.controlnet).forward)
@@ -168,9 +168,9 @@ def test_an_error_inside_tiled_denoising_restores_the_pipeline(demo_engine, job,
 
     rt = Runtime(pipe, torch.device("cpu"), demo_engine.max_seq, 64, 32, progress=progress)
     image = job.image.resize((W, H))
-    events = []
+    events = rt.events
     with pytest.raises(RuntimeError, match="progress callback"):
-        generate_pass(job, image, control_images(job, image, True), rt, MemoryMonitor(), events, PromptCache())
+        generate_pass(job, image, control_images(job, image, True), rt)
     assert any("fused tiles" in e for e in events), "the pass did run in tiles"
     assert "forward" not in pipe.transformer.__dict__ and "forward" not in pipe.controlnet.__dict__
     assert (type(pipe.transformer).forward, type(pipe.controlnet).forward) == forwards

@@ -243,7 +243,9 @@ def test_attention_choice_is_per_processor_and_resolves_on_the_cpu(parts):
 
 # -- decisions -------------------------------------------------------------------------------------
 def plan(device="cuda", placement="BBBB", dtype="bfloat16", tier="48"):
-    return SimpleNamespace(device=device, placement=placement, dtype=dtype, tier=tier)
+    from core.plan.placement import Placement
+
+    return SimpleNamespace(device=device, placement=Placement(placement, dtype), dtype=dtype, tier=tier)
 
 
 def test_the_fast_path_needs_every_unit_resident_on_the_gpu():
@@ -318,7 +320,7 @@ def cpu_fast_engine(monkeypatch):
     engine = Engine(ModelSpec.demo_spec())
     engine.load()
     engine.fast = fast.FastConfig(devices=("cuda", "cpu"), backend="eager")
-    bf16 = engine._plan
+    bf16 = engine.plan
     monkeypatch.setattr(engine, "plan", lambda job, tier=None: bf16(job, tier, dtype="bfloat16"))
     monkeypatch.setattr(fp8_compute, "fp8_supported", lambda index=0: True)
     return engine
@@ -353,8 +355,8 @@ def test_engine_fast_path_fp8_toggles_and_undoes_exactly(cpu_fast_engine, job, m
     assert 0 < diff < 40, diff
     back = engine.run(job)  # fp8 off: the bf16 weights came back exactly
     assert not back.report["fast"]["fp8"] and np.array_equal(px(back.image), px(r1.image))
-    engine._undo()  # what a streamed plan does first
-    assert engine._fast is None and same_state(state(pipe.transformer), before)
+    engine.release()  # what a streamed plan does first
+    assert engine.state.fast is None and same_state(state(pipe.transformer), before)
     assert not any(fast.is_compiled(b) for b in fast.repeated_blocks(pipe.transformer))
 
 
@@ -370,12 +372,12 @@ def test_engine_cuda_graphs_replay_the_denoiser_calls_and_give_the_same_image(cp
     engine.fast = replace(engine.fast, cuda_graphs=True)
     r = engine.run(job.with_(steps=4))
     cn, tr = graphs.installed(engine.pipe.controlnet), graphs.installed(engine.pipe.transformer)
-    assert r.report["fast"]["cuda_graphs"] and "CUDA graphs" in engine._fast.label()
+    assert r.report["fast"]["cuda_graphs"] and "CUDA graphs" in engine.state.fast.label()
     assert (cn.replays, tr.replays) == (3, 3), "step 1 eager; step 2 captured; steps 2-4 replayed"
     assert np.array_equal(px(r.image), px(plain.image))
     engine.run(job.with_(steps=4, fp8_compute=True))  # new weights: the old graphs are gone
     assert graphs.installed(engine.pipe.transformer) is not tr and tr.graphs == {}
-    engine._undo()
+    engine.release()
     assert graphs.installed(engine.pipe.transformer) is None and "forward" not in vars(engine.pipe.transformer)
 
 
@@ -387,7 +389,7 @@ def test_engine_runs_without_compiling_when_compilation_fails(cpu_fast_engine, j
     engine.fast = fast.FastConfig(devices=("cuda", "cpu"), backend=broken)
     r = engine.run(job)
     assert any(e.startswith("torch.compile failed") for e in r.events), r.events
-    assert not engine.fast.compile and not r.report["fast"]["compiled"]
+    assert not engine.fast_in_use.compile and not r.report["fast"]["compiled"]
     assert px(r.image).std() > 1
 
 
@@ -399,6 +401,6 @@ def test_engine_drops_the_fast_path_when_a_kernel_fails(cpu_fast_engine, job, mo
     engine = cpu_fast_engine
     r = engine.run(job)
     assert any(e.startswith("the fast path failed (cuDNN refused") for e in r.events), r.events
-    assert not engine.fast.enabled and r.report.get("fast") is None and engine._fast is None
+    assert not engine.fast_in_use.enabled and r.report.get("fast") is None and engine.state.fast is None
     assert not any(fast.is_compiled(b) for b in fast.repeated_blocks(engine.pipe.transformer))
     assert px(r.image).std() > 1

@@ -7,29 +7,37 @@ import math
 import pytest
 
 from core.device import DeviceInfo, GiB
+from core.plan.memory import CAL, PassShape, phase_bytes, predict_peak_bytes, slot_bytes, tokens
+from core.plan.placement import Placement, store
 from core.plan.planner import (
-    CAL,
     CONTEXT_GB,
     GPU_TIERS,
     JobShape,
-    ModelSizes,
-    Plan,
     budget_for,
-    host_bytes,
     keep_placement,
     pass_size,
-    phase_bytes,
     plan_for,
-    predict_peak_bytes,
-    predict_step_s,
-    slot_bytes,
-    spread,
     step_down,
-    tokens,
-    unit_bytes,
 )
-from core.plan.units import UnitSize
+from core.plan.search import spread
+from core.plan.sizes import ModelSizes
+from core.plan.timing import predict_step_s
+from core.plan.units import UnitSize, gpu_bytes
 from core.plan.units import align as _align
+from core.plan.units import host_bytes as _host_bytes
+
+
+def unit_bytes(u, code, es):
+    return gpu_bytes(u, store(code), es)
+
+
+def host_bytes(u, code, es):
+    return _host_bytes(u, store(code), es)
+
+
+def P(codes, slots=0, dtype="bfloat16", text_encoders="stream", ring=6):
+    return Placement(codes, dtype, text_encoders, slots, ring)
+
 
 NOMINAL = DeviceInfo("cuda", "test", 80, 80, True, 128.0, 25.0, 150.0)
 NO_BF16 = DeviceInfo("cuda", "old", 24, 24, False, 128.0, 12.0, 30.0)
@@ -46,7 +54,7 @@ def full():
 
 def resident_bytes(sizes, plan):
     es = 4 if plan.dtype == "float32" else 2
-    b = sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, plan.placement))
+    b = sum(unit_bytes(u, c, es) for u, c in zip(sizes.units, plan.placement.units))
     return b + (sizes.t5_unit_params * es if plan.text_encoders == "gpu" else 0)
 
 
@@ -70,23 +78,12 @@ def test_every_tier_plans_within_its_budget(full, tier):
     assert p.device == "cuda" and p.tier == tier
     assert p.budget_gb == pytest.approx(float(tier) - CONTEXT_GB)
     assert 0 < p.predicted_peak_gb <= p.budget_gb
-    assert len(p.placement) == len(full.units) and set(p.placement) <= set("BFSQ")
+    assert len(p.placement.units) == len(full.units) and set(p.placement.units) <= set("BFSQ")
     assert p.dtype == "bfloat16" and p.predicted_step_s > 0
     # the reported peak is the estimator's value for this very plan (whole-image plans)
     if p.tile == 0:
         again = (
-            predict_peak_bytes(
-                full,
-                p.placement,
-                p.slots,
-                p.dtype,
-                p.text_encoders,
-                p.vae_tiling,
-                SHAPE.width,
-                SHAPE.height,
-                SHAPE.controls,
-                ring=p.ring,
-            )
+            predict_peak_bytes(full, p.placement, PassShape(SHAPE.width, SHAPE.height, SHAPE.controls, p.vae_tiling))
             / GiB
         )
         assert again == pytest.approx(p.predicted_peak_gb, abs=0.006)
@@ -126,7 +123,7 @@ def test_budgets_shrink_and_residency_grows_with_the_tier(full):
 
 def test_48_tier_keeps_everything_resident(full):
     p = plan_for("48", SHAPE, full, NOMINAL)
-    assert p.placement == "B" * len(full.units)
+    assert p.placement.units == "B" * len(full.units)
     assert p.dtype == "bfloat16" and p.text_encoders == "gpu"
     assert p.host_ram_gb == 0 and p.tile == 0
     # and it really is the whole denoiser plus text encoders plus VAE
@@ -139,12 +136,12 @@ def test_48_tier_keeps_everything_resident(full):
 def test_lower_tiers_stream(full):
     for tier in GPU_TIERS[1:]:
         p = plan_for(tier, SHAPE, full, NOMINAL)
-        assert p.placement != "B" * len(full.units), tier
+        assert p.placement.units != "B" * len(full.units), tier
         assert p.text_encoders == "stream", tier
         assert p.host_ram_gb > 0, tier
     for tier in ("16", "12", "8", "6", "4"):
         p = plan_for(tier, SHAPE, full, NOMINAL)
-        assert "Q" in p.placement or "S" in p.placement, tier
+        assert "Q" in p.placement.units or "S" in p.placement.units, tier
 
 
 def test_gpu_without_bf16_computes_in_float32_with_a_note(full):
@@ -165,7 +162,7 @@ def test_cpu_plans(full):
     for tier, dev in (("cpu", NOMINAL), ("auto", CPU), ("CPU", CPU)):
         p = plan_for(tier, SHAPE, full, dev)
         assert (p.tier, p.device, p.text_encoders) == ("cpu", "cpu", "cpu")
-        assert p.placement == "B" * len(full.units) and p.budget_gb == 0 and p.slots == 0
+        assert p.placement.units == "B" * len(full.units) and p.budget_gb == 0 and p.placement.slots == 0
         assert p.dtype == "bfloat16"  # the full model in fp32 would need ~70 GB of RAM
         assert any("CPU" in n for n in p.notes)
 
@@ -242,13 +239,14 @@ def test_step_down_never_raises_the_budget_for_a_small_auto_budget(full):
 
 
 def test_plans_respect_the_host_ram_cap(full):
-    dev = DeviceInfo("cuda", "test", 80, 80, True, 16.0)  # 16 GiB of host RAM: cap 13.6 GiB
-    for tier in ("8", "4"):
-        try:
-            p = plan_for(tier, SHAPE, full, dev)
-        except ValueError:
-            continue
-        assert p.host_ram_gb <= 16.0 * 0.85, (tier, p.host_ram_gb)
+    dev = DeviceInfo("cuda", "test", 80, 80, True, 24.0)  # 24 GiB of host RAM: cap 20.4 GiB
+    for tier in ("16", "12", "8", "6"):
+        p = plan_for(tier, SHAPE, full, dev)
+        assert 0 < p.host_ram_gb <= 24.0 * 0.85, (tier, p.host_ram_gb)
+    small = DeviceInfo("cuda", "test", 80, 80, True, 16.0)  # cap 13.6 GiB: the 8 GB tier streams more
+    assert plan_for("16", SHAPE, full, small).host_ram_gb <= 16.0 * 0.85
+    with pytest.raises(ValueError, match="host RAM"):
+        plan_for("8", SHAPE, full, small)
 
 
 def test_upscale_plans_use_1024_tiles_and_vae_tiling(full):
@@ -326,34 +324,39 @@ def test_unit_and_slot_bytes_arithmetic():
     assert sum(unit_bytes(u, "B", 4) for u in SMALL.units) == NUMEL * 4
     assert all(unit_bytes(u, c, 2) == 0 for u in SMALL.units for c in "SQ")
     u = SMALL.units[1]
-    assert unit_bytes(u, "F", 2) == 2900 + 100 * 2 == host_bytes(u, "Q", 2)
-    assert host_bytes(u, "S", 2) == 3000 * 2 and host_bytes(u, "B", 2) == host_bytes(u, "F", 2) == 0
+    # an fp8 pack is [aligned fp8 part | bf16 rest], itself aligned: the same bytes on the GPU and the host
+    assert unit_bytes(u, "F", 2) == _align(_align(2900) + 100 * 2) == host_bytes(u, "Q", 2)
+    assert host_bytes(u, "S", 2) == _align(3000 * 2) and host_bytes(u, "B", 2) == host_bytes(u, "F", 2) == 0
     # buffers: work slots for fp8 units (F, Q), a copy ring for streamed ones (S, Q)
-    assert slot_bytes(SMALL, "B" * n, 3, 2) == 0
-    assert slot_bytes(SMALL, "S" * n, 2, 2, ring=4) == 4 * _align(4000 * 2)  # ring only: S needs no cast
-    assert slot_bytes(SMALL, "F" * n, 2, 2) == 2 * 4000 * 2  # slots only: F needs no copy
-    assert slot_bytes(SMALL, "F" * n, 9, 2) == n * 4000 * 2  # never more slots than units
-    assert slot_bytes(SMALL, "SBBBB", 3, 2, ring=3) == 3 * _align(1000 * 2)
-    assert slot_bytes(SMALL, "BBBBB", 3, 2, text_stream=True, ring=5) == 5 * _align(2500 * 2)  # T5 too
+    assert slot_bytes(SMALL, P("B" * n, 3, "bfloat16", "gpu", 6)) == 0
+    assert slot_bytes(SMALL, P("S" * n, 2, "bfloat16", "gpu", 4)) == 4 * _align(4000 * 2)  # ring only: S needs no cast
+    assert slot_bytes(SMALL, P("F" * n, 2, "bfloat16", "gpu", 6)) == 2 * 4000 * 2  # slots only: F needs no copy
+    assert slot_bytes(SMALL, P("F" * n, 9, "bfloat16", "gpu", 6)) == n * 4000 * 2  # never more slots than units
+    assert slot_bytes(SMALL, P("SBBBB", 3, "bfloat16", "gpu", 3)) == 3 * _align(1000 * 2)
+    assert slot_bytes(SMALL, P("BBBBB", 3, "bfloat16", "stream", 5)) == 5 * _align(2500 * 2)  # T5 too
     # Q: a slot to cast into and a ring of fp8 packs ([aligned fp8 part | bf16 rest])
     q_pack = _align(_align(2900) + 100 * 2)
-    assert slot_bytes(SMALL, "QQBBB", 2, 2, ring=4) == 2 * 3000 * 2 + 4 * q_pack
-    assert slot_bytes(SMALL, "QQBBB", 2, 2, ring=1) == slot_bytes(SMALL, "QQBBB", 2, 2, ring=2)  # at least 2
+    assert slot_bytes(SMALL, P("QQBBB", 2, "bfloat16", "gpu", 4)) == 2 * 3000 * 2 + 4 * q_pack
+    assert slot_bytes(SMALL, P("QQBBB", 2, "bfloat16", "gpu", 1)) == slot_bytes(
+        SMALL, P("QQBBB", 2, "bfloat16", "gpu", 2)
+    )  # at least 2
 
 
 def test_predicted_peak_difference_is_the_weight_bytes():
     n = len(SMALL.units)
-    args = ("bfloat16", "stream", False, 256, 256, 1)
-    b = predict_peak_bytes(SMALL, "B" * n, 3, *args)
-    s = predict_peak_bytes(SMALL, "S" * n, 3, *args)
-    slots = slot_bytes(SMALL, "S" * n, 3, 2, True) - slot_bytes(SMALL, "B" * n, 3, 2, True)
+    ps = PassShape(256, 256, 1, False)
+    b = predict_peak_bytes(SMALL, P("B" * n, 3), ps)
+    s = predict_peak_bytes(SMALL, P("S" * n, 3), ps)
+    slots = slot_bytes(SMALL, P("S" * n, 3, "bfloat16", "stream", 6)) - slot_bytes(
+        SMALL, P("B" * n, 3, "bfloat16", "stream", 6)
+    )
     assert b - s == pytest.approx((NUMEL * 2 - slots) * CAL.frag, abs=1e-3)
     # text encoders resident add exactly their streamed layers (and drop the ring they streamed through)
-    g = predict_peak_bytes(SMALL, "B" * n, 3, "bfloat16", "gpu", False, 256, 256, 1)
-    ring = slot_bytes(SMALL, "B" * n, 3, 2, True)
+    g = predict_peak_bytes(SMALL, P("B" * n, 3, text_encoders="gpu"), ps)
+    ring = slot_bytes(SMALL, P("B" * n, 3, "bfloat16", "stream", 6))
     assert g - b == pytest.approx((6000 * 2 - ring) * CAL.frag, abs=1e-3)
     # float32 doubles every weight byte
-    b32 = predict_peak_bytes(SMALL, "B" * n, 3, "float32", "stream", False, 256, 256, 1)
+    b32 = predict_peak_bytes(SMALL, P("B" * n, 3, dtype="float32"), ps)
     assert b32 > b
 
 
@@ -361,7 +364,7 @@ def test_peak_grows_with_image_size_and_controls(full):
     p = plan_for("12", SHAPE, full, NOMINAL)
 
     def peak(w, h, c, tiling=False):
-        return predict_peak_bytes(full, p.placement, p.slots, p.dtype, p.text_encoders, tiling, w, h, c, ring=p.ring)
+        return predict_peak_bytes(full, p.placement, PassShape(w, h, c, tiling))
 
     sizes = [(256, 256), (512, 512), (768, 1024), (1024, 1024), (1536, 1536), (2048, 2048)]
     peaks = [peak(w, h, 1) for w, h in sizes]
@@ -377,30 +380,36 @@ def test_peak_grows_with_image_size_and_controls(full):
 
 def test_phase_bytes_and_tokens():
     assert tokens(1024, 1024) == 4096 and tokens(1024, 768) == 64 * 48 and tokens(15, 1024) == 0
-    small = phase_bytes(SMALL, 512, 512, 1, 2, False)
-    big = phase_bytes(SMALL, 1024, 1024, 1, 2, False)
+    small = phase_bytes(SMALL, PassShape(512, 512, 1, False), 2)
+    big = phase_bytes(SMALL, PassShape(1024, 1024, 1, False), 2)
     assert set(small) == {"denoise", "encode_image", "decode", "text"}
     assert big["denoise"] > small["denoise"] and big["decode"] == pytest.approx(4 * small["decode"])
-    tiled = phase_bytes(SMALL, 2048, 2048, 1, 2, True)
-    assert tiled["decode"] < phase_bytes(SMALL, 2048, 2048, 1, 2, False)["decode"] / 4
-    f32 = phase_bytes(SMALL, 512, 512, 1, 4, False)
+    tiled = phase_bytes(SMALL, PassShape(2048, 2048, 1, True), 2)
+    assert tiled["decode"] < phase_bytes(SMALL, PassShape(2048, 2048, 1, False), 2)["decode"] / 4
+    f32 = phase_bytes(SMALL, PassShape(512, 512, 1, False), 4)
     assert f32["denoise"] > small["denoise"]
 
 
 def test_step_time_prefers_resident_weights(full):
     n = len(full.units)
-    args = (1024, 1024, 1, NOMINAL)
-    resident = predict_step_s(full, "B" * n, "bfloat16", *args)
-    streamed = predict_step_s(full, "S" * n, "bfloat16", *args)
-    fp8 = predict_step_s(full, "Q" * n, "bfloat16", *args)
+    ps = PassShape(1024, 1024, 1)
+    resident = predict_step_s(full, P("B" * n), ps, NOMINAL)
+    streamed = predict_step_s(full, P("S" * n), ps, NOMINAL)
+    fp8 = predict_step_s(full, P("Q" * n, 2), ps, NOMINAL)
     assert 0 < resident < fp8 < streamed
     slow_bus = DeviceInfo("cuda", "slow", 80, 80, True, 128.0, 5.0, 150.0)
-    assert predict_step_s(full, "S" * n, "bfloat16", 1024, 1024, 1, slow_bus) > streamed
-    assert predict_step_s(full, "B" * n, "bfloat16", 1024, 1024, 2, NOMINAL) > resident  # the CN runs twice
+    assert predict_step_s(full, P("S" * n), ps, slow_bus) > streamed
+    assert predict_step_s(full, P("B" * n), PassShape(1024, 1024, 2), NOMINAL) > resident  # the CN runs twice
 
 
-def test_plan_is_a_frozen_record():
-    assert Plan.__dataclass_params__.frozen
+def test_plan_is_a_frozen_record(full):
+    import dataclasses
+
+    p = plan_for("8", SHAPE, full, NOMINAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.tile = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.placement.units = "B" * len(full.units)
 
 
 H100 = DeviceInfo("cuda", "H100", 79.2, 79.2, True, 86.5, 51.4, 740.0)
@@ -414,13 +423,12 @@ def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
     one = plan_for("8", one_shape, full, H100)
     assert one.placement != two.placement
     kept = keep_placement(two, one, one_shape, full, H100)
-    assert kept.placement == two.placement and kept.ring == two.ring and kept.slots == two.slots
-    again = (
-        predict_peak_bytes(
-            full, two.placement, two.slots, "bfloat16", two.text_encoders, kept.vae_tiling, 1024, 1024, 1, ring=two.ring
-        )
-        / GiB
+    assert (
+        kept.placement == two.placement
+        and kept.placement.ring == two.placement.ring
+        and kept.placement.slots == two.placement.slots
     )
+    again = predict_peak_bytes(full, two.placement, PassShape(1024, 1024, 1, kept.vae_tiling)) / GiB
     assert kept.predicted_peak_gb == pytest.approx(again, abs=0.006) and kept.predicted_peak_gb <= kept.budget_gb
     assert one.predicted_step_s <= kept.predicted_step_s <= 1.15 * one.predicted_step_s
     # nothing on the GPU, another tier or dtype: the new plan as it is
@@ -434,21 +442,7 @@ def test_placement_is_moved_when_it_would_not_fit_or_is_much_slower(full):
     small = plan_for("24", JobShape(768, 768, 1), full, H100)  # more resident: less room for activations
     big_shape = JobShape(1024, 1024, 3)
     big = plan_for("24", big_shape, full, H100)
-    over = (
-        predict_peak_bytes(
-            full,
-            small.placement,
-            small.slots,
-            "bfloat16",
-            small.text_encoders,
-            big.vae_tiling,
-            1024,
-            1024,
-            3,
-            ring=small.ring,
-        )
-        / GiB
-    )
+    over = predict_peak_bytes(full, small.placement, PassShape(1024, 1024, 3, big.vae_tiling)) / GiB
     assert small.placement != big.placement and over > big.budget_gb
     assert keep_placement(small, big, big_shape, full, H100) is big
     large = plan_for("24", JobShape(1024, 1024, 2), full, H100)

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core.denoise.upscale import stage_factors, stage_sizes
 from core.job import MAX_CONTROLS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, TIERS, ControlSpec, Job
+from core.plan.stages import stage_factors, stage_sizes
 from preprocessors.registry import CONTROLS
 
 IMG = Image.new("RGB", (64, 64))

@@ -97,7 +97,7 @@ def test_placement_matches_resident(device, pattern):
             if name not in ("transformer_blocks", "single_transformer_blocks"):
                 child.to(device)
     sizes = unit_sizes(units)
-    res = Residency(units, placement, torch.device(device), dtype, slots=2)
+    res = Residency(units, placement, torch.device(device), dtype, slots=2, ring=6)
     assert res.gpu_bytes_buffers == buffer_bytes(sizes, placement, 4, 2, 6), "the plan counts these buffers"
     got = run(tr, cn, device)
     if set(placement) <= {"B", "S"}:
@@ -113,7 +113,7 @@ def test_placement_matches_resident(device, pattern):
 def test_prefetch_learns_the_order_after_one_step():
     tr, cn = tiny_denoiser()
     units = denoiser_units(tr, cn)
-    res = Residency(units, "S" * len(units), torch.device("cpu"), torch.float32, slots=3)
+    res = Residency(units, "S" * len(units), torch.device("cpu"), torch.float32, slots=3, ring=6)
     run(tr, cn, "cpu", steps=1)
     res.end_step()
     res.stats.update(hits=0, misses=0)
@@ -127,7 +127,7 @@ def test_bad_placement_is_rejected():
     tr, cn = tiny_denoiser()
     units = denoiser_units(tr, cn)
     with pytest.raises(ValueError, match="placement"):
-        Residency(units, "X" * len(units), torch.device("cpu"), torch.float32)
+        Residency(units, "X" * len(units), torch.device("cpu"), torch.float32, slots=2, ring=6)
 
 
 @pytest.mark.parametrize("cast,ring", [("compute", 2), ("side", 2), ("side", 9)])
@@ -148,7 +148,7 @@ def test_skipped_units_and_unknown_order_still_compute_the_same():
     tr, cn = tiny_denoiser()
     units = denoiser_units(tr, cn)
     ref_tr = copy.deepcopy(tr)
-    res = Residency(units, "S" * len(units), torch.device("cpu"), torch.float32, ring=3)
+    res = Residency(units, "S" * len(units), torch.device("cpu"), torch.float32, slots=2, ring=3)
     run(tr, cn, "cpu", steps=1)
     res.end_step()
     g = torch.Generator().manual_seed(3)
@@ -183,7 +183,7 @@ def test_skipped_units_and_unknown_order_still_compute_the_same():
 def test_learned_order_has_no_misses():
     tr, cn = tiny_denoiser()
     units = denoiser_units(tr, cn)
-    res = Residency(units, ("SQF" * len(units))[: len(units)], torch.device("cpu"), torch.float32, ring=4)
+    res = Residency(units, ("SQF" * len(units))[: len(units)], torch.device("cpu"), torch.float32, slots=2, ring=4)
     run(tr, cn, "cpu", steps=1)
     res.end_step()
     res.stats.update(hits=0, misses=0)
@@ -196,20 +196,20 @@ def test_learned_order_has_no_misses():
 
 
 def test_ring_hands_out_regions_in_order_and_waits_for_release():
-    from core.stream.packs import Ring
+    from core.stream.ring import Ring
 
     ring = Ring(1024)
     a, wa = ring.alloc(400)
     b, wb = ring.alloc(400)
-    assert (a[0], b[0]) == (0, 512) and wa == wb == []
+    assert (a.start, b.start) == (0, 512) and wa == wb == []
     assert ring.alloc(300) is None  # wraps onto a, which is still in use
-    Ring.release(a, "evt-a")
+    a.release("evt-a")
     c, wc = ring.alloc(300)  # reuses a's bytes after a's event
-    assert c[0] == 0 and wc == ["evt-a"]
+    assert c.start == 0 and wc == ["evt-a"]
     assert ring.alloc(300) is None  # b still in use
-    Ring.release(b, None)  # released with no event: same-stream order suffices
+    b.release(None)  # released with no event: same-stream order suffices
     d, wd = ring.alloc(500)
-    assert d[0] == 512 and wd == []
+    assert d.start == 512 and wd == []
     with pytest.raises(ValueError, match="does not fit"):
         ring.alloc(2000)
 

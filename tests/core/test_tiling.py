@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.tiling import Tile, border_lines, fuse, paste, seam_ratio, tile_grid, tile_weights, tokens_of
+from bench.seams import border_lines, fuse, paste, seam_ratio
+from core.tiling import Tile, tile_grid, tile_weights, tokens_of
 
 GRIDS = [  # (H, W, tile, overlap)
     (64, 64, 64, 16),

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 import core.denoise.tiled as tiled
-from core.denoise.generate import PromptCache, Runtime, control_args, control_images
-from core.denoise.upscale import stage_controls, stage_factors, stage_sizes, upscale
+from core.denoise.generate import control_args, control_images
+from core.denoise.runtime import Runtime
+from core.denoise.upscale import stage_controls, upscale
 from core.job import ControlSpec, Job
-from core.monitor import MemoryMonitor
+from core.plan.stages import stage_factors, stage_sizes
 from core.tiling import Tile
 
 IMG = Image.new("RGB", (64, 64))
@@ -169,7 +170,7 @@ def test_demo_upscale_end_to_end(demo_engine, astronaut, w, h, factor):
 
 def test_upscale_stage_in_tiles(demo_engine, astronaut, pipe):
     job = Job("an astronaut", astronaut, (ControlSpec("canny"),), 64, 64, steps=1, seed=5, upscale=2.0, upscale_steps=1)
-    seen, events = [], []
+    seen = []
     rt = Runtime(
         pipe,
         torch.device("cpu"),
@@ -178,9 +179,12 @@ def test_upscale_stage_in_tiles(demo_engine, astronaut, pipe):
         32,
         upscale_tile=64,
         progress=lambda label, i, n: seen.append((label, i, n)),
+        img2img=demo_engine.img2img,
+        demo=True,
     )
     base = astronaut.resize((64, 64))
-    out = upscale(job, astronaut, base, rt, demo_engine.img2img, MemoryMonitor(), events, PromptCache(), True)
+    out = upscale(job, astronaut, base, rt)
+    events = rt.events
     assert out.size == (128, 128)
     assert any("9 tiles" in e for e in events), events
     assert any(label.endswith(": tile") for label, _, _ in seen)

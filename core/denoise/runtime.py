@@ -1,0 +1,65 @@
+"""What a denoising pass needs besides the job: the placed pipeline, the plan, the monitor that
+times its phases, the events a user should read, the prompt cache, and the user's callbacks."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from core.monitor import MemoryMonitor
+
+Progress = Callable[[str, int, int], None]  # (stage label, done, total)
+
+
+class JobCancelled(Exception):
+    """The user cancelled; raised between denoising steps."""
+
+
+class PromptCache:
+    """Prompt embeddings kept on the CPU: the text encoders run once per prompt."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.data = size, OrderedDict()
+
+    def get(self, pipe, prompt: str, device: torch.device, max_seq: int):
+        key = (prompt, max_seq, pipe.text_encoder_2.dtype)
+        if key not in self.data:
+            with torch.no_grad():
+                pe, pooled, _ = pipe.encode_prompt(
+                    prompt=prompt, prompt_2=prompt, device=device, max_sequence_length=max_seq
+                )
+            self.data[key] = (pe.cpu(), pooled.cpu())
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        self.data.move_to_end(key)
+        pe, pooled = self.data[key]
+        return pe.to(device), pooled.to(device)
+
+
+@dataclass
+class Runtime:
+    """One job's run on a placed pipeline. `events` collects what the engine did that a user
+    should know; every phase is timed by `monitor`."""
+
+    pipe: object
+    device: torch.device
+    max_seq: int
+    tile: int  # generation tile (px), 0: whole image
+    overlap: int
+    upscale_tile: int = 1024  # tile of the upscale stages
+    residency: object | None = None  # core.stream.residency.Residency, told about step ends
+    progress: Progress | None = None
+    cancel: Callable[[], bool] | None = None
+    img2img: object | None = None  # the img2img pipeline sharing pipe's modules (upscale stages)
+    monitor: MemoryMonitor = field(default_factory=MemoryMonitor)
+    events: list[str] = field(default_factory=list)
+    cache: PromptCache = field(default_factory=PromptCache)
+    demo: bool = False
+    depth_device: str | None = None  # where the depth preprocessor runs (the plan says)
+
+    def note(self, event: str) -> None:
+        if event not in self.events:
+            self.events.append(event)

@@ -1,0 +1,196 @@
+"""The pipeline and what of it is on the device now: one object, placed by a plan, released whole.
+
+`place(plan)` brings the weights where the plan says (a no-op when they already are), `release()`
+puts everything back on the CPU and frees what any placement allocated or registered (GPU arenas,
+copy ring, work slots, pinned host memory, hooks, the fast path's compiled blocks and graph
+pools), so that after a release the process holds what a fresh start holds. The engine calls it
+between failed attempts; benchmarks call it between tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from core.device import DeviceInfo
+from core.job import Job
+from core.models import ModelSpec, load_pipeline, union_net
+from core.monitor import free_memory
+from core.plan.placement import needs_reload
+from core.plan.planner import VAE_TILE_PX, Plan
+from core.plan.sizes import sizes_from_pipeline
+from core.plan.units import denoiser_units, text_encoder_units
+from core.speed import fast, fp8_compute
+from core.stream.residency import Residency
+
+log = logging.getLogger(__name__)
+
+MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")  # the pipeline's placed parts
+
+
+class PlacedPipeline:
+    def __init__(self, spec: ModelSpec, device: DeviceInfo, pipe=None, max_seq: int | None = None):
+        self.spec, self.device = spec, device
+        self.pipe = self.img2img = self.sizes = None
+        self.max_seq = max_seq
+        self.residency: Residency | None = None
+        self.placed: Plan | None = None  # the plan whose placement is on the device now
+        self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
+        self.fast: fast.Fast | None = None  # what the fast path applied
+        self._fast_want: tuple | None = None  # what `fast` was applied for
+        self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
+        if pipe is not None:
+            self._init_pipe(pipe)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _init_pipe(self, pipe) -> None:
+        from diffusers import FluxControlNetImg2ImgPipeline
+
+        self.pipe = pipe
+        names = (
+            "scheduler",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "transformer",
+            "controlnet",
+        )
+        self.img2img = FluxControlNetImg2ImgPipeline(**{n: getattr(pipe, n) for n in names})
+        self.img2img.set_progress_bar_config(disable=True)
+        if self.max_seq is None:
+            self.max_seq = min(512, pipe.tokenizer_2.model_max_length)
+        self.sizes = sizes_from_pipeline(pipe, self.max_seq)
+
+    def load(self) -> None:
+        if self.pipe is None:
+            if self.device.kind == "cuda":
+                dtype = torch.bfloat16 if self.device.bf16 else torch.float32
+            else:  # the tiny demo model computes in fp32 on the CPU; the real one in bf16 (RAM)
+                dtype = torch.float32 if self.spec.demo else torch.bfloat16
+            self._init_pipe(load_pipeline(self.spec, dtype))
+
+    # -- what is held ---------------------------------------------------------------------------
+    def held_gb(self) -> float:
+        """GPU memory the current placement holds (weights and buffers), in GiB."""
+        held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
+        if self.fast is not None and self.fast.fp8:  # fp8 weights are buffers, not parameters
+            held += sum(fp8_compute.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
+        return held
+
+    # -- placing and releasing ------------------------------------------------------------------
+    def release(self) -> None:
+        """Everything back on the CPU; every buffer, registration, hook and fast-path change undone."""
+        self.undo_fast()
+        if self.residency is not None:
+            res, self.residency = self.residency, None
+            res.remove()
+        if self.pipe is not None:
+            for name in MODELS:
+                getattr(self.pipe, name).to("cpu")
+        self.placed = None
+        free_memory()
+
+    def place(self, plan: Plan) -> None:
+        """Place the pipeline as the plan says (a no-op if it already is). A failure half-way
+        releases what it placed before it propagates."""
+        key = (plan.device, plan.placement)
+        if self.placed is None or key != (self.placed.device, self.placed.placement):
+            try:
+                self._place(plan)
+            except BaseException:
+                self.release()
+                raise
+            self.placed = plan
+        vae = self.pipe.vae
+        if plan.vae_tiling:
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = VAE_TILE_PX, VAE_TILE_PX // 8
+        else:
+            vae.disable_tiling()
+
+    def _place(self, plan: Plan) -> None:
+        pipe = self.pipe
+        full = plan.placement.with_text_encoders(len(text_encoder_units(pipe.text_encoder_2)))
+        old = self.residency.placement if self.residency else ""
+        self.release()
+        if needs_reload(old, full) and self.owns_pipe:
+            log.info("reloading the weights: the previous plan stored some in fp8")
+            self.pipe = self.img2img = pipe = None  # every reference: the old weights go first
+            free_memory()
+            self.load()
+            pipe = self.pipe
+        elif needs_reload(old, full):
+            log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
+        dtype = getattr(torch, plan.dtype)
+        if pipe.transformer.dtype != dtype:
+            from diffusers.utils import logging as dlogging
+
+            level = dlogging.get_verbosity()
+            dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
+            for name in MODELS:
+                getattr(pipe, name).to(dtype)
+            dlogging.set_verbosity(level)
+        if plan.device != "cuda":
+            return
+        dev = torch.device("cuda")
+        for model in (pipe.transformer, union_net(pipe)):
+            for name, child in model.named_children():
+                if name not in ("transformer_blocks", "single_transformer_blocks"):
+                    child.to(dev)
+        pipe.vae.to(dev)
+        pipe.text_encoder.to(dev)  # CLIP-L: 0.25 GB, always resident
+        t5 = pipe.text_encoder_2
+        t5_units = text_encoder_units(t5)
+        in_units = {id(p) for _, m in t5_units for p in m.parameters()}
+        for p in t5.parameters():  # embedding, norms, position bias: resident
+            if id(p) not in in_units:
+                p.data = p.data.to(dev)
+        units = t5_units + denoiser_units(pipe.transformer, union_net(pipe))
+        p = plan.placement
+        self.residency = Residency(units, full, dev, dtype, p.slots, p.ring)
+        free_memory()
+
+    # -- the fast path (core.speed): only while the whole denoiser is resident --------------------
+    def apply_fast(self, cfg: fast.FastConfig, job: Job, plan: Plan, events: list[str], progress=None):
+        """Bring the modules to the fast path `cfg` allows for this plan; returns what is applied
+        (None: plain diffusers modules)."""
+        use_fp8, why = fast.fp8_decision(plan, cfg, job.fp8_compute)
+        if why:
+            events.append(why)
+        if not fast.eligible(plan, cfg):
+            self.undo_fast()
+            return None
+        compile_ = cfg.compile and fast.can_compile(cfg.backend, plan.device)
+        if cfg.compile and not compile_:
+            events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
+        want = (use_fp8, compile_, cfg)
+        if want != self._fast_want:  # walking the modules costs ~70 ms: once
+            before, self._fast_dirty = self.fast, True
+            self.fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, cfg=cfg)
+            self._fast_want = want
+            if progress is not None and compile_ and self.fast != before:
+                progress("compiling for this GPU (first job only)", 0, job.steps)
+        if use_fp8:
+            events.append(f"fp8 compute: {self.fast.fp8_layers} block matmuls in fp8 (row-wise scales)")
+        return self.fast
+
+    def undo_fast(self) -> None:
+        """Plain diffusers modules again (exactly): Residency hooks the children of the blocks."""
+        if self._fast_dirty:
+            fast.undo_fast(self.pipe)
+            self.fast, self._fast_want, self._fast_dirty = None, None, False
+
+
+def without_failed_part(cfg: fast.FastConfig, applied: fast.Fast | None, err: BaseException):
+    """(config for the next attempts, event) after an error from the fast path, or None when the
+    error is not the fast path's (a ValueError is the user's; anything but a RuntimeError is a bug)."""
+    if applied is None or isinstance(err, ValueError) or not isinstance(err, RuntimeError):
+        return None
+    what = str(err).strip().split("\n")[0][:120]
+    if applied.compiled and fast.is_compile_error(err):
+        return replace(cfg, compile=False), f"torch.compile failed ({what}): ran without compiling"
+    return replace(cfg, enabled=False), f"the fast path failed ({what}): ran without it"

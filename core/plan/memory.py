@@ -1,0 +1,96 @@
+"""The memory model: GPU bytes a placement holds and the transients of each phase of a pass.
+
+Its constants were measured on an H100 with the full-size architecture (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.device import GiB
+from core.plan.placement import STREAMED, Placement
+from core.plan.sizes import ModelSizes
+from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
+
+    act_per_token: float = 36.0 * 3072 * 2  # denoiser transients per (image + text) token
+    res_per_img_token: float = 30.0 * 3072 * 2  # ControlNet residuals kept for the transformer
+    vae_dec_per_px: float = 2600.0  # untiled VAE decode, bytes per output pixel
+    vae_enc_per_px: float = 1300.0  # untiled VAE encode (control image, img2img)
+    vae_tile_px: int = 512  # tile side when VAE tiling is on (the engine sets the VAE to it)
+    frag: float = 1.02  # reserved / allocated (expandable segments)
+    margin_gb: float = 0.2
+
+
+CAL = Calibration()
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """One denoising pass as the memory and time models see it: the pixels one pass holds (a tile
+    or the whole image), how many controls run, and whether the VAE decodes in tiles."""
+
+    width: int
+    height: int
+    controls: int = 1
+    vae_tiling: bool = False
+
+
+def esize(dtype: str) -> int:
+    return {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+
+
+def tokens(width: int, height: int) -> int:
+    return (width // 16) * (height // 16)
+
+
+def host_ram_bytes(sizes: ModelSizes, p: Placement) -> int:
+    """Pinned host memory a placement streams from (denoiser units, and T5 when it streams)."""
+    es = esize(p.dtype)
+    total = sum(host_bytes(u, s, es) for u, s in zip(sizes.units, p.stores))
+    return total + (sizes.t5_unit_params * es if p.text_encoders == "stream" else 0)
+
+
+def slot_bytes(sizes: ModelSizes, p: Placement) -> int:
+    """GPU bytes of the work slots and the copy ring (core.plan.units.buffer_bytes); streamed T5
+    layers pass through the same ring."""
+    units, codes = list(sizes.units), p.units
+    if p.text_encoders == "stream":
+        units, codes = units + [UnitSize("t5", sizes.t5_max_unit, 0)], codes + STREAMED.code
+    return buffer_bytes(units, codes, esize(p.dtype), p.slots, p.ring)
+
+
+def phase_bytes(sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CAL) -> dict[str, float]:
+    """Transient GPU bytes of each phase on top of the resident weights, for one pass."""
+    n_img = tokens(ps.width, ps.height)
+    n_tot = n_img + sizes.max_seq + 1
+    scale = es / 2
+    denoise = (cal.act_per_token * n_tot + cal.res_per_img_token * n_img * min(ps.controls, 2)) * scale
+    px = ps.width * ps.height
+    tpx = min(px, cal.vae_tile_px**2) if ps.vae_tiling else px
+    encode_img = cal.vae_enc_per_px * tpx * scale
+    decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if ps.vae_tiling else 0)
+    text = 0.15 * GiB  # T5 activations for 512 tokens
+    return dict(denoise=denoise + 0.1 * GiB, encode_image=encode_img, decode=decode, text=text)
+
+
+def resident_bytes(sizes: ModelSizes, p: Placement) -> int:
+    """Everything a placement keeps on the GPU between phases: weights, buffers, CLIP, VAE, T5."""
+    es = esize(p.dtype)
+    total = (sizes.fixed_params + sizes.vae_params) * es
+    total += sum(gpu_bytes(u, s, es) for u, s in zip(sizes.units, p.stores))
+    total += slot_bytes(sizes, p)
+    total += (sizes.t5_params - sizes.t5_unit_params + sizes.clip_params) * es
+    if p.text_encoders == "gpu":
+        total += sizes.t5_unit_params * es
+    return total
+
+
+def predict_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> float:
+    """Peak reserved GPU bytes of a pass: the resident bytes plus the largest phase's transients."""
+    ph = phase_bytes(sizes, ps, esize(p.dtype), cal)
+    return (resident_bytes(sizes, p) + max(ph.values())) * cal.frag + cal.margin_gb * GiB

@@ -1,0 +1,118 @@
+"""Where every denoiser weight lives: the placement, and the storage formats it is made of.
+
+The one module that knows what a storage code means. Everything else asks a `Store` (is it
+resident? streamed? stored as fp8?) or the `Placement` (does anything stream?), so a new storage
+format (4-bit, say) is a new `Store` here, not new string tests across the code.
+
+A placement string has one code per unit (readable in logs, tests and the plan's JSON):
+
+  B  resident in the compute dtype (no cost per step)
+  F  resident as fp8, cast into a compute-dtype work slot before use (half the memory)
+  S  streamed: compute-dtype copy in pinned host RAM, copied into the ring and used there
+  Q  streamed as fp8: half the bus bytes and half the host RAM, cast from the ring into a work slot
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Store:
+    """How one unit's weights are kept."""
+
+    code: str
+    resident: bool  # on the GPU between steps (else in pinned host RAM, copied in per use)
+    fp8: bool  # Linear weights stored as fp8, cast to the compute dtype into a work slot before use
+
+    @property
+    def streamed(self) -> bool:
+        return not self.resident
+
+    @property
+    def managed(self) -> bool:
+        """Hooks prepare it before every use (everything but plain resident weights)."""
+        return self.streamed or self.fp8
+
+    def lossy(self) -> bool:
+        """Storing a unit this way rounds its weights (going back needs the source weights)."""
+        return self.fp8
+
+
+RESIDENT = Store("B", resident=True, fp8=False)
+RESIDENT_FP8 = Store("F", resident=True, fp8=True)
+STREAMED = Store("S", resident=False, fp8=False)
+STREAMED_FP8 = Store("Q", resident=False, fp8=True)
+STORES: dict[str, Store] = {s.code: s for s in (RESIDENT, RESIDENT_FP8, STREAMED, STREAMED_FP8)}
+CODES = "".join(STORES)
+TEXT_ENCODERS = ("gpu", "stream", "cpu")  # T5's layers: resident, streamed through the ring, or on the CPU
+
+
+def store(code: str) -> Store:
+    try:
+        return STORES[code]
+    except KeyError:
+        raise ValueError(f"unknown storage code {code!r}; the codes are {', '.join(STORES)}.") from None
+
+
+def check_codes(codes: str, n: int | None = None) -> str:
+    if not isinstance(codes, str) or (n is not None and len(codes) != n) or set(codes) - set(CODES):
+        want = f"{n} " if n is not None else ""
+        raise ValueError(f"a placement needs {want}codes from {CODES} (one per unit), got {codes!r:.40}.")
+    return codes
+
+
+def needs_reload(old: str, new: str) -> bool:
+    """A unit that was stored lossily and is to be kept exactly again must come from the source."""
+    return any(store(o).lossy() and not store(n).lossy() for o, n in zip(old, new))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The whole placement of a plan: how each denoiser unit is stored, where T5 runs, and the
+    streaming buffers. Two plans with equal placements put the same bytes in the same places, so
+    the engine keeps one on the GPU for the other."""
+
+    units: str  # one Store code per denoiser unit, in execution order (ControlNet first)
+    dtype: str = "bfloat16"  # compute dtype
+    text_encoders: str = "gpu"  # one of TEXT_ENCODERS
+    slots: int = 0  # compute-dtype work slots for fp8 units (one in use, the rest cast ahead)
+    ring: int = 0  # copy ring, in units of the largest streamed pack (0: nothing streams)
+
+    def __post_init__(self):
+        check_codes(self.units)
+        if self.text_encoders not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoders must be one of {', '.join(TEXT_ENCODERS)}, got {self.text_encoders!r}.")
+
+    @classmethod
+    def uniform(cls, n: int, code: str, **kw) -> Placement:
+        return cls(code * n, **kw)
+
+    def store(self, i: int) -> Store:
+        return store(self.units[i])
+
+    @property
+    def stores(self) -> list[Store]:
+        return [store(c) for c in self.units]
+
+    @property
+    def all_resident(self) -> bool:
+        """Every unit resident in the compute dtype: the fast path (core.speed) may apply."""
+        return bool(self.units) and set(self.units) == {RESIDENT.code}
+
+    @property
+    def any_fp8(self) -> bool:
+        return any(s.fp8 for s in self.stores)
+
+    @property
+    def streams(self) -> bool:
+        """Anything goes through the copy ring (denoiser units or T5's layers)."""
+        return self.text_encoders == "stream" or any(s.streamed for s in self.stores)
+
+    def counts(self) -> dict[str, int]:
+        return {c: self.units.count(c) for c in CODES}
+
+    def with_text_encoders(self, n_t5: int) -> str:
+        """Codes for T5's streamable layers followed by the denoiser's: what the residency places."""
+        t5 = RESIDENT.code if self.text_encoders == "gpu" else STREAMED.code
+        return t5 * n_t5 + self.units
