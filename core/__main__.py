@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from core.configs import FLUX_DEV, UNION_PRO
@@ -28,6 +29,8 @@ def cmd_plan(a) -> dict:
     from core.plan.sizes import sizes_from_config
 
     dev = detect()
+    if a.host_ram_gb is not None:  # plan for a machine of another size
+        dev = replace(dev, host_ram_gb=a.host_ram_gb)
     if dev.kind == "cpu" and a.tier not in ("cpu", "auto"):
         # plan a GPU tier on a machine without one: a nominal consumer GPU (PCIe 4.0, ~150 TFLOP/s)
         dev = DeviceInfo("cuda", "nominal GPU", float(a.tier), float(a.tier), True, dev.host_ram_gb)
@@ -89,6 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--controls", type=int, default=1)
     p.add_argument("--upscale", type=float, default=1.0)
     p.add_argument("--demo", action="store_true")
+    p.add_argument(
+        "--host-ram-gb",
+        type=float,
+        help="plan for a machine with this much host RAM (default: this one's RAM or memory cgroup limit)",
+    )
     g = sub.add_parser("generate", help="generate one image; prints a JSON summary")
     g.add_argument("--image", required=True)
     g.add_argument("--control", action="append", help="canny[=SCALE]; repeat for several")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -22,7 +23,7 @@ class DeviceInfo:
     total_gb: float  # GPU memory (GiB); 0 on CPU
     free_gb: float  # free GPU memory now (GiB)
     bf16: bool  # bf16 compute supported (NaN-free FLUX needs it or fp32)
-    host_ram_gb: float  # available host RAM (GiB): streamed weights live there, pinned
+    host_ram_gb: float  # the host RAM this process may use (GiB, host_ram_limit_gb): streamed weights are pinned there
     h2d_gbps: float = 25.0  # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
     tflops: float = 150.0  # effective bf16 matmul rate, TFLOP/s
 
@@ -80,10 +81,43 @@ def _static_cuda_info() -> tuple[str, float, bool, float, float]:
     )
 
 
+def _cgroup_limits(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> list[int]:
+    """Memory limits (bytes) of this process's cgroups, v2 and v1, the cgroup and its parents."""
+    out = []
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: 0::/path
+            files = [root / path.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):  # v1: N:memory:/path
+            files = [root / "memory" / path.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        files += [f.parent.parent / f.name for f in files]  # the parent's limit applies too
+        for f in [*files, root / "memory.max", root / "memory" / "memory.limit_in_bytes"]:
+            try:
+                text = f.read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
+                out.append(int(text))
+    return out
+
+
+def host_ram_limit_gb() -> float:
+    """The host RAM this process may use: the machine's physical RAM or its memory cgroup's limit
+    (a container, a Space), whichever is smaller. Not the momentary free memory: the same machine
+    size gives the same plans, whatever else runs."""
+    return round(min([psutil.virtual_memory().total, *_cgroup_limits()]) / GiB, 1)
+
+
 def detect() -> DeviceInfo:
     """The first CUDA GPU if there is one, else the CPU. Bandwidth and matmul rate are measured
     once per process (~0.1 s); free memory is read each call."""
-    host = psutil.virtual_memory().available / GiB
+    host = host_ram_limit_gb()
     if not torch.cuda.is_available():
         return DeviceInfo("cpu", "CPU", 0.0, 0.0, True, round(host, 1))
     name, total, bf16, h2d, tflops = _static_cuda_info()

@@ -88,7 +88,7 @@ def generated(inputs):
     outs = [d / "out1.png", d / "out2.png"]
     fp8 = d / "fp8.png"
     results = run_all(
-        [("plan", "--tier", "8", "--width", "1024", "--height", "1024")]
+        [("plan", "--tier", "8", "--width", "1024", "--height", "1024", "--host-ram-gb", "32")]
         + [generate_args(photo, o) for o in outs]
         + [generate_args(photo, fp8, "--fp8-compute")]
     )
