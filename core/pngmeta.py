@@ -24,4 +24,8 @@ def read_params(source) -> dict | None:
     img = source if isinstance(source, Image.Image) else Image.open(source)
     text = getattr(img, "text", {}) or img.info
     raw = text.get(KEY)
-    return json.loads(raw) if raw else None
+    try:
+        params = json.loads(raw) if raw else None
+    except ValueError:  # written by something else, or damaged: no settings to read
+        return None
+    return params if isinstance(params, dict) else None
