@@ -22,7 +22,7 @@ from core.denoise.upscale import upscale
 from core.device import DeviceInfo, detect
 from core.job import Job
 from core.models import ModelSpec
-from core.monitor import MemoryMonitor, free_memory, is_host_oom, is_oom
+from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_memory, is_host_oom, is_oom
 from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
 from core.result import Result, is_black_or_nan
@@ -38,19 +38,26 @@ class OutOfMemory(RuntimeError):
 
 
 class Faults:
-    """Test hook: raise an out-of-memory at the start of the named phases, `count` times each."""
+    """Test hook: make the named phases or fault points (core.monitor.fault_point: "arenas", "pin",
+    "step", "tile") fail. A count `n` fails the first n passes; `(k, n)` lets k pass first (the
+    k+1-th denoising step, say). "pin" fails as host RAM does, everything else as GPU memory."""
 
-    def __init__(self, **counts: int):
-        self.counts = dict(counts)
+    def __init__(self, **counts):
+        self.counts = {k: tuple(v) if isinstance(v, (tuple, list)) else (0, v) for k, v in counts.items()}
 
     def _take(self, name: str) -> bool:
-        if self.counts.get(name, 0) > 0:
-            self.counts[name] -= 1
+        skip, n = self.counts.get(name, (0, 0))
+        if skip > 0:
+            self.counts[name] = (skip - 1, n)
+        elif n > 0:
+            self.counts[name] = (0, n - 1)
             return True
         return False
 
     def check(self, phase: str) -> None:
         if self._take(phase):
+            if phase == "pin":
+                raise HostOutOfMemory(f"could not pin host RAM (injected in {phase})")
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected in {phase})")
 
     def black(self) -> bool:
@@ -164,7 +171,8 @@ class Engine:
                 mon = MemoryMonitor(plan.device, hook=self.faults.check)
                 result = None
                 try:
-                    result = self._attempt(job, plan, mon, events, progress, cancel, source)
+                    with faults_active(self.faults.check):
+                        result = self._attempt(job, plan, mon, events, progress, cancel, source)
                     if not is_black_or_nan(result.image):
                         return result
                     failure = Failure("black")

@@ -7,6 +7,7 @@ against); on the CPU it reads the process RSS. The timeline feeds the UI's memor
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import time
 from dataclasses import dataclass, field
@@ -116,3 +117,24 @@ def is_host_oom(err: BaseException) -> bool:
     """Host RAM ran out: ours (HostOutOfMemory), Python's MemoryError, or PyTorch's CPU allocator."""
     msg = str(err).lower()
     return isinstance(err, MemoryError) or "can't allocate memory" in msg or "defaultcpuallocator" in msg
+
+
+# -- fault points: where tests (and only tests) make an attempt fail at its worst moments -----------
+_FAULTS: contextvars.ContextVar = contextvars.ContextVar("faults", default=None)
+
+
+def fault_point(name: str) -> None:
+    """A place where an allocation can fail for real (an arena, a pin, a denoising step, a tile);
+    with faults active (core.engine.Faults) the named point may raise the failure it stands for."""
+    hook = _FAULTS.get()
+    if hook is not None:
+        hook(name)
+
+
+@contextlib.contextmanager
+def faults_active(hook):
+    token = _FAULTS.set(hook)
+    try:
+        yield
+    finally:
+        _FAULTS.reset(token)

@@ -134,9 +134,9 @@ class PlacedPipeline:
             for name in MODELS:
                 getattr(pipe, name).to(dtype)
             dlogging.set_verbosity(level)
-        if plan.device != "cuda":
+        if plan.device != "cuda" and plan.placement.all_resident:
             return
-        dev = torch.device("cuda")
+        dev = torch.device(plan.device)  # the planner streams only on CUDA; tests stream on the CPU too
         for model in (pipe.transformer, union_net(pipe)):
             for name, child in model.named_children():
                 if name not in ("transformer_blocks", "single_transformer_blocks"):

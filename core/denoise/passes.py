@@ -22,6 +22,7 @@ import torch
 from core.denoise.runtime import JobCancelled, Runtime
 from core.denoise.skip import skip_idle_controls
 from core.denoise.tiled import tiled_denoising
+from core.monitor import fault_point
 from core.tiling import Tile
 
 
@@ -50,6 +51,7 @@ def step_callback(rt: Runtime, label: str, total: int):
     progress, and a cancel takes effect between steps."""
 
     def cb(pipe, i, t, kw):
+        fault_point("step")
         if rt.residency is not None:
             rt.residency.end_step()
         if rt.progress is not None:

@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from core.monitor import fault_point
 from core.patch import patched_forwards
 from core.tiling import tile_weights, token_tiles, tokens_of
 
@@ -59,6 +60,7 @@ def tiled_denoising(pipe, width: int, height: int, tile_px: int, overlap_px: int
         out = torch.zeros_like(hidden_states, dtype=torch.float32)
         idx_all, w_all, wsum = prepared(hidden_states.device)
         for n, (idx_d, w_d) in enumerate(zip(idx_all, w_all)):
+            fault_point("tile")
             hs, ids = hidden_states[:, idx_d], img_ids[idx_d]
             blocks = singles = None
             if stash:

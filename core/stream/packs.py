@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.monitor import HostOutOfMemory
+from core.monitor import HostOutOfMemory, fault_point
 from core.plan.units import align, fp8_params, packed_bytes
 
 FP8 = torch.float8_e4m3fn
@@ -69,6 +69,8 @@ def pinned(nbytes: int, pin: bool) -> torch.Tensor:
         t = torch.empty(nbytes, dtype=torch.uint8)
     except RuntimeError as e:  # malloc refused (a cgroup or ulimit below the plan's need)
         raise HostOutOfMemory(f"could not allocate {nbytes / 2**30:.1f} GiB of host RAM for streamed weights") from e
+    if nbytes:
+        fault_point("pin")
     if pin and nbytes:
         rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
         if int(rc) != 0:

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from core.monitor import fault_point
 from core.plan.placement import check_codes, store
 from core.plan.units import align, ring_bytes, unit_sizes, work_slots
 from core.stream.packs import Pack, pinned, unpin
@@ -78,6 +79,7 @@ class Residency:
         on_host = [i for i in managed if self.stores[i].streamed]
         self.gpu_arena = torch.empty(sum(align(self.packs[i].nbytes) for i in on_gpu), dtype=torch.uint8, device=device)
         self.host_arena = pinned(sum(align(self.packs[i].nbytes) for i in on_host), pin=cuda)
+        fault_point("arenas")
         # streaming buffers, allocated once; they also serve as scratch while the packs are filled
         sizes = unit_sizes(units)  # the same arithmetic the plan counted this memory with
         n_work, work_numel = work_slots(sizes, codes, slots)
