@@ -83,8 +83,15 @@ class PlacedPipeline:
 
     # -- placing and releasing ------------------------------------------------------------------
     def release(self) -> None:
-        """Everything back on the CPU; every buffer, registration, hook and fast-path change undone."""
-        self.undo_fast()
+        """Everything back on the CPU; every buffer, registration, hook and fast-path change undone.
+        Needs no GPU memory: it runs right after the GPU ran out of it."""
+        try:
+            self.undo_fast()
+        except torch.OutOfMemoryError:  # unfusing copies weights: do it on the CPU instead
+            for name in MODELS:
+                getattr(self.pipe, name).to("cpu")
+            free_memory()
+            self.undo_fast()
         if self.residency is not None:
             res, self.residency = self.residency, None
             res.remove()

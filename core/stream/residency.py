@@ -173,15 +173,26 @@ class Residency:
             if pack is None:
                 m.to("cpu")
             elif pack.buf is not None:  # packed: unpack back into plain CPU parameters
-                flat = torch.empty(pack.numel, dtype=self.dtype, device=self.device)
-                pack.unpack_into(flat, pack.buf.to(self.device) if self.stores[i].streamed else pack.buf)
-                pack.point_params(flat.cpu())
+                pack.point_params(self._unpacked(pack, self.stores[i].streamed))
             else:  # not packed yet (a failure while placing): the module still holds its weights
                 m.to("cpu")
         self.packs.clear()
         if self.host_arena is not None:
             unpin(self.host_arena)
         self.work, self.ring_buf, self.gpu_arena, self.host_arena = [], None, None, None
+
+    def _unpacked(self, pack: Pack, on_host: bool) -> torch.Tensor:
+        """A pack's weights as a flat CPU tensor in the compute dtype. Cast on the device where it
+        has room (fast); after an out-of-memory it has none, so then on the CPU: a release must
+        never need the memory whose lack it is recovering from."""
+        try:
+            flat = torch.empty(pack.numel, dtype=self.dtype, device=self.device)
+            pack.unpack_into(flat, pack.buf.to(self.device) if on_host else pack.buf)
+            return flat.cpu()
+        except torch.OutOfMemoryError:
+            flat = torch.empty(pack.numel, dtype=self.dtype)
+            pack.unpack_into(flat, pack.buf.cpu())
+            return flat
 
     @property
     def gpu_bytes_buffers(self) -> int:

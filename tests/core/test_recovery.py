@@ -41,7 +41,7 @@ def streamed(demo_engine, monkeypatch):
 
 
 def job_of(astronaut, **kw):
-    return Job("an astronaut", astronaut, (ControlSpec("canny"),), 64, 64, steps=3, seed=4, **kw)
+    return Job("an astronaut", astronaut, (ControlSpec("canny"),), 64, 64, steps=3, seed=4, tier="cpu", **kw)
 
 
 def fresh(engine):
