@@ -18,7 +18,7 @@ from core.device import DeviceInfo
 from core.job import Job
 from core.models import ModelSpec, load_pipeline, union_net
 from core.monitor import free_memory
-from core.plan.placement import needs_reload
+from core.plan.placement import needs_reload, rounded
 from core.plan.planner import VAE_TILE_PX, Plan
 from core.plan.sizes import sizes_from_pipeline
 from core.plan.units import denoiser_units, text_encoder_units
@@ -36,6 +36,7 @@ class PlacedPipeline:
         self.pipe = self.img2img = self.sizes = None
         self.max_seq = max_seq
         self.residency: Residency | None = None
+        self.stored = ""  # codes the CPU weights were last stored under: fp8-stored units stay rounded
         self.placed: Plan | None = None  # the plan whose placement is on the device now
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         self.fast: fast.Fast | None = None  # what the fast path applied
@@ -122,14 +123,14 @@ class PlacedPipeline:
     def _place(self, plan: Plan) -> None:
         pipe = self.pipe
         full = plan.placement.with_text_encoders(len(text_encoder_units(pipe.text_encoder_2)))
-        old = self.residency.placement if self.residency else ""
+        old = self.stored  # not the residency's: a failed attempt released it, its rounding stays
         self.release()
         if needs_reload(old, full) and self.owns_pipe:
             log.info("reloading the weights: the previous plan stored some in fp8")
             self.pipe = self.img2img = pipe = None  # every reference: the old weights go first
             free_memory()
             self.load()
-            pipe = self.pipe
+            pipe, old = self.pipe, ""
         elif needs_reload(old, full):
             log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
         dtype = getattr(torch, plan.dtype)
@@ -158,6 +159,7 @@ class PlacedPipeline:
                 p.data = p.data.to(dev)
         units = t5_units + denoiser_units(pipe.transformer, union_net(pipe))
         p = plan.placement
+        self.stored = rounded(old, full)  # before placing: a placement that fails half-way rounds too
         self.residency = Residency(units, full, dev, dtype, p.slots, p.ring)
         free_memory()
 

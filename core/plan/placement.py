@@ -67,6 +67,14 @@ def needs_reload(old: str, new: str) -> bool:
     return any(store(o).lossy() and not store(n).lossy() for o, n in zip(old, new))
 
 
+def rounded(old: str, new: str) -> str:
+    """What the weights hold after `new` was placed on weights stored under `old`: a unit rounded
+    once stays rounded (its lossy code is kept) until the weights are loaded again."""
+    if len(old) != len(new):
+        return new
+    return "".join(o if store(o).lossy() else n for o, n in zip(old, new))
+
+
 @dataclass(frozen=True)
 class Placement:
     """The whole placement of a plan: how each denoiser unit is stored, where T5 runs, and the

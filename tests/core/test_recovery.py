@@ -134,3 +134,26 @@ def test_policy_gpu_failure_steps_down_black_goes_to_float32():
     d = next_attempt(Failure("black"), P(), lambda p: None, lambda p: None, lambda: f32)
     assert isinstance(d, Retry) and d.plan is f32
     assert "even in float32" in next_attempt(Failure("black"), f32, lambda p: None, lambda p: None, lambda: f32)
+
+
+def test_weights_rounded_by_a_failed_fp8_attempt_are_reloaded_for_an_exact_one(demo_engine, astronaut, monkeypatch):
+    """An attempt that stored units in fp8 and then ran out of memory leaves its rounding in the CPU
+    weights; the next plan keeps those units exact, so they must come from the source again."""
+    import core.engine as engine_mod
+
+    job = job_of(astronaut)
+    exact = demo_engine.plan(job)  # the CPU plan: every unit resident, exact
+    clean = demo_engine.run(job)
+    n = len(exact.placement.units)
+    fp8 = replace(exact, placement=Placement("Q" * n, exact.dtype, "cpu", slots=2, ring=4))
+    monkeypatch.setattr(demo_engine, "plan", lambda job, tier=None, dtype=None: fp8)
+    monkeypatch.setattr(engine_mod, "step_down", lambda plan, *a: exact)
+    demo_engine.faults = Faults(step=(1, 1))
+    try:
+        got = demo_engine.run(job)
+    finally:
+        demo_engine.faults = Faults()
+        monkeypatch.undo()
+    assert any("stepped down" in e for e in got.events), got.events
+    assert got.plan.placement == exact.placement
+    assert np.array_equal(px(got.image), px(clean.image))
