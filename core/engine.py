@@ -43,14 +43,15 @@ class Faults:
     k+1-th denoising step, say). "pin" fails as host RAM does, everything else as GPU memory."""
 
     def __init__(self, **counts):
-        self.counts = {k: tuple(v) if isinstance(v, (tuple, list)) else (0, v) for k, v in counts.items()}
+        pairs = {k: tuple(v) if isinstance(v, (tuple, list)) else (0, v) for k, v in counts.items()}
+        self.skips = {k: skip for k, (skip, _) in pairs.items()}  # passes still let through
+        self.counts = {k: n for k, (_, n) in pairs.items()}  # failures still to come
 
     def _take(self, name: str) -> bool:
-        skip, n = self.counts.get(name, (0, 0))
-        if skip > 0:
-            self.counts[name] = (skip - 1, n)
-        elif n > 0:
-            self.counts[name] = (0, n - 1)
+        if self.skips.get(name, 0) > 0:
+            self.skips[name] -= 1
+        elif self.counts.get(name, 0) > 0:
+            self.counts[name] -= 1
             return True
         return False
 

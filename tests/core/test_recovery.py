@@ -157,3 +157,19 @@ def test_weights_rounded_by_a_failed_fp8_attempt_are_reloaded_for_an_exact_one(d
     assert any("stepped down" in e for e in got.events), got.events
     assert got.plan.placement == exact.placement
     assert np.array_equal(px(got.image), px(clean.image))
+
+
+def test_faults_let_k_passes_through_first():
+    import torch
+
+    f = Faults(step=(2, 1), pin=1)
+    f.check("step")
+    f.check("step")
+    with pytest.raises(torch.OutOfMemoryError):
+        f.check("step")
+    f.check("step")
+    from core.monitor import HostOutOfMemory
+
+    with pytest.raises(HostOutOfMemory):
+        f.check("pin")
+    assert f.counts == {"step": 0, "pin": 0} and f.skips == {"step": 0, "pin": 0}
