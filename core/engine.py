@@ -333,6 +333,11 @@ class Engine:
                     "Depth Anything could not be loaded (offline?): the depth control came from a "
                     "random demo model; download depth-anything/Depth-Anything-V2-Small-hf"
                 )
+        if not self.demo:  # pose and soft edge: the same sentence where a detector was random
+            from preprocessors.registry import random_detector_notes
+
+            events.extend(random_detector_notes([c.kind for c in job.controls], depth_device))
+        events.extend(dict.fromkeys(c.info["note"] for c in controls if c.info.get("note")))  # e.g. no person
         out = generate_pass(job, image, controls, rt, mon, events, self.cache)
         if job.upscale > 1:
             out = upscale(
