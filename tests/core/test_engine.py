@@ -90,6 +90,8 @@ def test_pro2_controlnet_runs_canny(pro2_engine, job):
     assert r.image.size == (W, H) and px(r.image).std() > 1
     r2 = pro2_engine.run(job.with_(controls=(ControlSpec("canny"), ControlSpec("gray"))))
     assert r2.image.size == (W, H)
+    r3 = pro2_engine.run(job.with_(controls=(ControlSpec("pose"), ControlSpec("softedge"))))  # on its card
+    assert r3.image.size == (W, H) and [c.size for c in r3.controls] == [(W, H), (W, H)]
 
 
 @pytest.mark.parametrize("kinds", [("tile",), ("canny", "blur")])
