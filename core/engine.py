@@ -266,6 +266,14 @@ class Engine:
                     "Depth Anything could not be loaded (offline?): the depth control came from a "
                     "random demo model; download depth-anything/Depth-Anything-V2-Small-hf"
                 )
+        if not self.demo:  # pose and soft edge: the same sentence where a detector was random
+            from preprocessors.registry import random_detector_notes
+
+            for note in random_detector_notes([c.kind for c in job.controls], plan.depth_device):
+                rt.note(note)
+        for c in controls:  # e.g. no person found for a pose control
+            if c.info.get("note"):
+                rt.note(c.info["note"])
         out = generate_pass(job, image, controls, rt)
         if job.upscale > 1:
             out = upscale(job, source or job.image, out, rt)

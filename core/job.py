@@ -39,7 +39,7 @@ class ControlSpec:
     kind: str  # a name in preprocessors.registry.CONTROLS
     scale: float | None = None  # None: the control's default scale
     start: float = 0.0  # control_guidance_start, fraction of the steps
-    end: float = 0.8  # control_guidance_end
+    end: float | None = None  # control_guidance_end; None: the control's default end
     params: tuple = ()  # preprocessor keyword arguments as (key, value) pairs
 
     def __post_init__(self):
@@ -48,7 +48,8 @@ class ControlSpec:
         scale = CONTROLS[self.kind].default_scale if self.scale is None else self.scale
         object.__setattr__(self, "scale", check("scale", scale, f"scale of control '{self.kind}'"))
         object.__setattr__(self, "start", check("control_start", self.start, "control start"))
-        object.__setattr__(self, "end", check("control_end", self.end, "control end"))
+        end = CONTROLS[self.kind].default_end if self.end is None else self.end
+        object.__setattr__(self, "end", check("control_end", end, "control end"))
         if self.start >= self.end:
             raise ValueError(f"control start ({self.start}) must be below control end ({self.end}).")
         try:

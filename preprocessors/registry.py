@@ -11,32 +11,54 @@ from PIL import Image
 
 from .canny import canny
 from .depth import depth
+from .pose import DEFAULT_PERSON_SOURCE, DEFAULT_POSE_SOURCE, pose, pose_model_is_demo
 from .simple import blur, gray, low_quality, tile
+from .softedge import DEFAULT_SOFTEDGE_SOURCE, softedge, softedge_model_is_demo
 
 MAX_SCALE = 2.0
 
 
 @dataclass(frozen=True)
 class ControlKind:
-    name: str  # "canny", "tile", "depth", "blur", "gray", "lq"
+    name: str  # "canny", "tile", "depth", "blur", "gray", "lq", "pose", "softedge"
     mode_id: int  # Union mode: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low-quality
     default_scale: float  # controlnet_conditioning_scale that works well for this control
-    in_pro2: bool  # Union-Pro-2.0 has no mode ids and only knows canny, depth, gray (and pose)
+    in_pro2: bool  # Union-Pro-2.0 has no mode ids and knows canny, soft edge, depth, pose, gray
     fn: Callable[..., Image.Image]
     label: str  # short human label for the UI
+    default_end: float = 0.8  # control_guidance_end from the model cards
+    uses_model: bool = False  # runs a detector model: fn takes demo= and device=
 
 
-# Pose (mode 4) is not offered: there is no pose detector without controlnet-aux.
+# Scales and ends of pose and soft edge are Union-Pro-2.0's card (pose 0.9 / 0.65, soft edge
+# 0.7 / 0.8). The mode-id models (InstantX, Union-Pro) have no soft-edge mode: soft edge goes in
+# as canny (0), the mode whose condition is also white edge lines on black.
 CONTROLS: dict[str, ControlKind] = {
     c.name: c
     for c in (
         ControlKind("canny", 0, 0.7, True, canny, "Canny edges"),
         ControlKind("tile", 1, 0.45, False, tile, "Tile (soft detail)"),
-        ControlKind("depth", 2, 0.8, True, depth, "Depth map"),
+        ControlKind("depth", 2, 0.8, True, depth, "Depth map", uses_model=True),
         ControlKind("blur", 3, 0.6, False, blur, "Blur"),
         ControlKind("gray", 5, 0.6, True, gray, "Grayscale"),
         ControlKind("lq", 6, 0.5, False, low_quality, "Low quality"),
+        ControlKind("pose", 4, 0.9, True, pose, "Pose (body keypoints)", 0.65, True),
+        ControlKind("softedge", 0, 0.7, True, softedge, "Soft edge", 0.8, True),
     )
+}
+
+# Controls whose detector may fall back to random weights, and what to tell the user then.
+_RANDOM_DETECTOR = {
+    "pose": (
+        lambda device: pose_model_is_demo(device=device),
+        f"RT-DETR or ViTPose could not be loaded (offline?): the pose control came from random demo "
+        f"models; download {DEFAULT_PERSON_SOURCE} and {DEFAULT_POSE_SOURCE}",
+    ),
+    "softedge": (
+        lambda device: softedge_model_is_demo(device=device),
+        f"DexiNed could not be loaded (offline?): the soft-edge control came from a random demo model; "
+        f"download {DEFAULT_SOFTEDGE_SOURCE}",
+    ),
 }
 
 
@@ -64,6 +86,11 @@ def preprocess(name: str, image: Image.Image, **params) -> Image.Image:
     """Run the control's preprocessing function, with a clear error for unknown parameters."""
     check_params(name, params)
     return get_control(name).fn(image, **params)
+
+
+def random_detector_notes(kinds, device: str | None = None) -> list[str]:
+    """One sentence for each of `kinds` (pose, soft edge) whose default detector is a random stand-in."""
+    return [note for kind, (is_demo, note) in _RANDOM_DETECTOR.items() if kind in set(kinds) and is_demo(device)]
 
 
 def parse_control_arg(text: str) -> tuple[str, float | None]:

@@ -375,8 +375,14 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
             show_progress="hidden",
         )
         stop.click(cancel, None, None, cancels=[run_evt], queue=False, api_visibility="private")
-        for c, s, _end, p in rows:
-            c.input(lambda kind: H.default_scale(kind), c, s, api_visibility="private", queue=False)
+        for c, s, e, p in rows:
+            c.input(
+                lambda kind: (H.default_scale(kind), H.default_end(kind)),
+                c,
+                [s, e],
+                api_visibility="private",
+                queue=False,
+            )
             gr.on(
                 [image.change, c.change],
                 preview,

@@ -41,6 +41,10 @@ def default_scale(kind: str) -> float:
     return CONTROLS[kind].default_scale if kind in CONTROLS else 0.7
 
 
+def default_end(kind: str) -> float:
+    return CONTROLS[kind].default_end if kind in CONTROLS else 0.8
+
+
 def auto_label(device) -> str:
     """'Auto — NVIDIA RTX 4090, 22.1 GB free' or 'Auto — no GPU: CPU'."""
     if device.kind != "cuda":

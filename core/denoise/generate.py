@@ -24,10 +24,10 @@ def control_images(
 
 
 def control_params(c: ControlSpec, demo: bool, depth_device: str | None = None) -> dict:
-    """Preprocessor arguments. Depth runs where the plan says: on the CPU under small budgets, so the
-    depth model never adds to the GPU memory the tier promised."""
+    """Preprocessor arguments. Detectors (depth, pose, soft edge) run where the plan says: on the CPU
+    under small budgets, so a detector never adds to the GPU memory the tier promised."""
     params = dict(c.params)
-    if c.kind == "depth":
+    if CONTROLS[c.kind].uses_model:
         if demo:
             params.setdefault("demo", True)
         if depth_device:

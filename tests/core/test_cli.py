@@ -139,7 +139,7 @@ def test_bad_inputs_exit_2_with_one_sentence_and_write_nothing(inputs):
     d, photo, fake = inputs
     bad = [  # (arguments, a word the message must contain)
         (generate_args(fake, d / "bad1.png"), "image"),
-        (generate_args(photo, d / "bad2.png", "--control", "pose"), "pose"),
+        (generate_args(photo, d / "bad2.png", "--control", "scribble"), "scribble"),
         (generate_args(photo, d / "bad3.png", "--upscale", "100"), "upscale"),
         (generate_args(photo, d / "bad4.png", "--steps", "0"), "steps"),
         (generate_args(photo, d / "bad5.png", "--control", "canny=3"), "scale"),
@@ -165,3 +165,20 @@ def test_fp8_compute_flag_is_kept_and_ignored_on_the_cpu_with_a_note(generated):
     assert read_params(path)["job"]["fp8_compute"] is True
     (_, plain), _ = generated[1]
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(plain)))
+
+
+def test_pose_and_soft_edge_controls_on_a_real_photo(tmp_path):
+    photo = ROOT / "assets" / "astronaut.png"
+    outs = {kind: tmp_path / f"{kind}.png" for kind in ("pose", "softedge")}
+    commands = [
+        ("generate", "--demo", "--control", kind, "--image", photo, "--prompt", "x", "--steps", "2", "--out", out)
+        for kind, out in outs.items()
+    ]
+    expected = {"pose": (0.9, 0.65), "softedge": (0.7, 0.8)}  # Union-Pro-2.0's card: scale, control end
+    for (kind, out), (rc, stdout, err) in zip(outs.items(), run_all(commands), strict=True):
+        assert rc == 0, (kind, err)
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        assert summary["out"] == str(out) and summary["demo"] is True
+        assert Image.open(out).size == (416, 416)  # the 415² photo on FLUX's 16-pixel grid
+        (control,) = read_params(out)["job"]["controls"]
+        assert (control["kind"], control["scale"], control["end"]) == (kind, *expected[kind])

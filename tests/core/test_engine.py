@@ -90,6 +90,8 @@ def test_pro2_controlnet_runs_canny(pro2_engine, job):
     assert r.image.size == (W, H) and px(r.image).std() > 1
     r2 = pro2_engine.run(job.with_(controls=(ControlSpec("canny"), ControlSpec("gray"))))
     assert r2.image.size == (W, H)
+    r3 = pro2_engine.run(job.with_(controls=(ControlSpec("pose"), ControlSpec("softedge"))))  # on its card
+    assert r3.image.size == (W, H) and [c.size for c in r3.controls] == [(W, H), (W, H)]
 
 
 @pytest.mark.parametrize("kinds", [("tile",), ("canny", "blur")])
@@ -272,3 +274,14 @@ def test_faults_count_down():
     f.check("denoise")
     f.check("decode")
     assert f.counts == {"denoise": 0}
+
+
+def test_a_pose_control_without_people_runs_with_a_note(demo_engine, astronaut, monkeypatch):
+    import importlib
+
+    pose_module = importlib.import_module("preprocessors.pose")
+    monkeypatch.setattr(pose_module, "PERSON_SCORE", 1.0)  # the detector finds nobody
+    job = Job("a person", astronaut, (ControlSpec("pose"),), W, H, steps=1, seed=1, tier="cpu")
+    r = demo_engine.run(job)
+    assert r.image.size == (W, H) and np.asarray(r.controls[0]).max() == 0
+    assert pose_module.NO_PEOPLE in r.events, r.events

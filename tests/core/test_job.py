@@ -141,7 +141,7 @@ def test_number_of_controls_limits_are_inclusive():
 @pytest.mark.parametrize(
     "kw,word",
     [
-        (dict(kind="pose"), "control"),
+        (dict(kind="scribble"), "control"),
         (dict(kind="Canny "), "control"),
         (dict(kind="canny", scale=math.nan), "scale"),
         (dict(kind="canny", scale=math.inf), "scale"),
@@ -162,7 +162,7 @@ def test_bad_control_raises_value_error_naming_it(kw, word):
 
 def test_unknown_control_lists_the_choices():
     with pytest.raises(ValueError) as info:
-        ControlSpec("pose")
+        ControlSpec("scribble")
     for name in CONTROLS:
         assert name in str(info.value)
 
@@ -253,3 +253,12 @@ def test_unknown_control_parameter_is_refused_at_construction():
         ControlSpec("canny", params=(("bogus", 1),))
     with pytest.raises(ValueError, match="pairs"):
         ControlSpec("canny", params=("low",))
+
+
+def test_control_ends_default_to_the_model_cards():
+    assert ControlSpec("canny").end == 0.8 and ControlSpec("depth").end == 0.8
+    assert ControlSpec("pose").end == 0.65 and ControlSpec("pose").scale == 0.9  # Union-Pro-2.0's card
+    assert ControlSpec("softedge").end == 0.8 and ControlSpec("softedge").scale == 0.7
+    assert ControlSpec("pose", end=0.9).end == 0.9
+    with pytest.raises(ValueError, match="start"):
+        ControlSpec("pose", start=0.7)  # above pose's default end

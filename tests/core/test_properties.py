@@ -32,7 +32,8 @@ anything = st.one_of(
 )
 unit = st.floats(0, 1)
 kinds = mostly(
-    st.sampled_from(list(CONTROLS)), st.one_of(st.sampled_from(["pose", "Canny", "", "none"]), st.none(), st.integers())
+    st.sampled_from(list(CONTROLS)),
+    st.one_of(st.sampled_from(["scribble", "Canny", "", "none"]), st.none(), st.integers()),
 )
 control_args = mostly(
     st.tuples(st.sampled_from(list(CONTROLS)), st.none() | st.floats(0, 2), st.floats(0, 0.5), st.floats(0.5, 1)),

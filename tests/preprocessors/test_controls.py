@@ -23,7 +23,10 @@ from preprocessors import (
     gray,
     low_quality,
     parse_control_arg,
+    pose,
     preprocess,
+    random_detector_notes,
+    softedge,
     tile,
 )
 
@@ -217,7 +220,7 @@ def test_simple_ops_validate_parameters(fn, kwargs, name):
 
 
 def test_functions_reject_non_images():
-    for fn in (tile, blur, gray, low_quality, canny, depth):
+    for fn in (tile, blur, gray, low_quality, canny, depth, pose, softedge):
         with pytest.raises(TypeError, match="PIL"):
             fn(np.zeros((64, 64, 3), np.uint8))
 
@@ -225,32 +228,38 @@ def test_functions_reject_non_images():
 # --- registry ----------------------------------------------------------------------------
 
 EXPECTED = {
-    # name: (mode id, default scale, in Union-Pro-2.0, function)
-    "canny": (0, 0.7, True, canny),
-    "tile": (1, 0.45, False, tile),
-    "depth": (2, 0.8, True, depth),
-    "blur": (3, 0.6, False, blur),
-    "gray": (5, 0.6, True, gray),
-    "lq": (6, 0.5, False, low_quality),
+    # name: (mode id, default scale, in Union-Pro-2.0, function, default end, runs a model)
+    "canny": (0, 0.7, True, canny, 0.8, False),
+    "tile": (1, 0.45, False, tile, 0.8, False),
+    "depth": (2, 0.8, True, depth, 0.8, True),
+    "blur": (3, 0.6, False, blur, 0.8, False),
+    "gray": (5, 0.6, True, gray, 0.8, False),
+    "lq": (6, 0.5, False, low_quality, 0.8, False),
+    "pose": (4, 0.9, True, pose, 0.65, True),  # Union-Pro-2.0's card: pose 0.9, end 0.65
+    "softedge": (0, 0.7, True, softedge, 0.8, True),  # soft edge 0.7 / 0.8; canny's mode elsewhere
 }
 
 
 def test_registry_table():
     assert list(CONTROLS) == list(EXPECTED)  # the UI lists controls in this order
-    for name, (mode_id, scale, pro2, fn) in EXPECTED.items():
+    for name, (mode_id, scale, pro2, fn, end, model) in EXPECTED.items():
         kind = get_control(name)
-        assert (kind.name, kind.mode_id, kind.default_scale, kind.in_pro2, kind.fn) == (name, mode_id, scale, pro2, fn)
+        got = (kind.name, kind.mode_id, kind.default_scale, kind.in_pro2, kind.fn, kind.default_end, kind.uses_model)
+        assert got == (name, mode_id, scale, pro2, fn, end, model)
         assert kind.label and len(kind.label) <= 24
-    assert 4 not in {k.mode_id for k in CONTROLS.values()}  # no pose detector, no pose mode
+    assert get_control("pose").label == "Pose (body keypoints)" and get_control("softedge").label == "Soft edge"
     with pytest.raises(dataclasses.FrozenInstanceError):
         CONTROLS["canny"].mode_id = 3
 
 
 def test_get_control_normalises_and_rejects():
     assert get_control("  Canny ").name == "canny"
+    assert get_control("SoftEdge").name == "softedge"
     with pytest.raises(ValueError) as info:
-        get_control("pose")
-    assert str(info.value) == "Unknown control 'pose'; choose one of: canny, tile, depth, blur, gray, lq."
+        get_control("scribble")
+    assert str(info.value) == (
+        "Unknown control 'scribble'; choose one of: canny, tile, depth, blur, gray, lq, pose, softedge."
+    )
 
 
 def test_preprocess_dispatches_and_checks_parameters():
@@ -271,6 +280,8 @@ def test_preprocess_dispatches_and_checks_parameters():
         ("tile=2", ("tile", 2.0)),
         ("gray=1e-1", ("gray", 0.1)),
         ("blur=.5", ("blur", 0.5)),
+        ("pose", ("pose", None)),
+        ("SoftEdge=0.7", ("softedge", 0.7)),
     ],
 )
 def test_parse_control_arg_accepts(text, expected):
@@ -289,7 +300,7 @@ def test_parse_control_arg_accepts(text, expected):
         ("canny=-0.1", "must be a number from 0 to 2"),
         ("canny=2.01", "must be a number from 0 to 2"),
         ("canny=0.5=1", "must be a number from 0 to 2"),
-        ("pose=0.5", "Unknown control 'pose'"),
+        ("scribble=0.5", "Unknown control 'scribble'"),
         ("=0.5", "Unknown control ''"),
         ("", "'name' or 'name=scale'"),
         ("   ", "'name' or 'name=scale'"),
@@ -300,3 +311,12 @@ def test_parse_control_arg_rejects(text, pattern):
         parse_control_arg(text)
     message = str(info.value)
     assert message.endswith(".") and "\n" not in message
+
+
+def test_random_detector_notes_name_the_models_to_download():
+    # tests run offline (conftest): the default weights are not in the cache, random models stand in
+    notes = random_detector_notes(["canny", "pose", "softedge"], device="cpu")
+    assert len(notes) == 2
+    assert "usyd-community/vitpose-base-simple" in notes[0] and "PekingU/rtdetr_r50vd_coco_o365" in notes[0]
+    assert "kornia/dexined" in notes[1] and all("random" in n for n in notes)
+    assert random_detector_notes(["canny", "depth"], device="cpu") == []

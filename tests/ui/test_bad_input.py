@@ -27,7 +27,7 @@ def hostile(tmp_path_factory):
         ("8×8 image", {"image": "tiny.png"}, "at least 64"),
         ("20:1 image", {"image": "wide.png"}, "aspect"),
         ("10 000-character prompt", {1: "x" * 10_000}, "limit is 2000"),
-        ("unknown control", {2: "pose"}, "not in the list of choices"),
+        ("unknown control", {2: "scribble"}, "not in the list of choices"),
         ("steps 0", {15: 0}, "less than minimum value 1"),
         ("guidance 1000", {16: 1000}, "greater than maximum value"),
         ("upscale 100", {12: "100"}, "not in the list of choices"),

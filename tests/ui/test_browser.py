@@ -49,13 +49,16 @@ def test_page_runs_two_controls(app_url, example_photo, tmp_path):
             page.wait_for_selector("#size-info :text('generated at')", timeout=30_000)
             page.locator("#prompt textarea").fill("an astronaut, studio light")
             page.locator("#control-2 input").click()
-            page.get_by_role("option", name="Depth map").click()
+            page.get_by_role("option", name="Pose (body keypoints)").click()
+            # the row takes pose's scale and control end from the model card
+            sync_api.expect(page.locator("#scale-2 input[type=number]")).to_have_value("0.9", timeout=10_000)
+            sync_api.expect(page.locator("#end-2 input[type=number]")).to_have_value("0.65", timeout=10_000)
             page.get_by_text("Advanced", exact=True).click()
             set_slider(page, "steps", 2)
             set_slider(page, "max-side", 192)
             page.wait_for_selector("#size-info :text('192×192')", timeout=30_000)
             previews = page.locator(".control-preview img")
-            sync_api.expect(previews).to_have_count(2, timeout=60_000)  # canny and depth previews
+            sync_api.expect(previews).to_have_count(2, timeout=60_000)  # canny and pose previews
 
             page.locator("#run").click()
             sync_api.expect(page.locator("#result img")).to_have_count(2, timeout=120_000)

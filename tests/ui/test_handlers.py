@@ -222,3 +222,14 @@ def test_plan_panel_names_the_speed_ups():
     md = H.plan_markdown(dict(plan=plan, fast=fast, seconds={}, size=[1024, 1024], seed=1))
     assert "| Speed-ups | fused QKV, compiled blocks, cuDNN attention, fp8 compute (500 layers) |" in md
     assert "| Speed-ups | — |" in H.plan_markdown(dict(plan=plan, seconds={}, size=[1024, 1024], seed=1))
+
+
+def test_pose_and_soft_edge_rows_and_previews(photo_path):
+    choices = dict((v, label) for label, v in H.control_choices())
+    assert choices["pose"] == "Pose (body keypoints)" and choices["softedge"] == "Soft edge"
+    assert (H.default_scale("pose"), H.default_end("pose")) == (0.9, 0.65)
+    assert (H.default_scale("softedge"), H.default_end("softedge")) == (0.7, 0.8)
+    assert H.default_end("none") == 0.8
+    for kind in ("pose", "softedge"):
+        prev = H.preview_control(photo_path, kind, demo=True)
+        assert prev.mode == "RGB" and max(prev.size) == H.PREVIEW_SIDE, kind
