@@ -17,10 +17,17 @@ from preprocessors.registry import CONTROLS, preprocess
 from .job import ControlSpec, Job
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import has_mode_ids
+from .preview import latent_rgb
 from .skip import skip_idle_controls
 from .tiled import tiled_denoising
 
-Progress = Callable[[str, int, int], None]  # (stage label, done, total)
+Progress = Callable[..., None]
+"""Called as (stage label, done, total) at every step end. A callable may opt in to more through
+attributes (plain three-argument callables see nothing new):
+`phases = True`: also (phase, 0, 1) as "encode" and "decode" start, and (label, 0, total) before a
+pass's first step, so a UI can say what runs between steps;
+`preview_every = k`: every k-th step end (and the last) comes with a keyword `preview=`, a small
+RGB image of the latents (core/preview.py)."""
 
 
 class JobCancelled(Exception):
@@ -97,12 +104,25 @@ def control_args(pipe, controls: tuple[ControlSpec, ...]) -> dict:
     )
 
 
-def step_callback(rt: Runtime, label: str, total: int):
+def announce(rt: Runtime, label: str, total: int = 1) -> None:
+    """A phase starts: told only to progress callables that opted in (`phases`)."""
+    if rt.progress is not None and getattr(rt.progress, "phases", False):
+        rt.progress(label, 0, total)
+
+
+def step_callback(rt: Runtime, label: str, total: int, size: tuple[int, int] | None = None):
+    """diffusers' callback_on_step_end; `size` (width, height) of the pass enables previews."""
+    every = int(getattr(rt.progress, "preview_every", 0) or 0) if size else 0
+
     def cb(pipe, i, t, kw):
         if rt.residency is not None:
             rt.residency.end_step()
         if rt.progress is not None:
-            rt.progress(label, i + 1, total)
+            done = i + 1
+            if every and "latents" in kw and (done % every == 0 or done == total):
+                rt.progress(label, done, total, preview=latent_rgb(kw["latents"], *size))
+            else:
+                rt.progress(label, done, total)
         if rt.cancel is not None and rt.cancel():
             raise JobCancelled("cancelled")
         return {}
@@ -141,6 +161,7 @@ def generate_pass(
 ) -> Image.Image:
     """Text-to-image with controls at job.width × job.height (in fused tiles if the plan says so)."""
     pipe = rt.pipe
+    announce(rt, "encode")
     with monitor.phase("encode"):
         pe, pooled = cache.get(pipe, job.prompt, rt.device, rt.max_seq)
     gen = torch.Generator("cpu").manual_seed(job.seed)
@@ -153,6 +174,7 @@ def generate_pass(
     ):
         if len(tiles) > 1:
             events.append(f"generated in {len(tiles)} fused tiles of {rt.tile}px")
+        announce(rt, label, job.steps)
         latents = pipe(
             prompt_embeds=pe,
             pooled_prompt_embeds=pooled,
@@ -164,9 +186,11 @@ def generate_pass(
             generator=gen,
             output_type="latent",
             max_sequence_length=rt.max_seq,
-            callback_on_step_end=step_callback(rt, label, job.steps),
+            callback_on_step_end=step_callback(rt, label, job.steps, (job.width, job.height)),
+            callback_on_step_end_tensor_inputs=["latents"],
             **control_args(pipe, job.controls),
         ).images
     if skipped["skipped"]:
         events.append(f"skipped {skipped['skipped']} idle ControlNet passes (outside control start/end)")
+    announce(rt, "decode")
     return decode(pipe, latents, job.width, job.height, monitor, events)

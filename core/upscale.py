@@ -20,7 +20,7 @@ from PIL import Image
 
 from preprocessors.registry import preprocess
 
-from .generate import PromptCache, Runtime, control_args, control_params, decode, step_callback
+from .generate import PromptCache, Runtime, announce, control_args, control_params, decode, step_callback
 from .job import ControlSpec, Job, out_size
 from .memory import MemoryMonitor
 from .models import has_mode_ids
@@ -108,7 +108,9 @@ def upscale(
             skip_idle_controls(rt.pipe),
             tiled_denoising(rt.pipe, w, h, rt.upscale_tile or 1024, rt.overlap or 128, on_tile) as tiles,
         ):
-            events.append(f"{label}: {len(tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
+            n = len(tiles)
+            events.append(f"{label}: {n} tile{'s' * (n != 1)}, {runs} steps at strength {job.upscale_strength}")
+            announce(rt, label, runs)
             latents = img2img(
                 image=resized,
                 prompt_embeds=pe,
@@ -122,8 +124,10 @@ def upscale(
                 generator=torch.Generator("cpu").manual_seed(job.seed + k),
                 output_type="latent",
                 max_sequence_length=rt.max_seq,
-                callback_on_step_end=step_callback(rt, label, runs),
+                callback_on_step_end=step_callback(rt, label, runs, (w, h)),
+                callback_on_step_end_tensor_inputs=["latents"],
                 **control_args(rt.pipe, specs),
             ).images
+        announce(rt, f"{label}: decode")
         image = decode(rt.pipe, latents, w, h, monitor, events)
     return image
