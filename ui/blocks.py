@@ -49,7 +49,8 @@ CSS = """
 #status .bar div {height: 100%; background: var(--color-accent); border-radius: 3px}
 .field-error {color: #b3261e; font-size: 14px; margin-top: -6px}
 .field-note {color: var(--body-text-color-subdued); font-size: 13px; margin-top: -6px}
-#upscale .wrap {display: grid !important; grid-template-columns: repeat(5, 1fr); gap: 4px}
+#upscale .wrap {display: grid !important; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 4px}
+#upscale .wrap label {min-width: 0; padding: 6px 4px; justify-content: center}
 #run-row button {min-height: 44px}
 #live img {image-rendering: auto}
 """
@@ -66,7 +67,10 @@ JS = """() => {
   new MutationObserver(() => {
     for (const [sel, alt] of Object.entries(alts))
       document.querySelectorAll(sel + ' img:not([alt]), ' + sel + ' img[alt=""]').forEach((i) => i.alt = alt);
-  }).observe(document.body, {childList: true, subtree: true});
+    document.querySelectorAll('#memory-plot img').forEach((i) => {
+      if (!i.alt || i.alt.startsWith('undefined')) i.alt = 'memory over time, the phases shaded';
+    });
+  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['src']});
 }"""
 HELP = dict(
     scale="How strongly this control steers the image: 0.3–0.8 is typical (canny 0.7, depth 0.8).",
@@ -160,7 +164,7 @@ def _request(u: dict, examples: bool) -> None:
     u["err_prompt"] = _error_slot("prompt")
     with gr.Row(elem_id="run-row"):
         u["run"] = gr.Button("Run", variant="primary", elem_id="run", scale=3)
-        u["stop"] = gr.Button("Cancel", variant="secondary", elem_id="cancel", interactive=False, scale=1)
+        u["stop"] = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False, scale=1)
     # image_mode=None: keep alpha, 16-bit etc. for load_image to handle (white background)
     u["image"] = safe_image_input(
         gr.Image(

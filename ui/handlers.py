@@ -16,7 +16,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.job import MAX_PROMPT_CHARS as LIMITS_PROMPT
 from core.job import TIERS, ControlSpec, Job, out_size
 from core.limits import SEED_MAX
 from core.pngmeta import save_png
@@ -25,6 +24,16 @@ from preprocessors import load_image
 from preprocessors.image_io import fit_size
 from preprocessors.registry import CONTROLS
 
+from .feedback import (  # noqa: F401 - re-exported: the UI reads its helpers from one module
+    ERROR_FIELDS,
+    FIELD_LABELS,
+    field_of,
+    gallery_items,
+    history_add,
+    history_entry,
+    prompt_note,
+    seed_error,
+)
 from .settings import NONE, ROWS, UPSCALES, Settings, default_scale, settings_from_png  # noqa: F401 - re-exported
 
 RANDOM_SEED_MAX = 2**32 - 1  # randomized seeds stay exact in JavaScript numbers
@@ -319,12 +328,6 @@ def enlarge(preview: Image.Image | None, width: int, height: int, cap: int = 512
     return preview.resize((max(1, round(width * k)), max(1, round(height * k))), Image.BILINEAR)
 
 
-def gallery_add(gallery: list | None, path, caption: str, limit: int = 24) -> list:
-    """This session's results, newest first (kept in a gr.State, never global)."""
-    items = [(str(path), caption)] + [g for g in (gallery or []) if Path(g[0]).is_file()]
-    return items[:limit]
-
-
 def idle_status(demo: bool) -> str:
     from .progress import status_html
 
@@ -351,24 +354,6 @@ def done_line(summary: dict) -> str:
     secs = summary.get("finished_at", 0) - summary.get("started_at", 0)
     note = " Demo model: the image is noise." if summary.get("demo") else ""
     return f"Done in {secs:.1f} s: {w}×{h}, seed {summary['seed']}.{note}"
-
-
-# -- history: every result of this session, clickable ------------------------------------------------
-def history_entry(path, before, summary: dict, photo) -> dict:
-    """What a click on a history item restores: the settings (read back from the PNG), the
-    before/after pair, and the uploaded photo while its file still exists."""
-    s = summary
-    caption = f"seed {s['seed']} · {s['size'][0]}×{s['size'][1]} · {s['job']['prompt'][:40]}"
-    return dict(png=str(path), before=str(before), photo=str(photo) if photo else None, caption=caption)
-
-
-def history_add(history: list | None, entry: dict, limit: int = 24) -> list:
-    """Newest first; entries whose files are gone (the folder keeps 32) drop out."""
-    return ([entry] + [e for e in history or [] if Path(e["png"]).is_file()])[:limit]
-
-
-def gallery_items(history: list) -> list[tuple[str, str]]:
-    return [(e["png"], e["caption"]) for e in history]
 
 
 # -- cancelling -------------------------------------------------------------------------------------
@@ -400,47 +385,3 @@ class CancelFlags:
         if ev is not None:
             ev.set()
         return ev is not None
-
-
-# -- errors next to their field ---------------------------------------------------------------------
-ERROR_FIELDS = ("image", "prompt", "controls", "tier", "seed", "advanced")
-FIELD_LABELS = dict(
-    image="Input image", prompt="Prompt", controls="the controls", tier="VRAM tier", seed="Seed", advanced="Advanced"
-)
-
-
-def field_of(error) -> str | None:
-    """The UI field an error (or its sentence) is about (None: the job as a whole, e.g. out of memory)."""
-    from preprocessors.image_io import ImageInputError
-
-    m = str(error).lower()
-    if isinstance(error, ImageInputError) or m.startswith("upload an image"):
-        return "image"
-    if m.startswith("prompt"):
-        return "prompt"
-    if m.startswith("seed"):
-        return "seed"
-    if m.startswith(("steps", "guidance", "max side", "fp8_compute")):
-        return "advanced"
-    if "tier" in m:
-        return "tier"
-    if "control" in m or "canny" in m:
-        return "controls"
-    return None
-
-
-def prompt_note(prompt) -> tuple[str, bool]:
-    """(text under the prompt box, is it an error): the character count, checked as one types."""
-    n = len(prompt or "")
-    if n > LIMITS_PROMPT:
-        return f"{n} / {LIMITS_PROMPT} characters: {n - LIMITS_PROMPT} over the limit.", True
-    return (f"{n} / {LIMITS_PROMPT} characters" if n else ""), False
-
-
-def seed_error(seed) -> str:
-    """'' when the seed is usable, else the sentence Job would give."""
-    try:
-        _whole("seed", seed, 0, SEED_MAX)
-    except ValueError as e:
-        return str(e)
-    return ""

@@ -197,13 +197,6 @@ def test_slider_pair_is_capped(astronaut):
     assert before.size == after.size == (512, 512)
 
 
-def test_gallery_drops_missing_files(tmp_path):
-    a = tmp_path / "a.png"
-    Image.new("RGB", (8, 8)).save(a)
-    g = H.gallery_add([(str(tmp_path / "gone.png"), "old")], a, "new")
-    assert g == [(str(a), "new")]
-
-
 def test_fp8_compute_travels_from_the_checkbox_to_the_png_and_back(photo_path, tmp_path):
     assert job_from(photo_path).fp8_compute is False
     assert job_from(photo_path, fp8_compute=None).fp8_compute is False  # an API call leaving it out
