@@ -201,7 +201,7 @@ def _result(u: dict, engine) -> None:
         buttons=["download", "fullscreen"],
         elem_id="result",
     )
-    u["png"] = gr.File(label="PNG with all parameters", height=80, elem_id="png")
+    u["png"] = gr.File(label="PNG with all parameters", visible=False, elem_id="png")  # shown with a result
 
 
 def _settings(u: dict, engine, d, tiers, default_tier: str) -> None:
@@ -323,6 +323,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
         # machine cannot run (the page's dropdown offers only the runnable ones)
         u["api_tier"] = gr.Dropdown(list(TIERS), value="auto", label="tier", visible=False)
         u["api_run"] = gr.Button(visible=False)
+        u["drop"] = gr.Button("Drop the queued job", visible="hidden", elem_id="drop")
         runner = Runner(engine, H.CancelFlags(), out_dir, run_gpu, u)
         wire(demo, engine, runner, u, JS)
     demo.queue(max_size=QUEUE_SIZE)

@@ -18,6 +18,7 @@ from .progress import status_html
 
 log = logging.getLogger(__name__)
 PRIVATE = dict(api_visibility="private")
+DROP_JS = "() => { if (document.querySelector('#status .status-queued')) document.querySelector('#drop')?.click(); }"
 
 
 def inputs_of(u: dict, tier) -> list:
@@ -156,16 +157,28 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         async for out in runner.run_page(values, history, request):
             yield out
 
-    armed.then(
+    page_evt = armed.then(
         run_page,
         [*page_inputs, u["history"]],
         outputs,
         concurrency_limit=1,
         concurrency_id="gpu",
-        show_progress="hidden",
+        show_progress="minimal",  # Gradio's queue position, on the status bar only
+        show_progress_on=[u["status"]],
         **PRIVATE,
     )
     u["stop"].click(runner.cancel, None, u["status"], concurrency_limit=None, show_progress="hidden", **PRIVATE)
+    # a job still in the queue (status "queued"): the page's JS presses the hidden drop button
+    u["stop"].click(None, js=DROP_JS, **PRIVATE)
+    u["drop"].click(
+        runner.drop,
+        None,
+        [u[n] for n in ("status", "run", "stop", "live", "slider")],
+        cancels=[page_evt],
+        concurrency_limit=None,
+        show_progress="hidden",
+        **PRIVATE,
+    )
 
     # -- the result's history ------------------------------------------------------------------
     def restore(history, evt: gr.SelectData):
@@ -180,7 +193,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         photo = e["photo"] if e["photo"] and Path(e["photo"]).is_file() else gr.skip()
         text = "Restored the settings, photo and before/after of this result." + (f" Note: {note}." if note else "")
         slider = gr.update(value=(e["before"], e["png"]), visible=True)
-        return values + [slider, e["png"], photo, status_html("done", text)]
+        return values + [slider, gr.update(value=e["png"], visible=True), photo, status_html("done", text)]
 
     tier_values = [v for _, v in u["tier"].choices]
     u["gallery"].select(

@@ -5,7 +5,7 @@ seed) and raises gr.Error; the page's `run_page` is a generator that polls a pro
 the engine works in a thread and draws phase, step, ETA and previews on the result, then the result,
 the history and the plan. It never raises: a failure is one message, next to its field when it has
 one, and a cancel ends in a "Cancelled" state. Cancel sets the session's flag (armed when Run is
-clicked, so a job still waiting in the queue can be cancelled too); engine.run polls it between steps.
+clicked), which engine.run polls between steps; a job still waiting in the queue is dropped from it.
 """
 
 from __future__ import annotations
@@ -103,9 +103,20 @@ class Runner:
         }
 
     def cancel(self, request: gr.Request = None):
-        if self.flags.cancel(_session(request)):
-            return status_html("cancelling", "Cancelling: the job stops after the current step…")
-        return gr.skip()
+        """Cancel while the job runs: the engine stops after the current step (the page's JS sends a
+        job still in the queue to `drop` instead)."""
+        ev = self.flags.current(_session(request))
+        if ev is None or not getattr(ev, "started", False):
+            return gr.skip()
+        ev.set()
+        return status_html("cancelling", "Cancelling: the job stops after the current step…")
+
+    def drop(self, request: gr.Request = None):
+        """Cancel while the job waits in the queue: Gradio removes it (cancels=), this says so."""
+        ev = self.flags.current(_session(request))
+        if ev is not None:
+            ev.set()  # should it start after all, it ends at once
+        return self._end("cancelled", "Cancelled before it started.")
 
     def _end(self, kind: str, text: str, field: str | None = None) -> dict:
         u = self.ui
@@ -125,6 +136,7 @@ class Runner:
         """values: generate's inputs; history: the session's (a gr.State)."""
         u, key = self.ui, _session(request)
         ev = self.flags.current(key) or self.flags.start(key)
+        ev.started = True  # from now on Cancel stops the engine rather than the queued event
         clear = {u[f"err_{f}"]: gr.update(value="", visible=False) for f in H.ERROR_FIELDS}
         try:
             if ev.is_set():
@@ -180,7 +192,7 @@ class Runner:
         u = self.ui
         return {
             u["slider"]: gr.update(value=(str(before), str(path)), visible=True),
-            u["png"]: str(path),
+            u["png"]: gr.update(value=str(path), visible=True),
             u["summary"]: summary,
             u["seed"]: job.seed,
             u["plan"]: H.plan_markdown(summary),

@@ -1,7 +1,8 @@
 """The page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright), walked as a user
 would: Ctrl+Enter starts a job whose status on the result says "step k/N" and an ETA; Cancel ends in
 "Cancelled"; a run gives the before/after slider whose download is the PNG with A1111 `parameters`;
-a PNG without settings gives one message; the settings come back from our PNG; and on a phone
+a PNG without settings gives one message; the settings come back from our PNG and from a click on
+the history; and on a phone
 (390×844) Run is on the first screen after the upload. No "Error" pill appears anywhere.
 
 UI_SCREENSHOTS=DIR copies the screenshots of the main states there (docs/ holds the committed ones).
@@ -84,8 +85,8 @@ def test_the_page_walked_as_a_user(app_url, example_photo, tmp_path):
             expect(page.locator("#scale-3")).to_be_hidden()
             page.get_by_text("Advanced", exact=True).click()
             set_slider(page, "steps", 100)  # long enough to watch and cancel (~0.3 s a step here)
-            set_slider(page, "max-side", 384)
-            page.wait_for_selector("#size-info :text('384×384')", timeout=30_000)
+            page.locator("#upscale").get_by_text("2×", exact=True).click()  # and an upscale stage after them
+            page.wait_for_selector("#size-info :text('832×832')", timeout=30_000)
             expect(page.locator(".control-preview img")).to_have_count(2, timeout=60_000)
 
             # Ctrl+Enter runs; the status on the result says the phase, step k/N and an ETA
@@ -102,6 +103,7 @@ def test_the_page_walked_as_a_user(app_url, example_photo, tmp_path):
             shoot(page, tmp_path, "desktop-cancelled")
 
             set_slider(page, "steps", 2)
+            page.locator("#upscale").get_by_text("1×", exact=True).click()
             set_slider(page, "max-side", 192)
             page.wait_for_selector("#size-info :text('192×192')", timeout=30_000)
             page.locator("#run").click()
@@ -140,6 +142,15 @@ def test_the_page_walked_as_a_user(app_url, example_photo, tmp_path):
             assert page.locator("#seed input").input_value() == seed
             assert not page.locator("#randomize input").is_checked()
             expect(page.locator("#settings-msg")).to_contain_text("Loaded the settings of this app's PNG")
+            no_error_pills(page)
+            # the history: a click restores that result's settings and its before/after
+            page.locator("#prompt textarea").fill("yet another prompt")
+            set_slider(page, "steps", 7)
+            page.locator("#gallery img").first.click()
+            expect(page.locator("#prompt textarea")).to_have_value("an astronaut, studio light", timeout=30_000)
+            expect(page.locator("#steps input[type=number]")).to_have_value("2")
+            expect(status).to_contain_text("Restored the settings")
+            expect(page.locator("#result img")).to_have_count(2)
             no_error_pills(page)
 
             # a phone: Run is on the first screen after the upload
