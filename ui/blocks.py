@@ -163,8 +163,8 @@ def _request(u: dict, examples: bool) -> None:
     )
     u["err_prompt"] = _error_slot("prompt")
     with gr.Row(elem_id="run-row"):
-        u["run"] = gr.Button("Run", variant="primary", elem_id="run", scale=3)
-        u["stop"] = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False, scale=1)
+        u["run"] = gr.Button("Run", variant="primary", elem_id="run", scale=3, min_width=120)
+        u["stop"] = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False, scale=1, min_width=90)
     # image_mode=None: keep alpha, 16-bit etc. for load_image to handle (white background)
     u["image"] = safe_image_input(
         gr.Image(
