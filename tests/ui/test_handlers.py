@@ -277,3 +277,14 @@ def test_history_keeps_what_a_click_restores(tmp_path):
     h = H.history_add(h, H.history_entry(pngs[1], tmp_path / "b.jpg", summary, "photo.png"))
     assert len(h) == 3 and h[0]["photo"] == "photo.png" and str(pngs[0]) not in [e["png"] for e in h]
     assert H.gallery_items(h)[0] == (str(pngs[1]), "seed 3 · 8×8 · a cat")
+
+
+def test_loaded_settings_keep_to_the_tiers_this_machine_runs():
+    from ui.events import settings_values
+
+    s = H.Settings("a fox", [("canny", 0.7, 0.8), ("none", 0.7, 0.8), ("none", 0.7, 0.8)], "24", "2", 5, 20, 3.5, 512)
+    values, note = settings_values(s, ["auto", "cpu"])
+    assert values[10] == "auto" and "the 24 GB tier does not run on this machine" in note
+    assert values[13] is False  # randomize off: the loaded seed is kept
+    values, note = settings_values(H.Settings(**{**s.__dict__, "tier": "cpu", "dropped": ["pose"]}), ["auto", "cpu"])
+    assert values[10] == "cpu" and "left out" in note and "pose" in note
