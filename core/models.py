@@ -99,7 +99,7 @@ def load_controlnet(source: str, dtype: torch.dtype):
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     """FluxControlNetPipeline on the CPU in `dtype`, its ControlNet wrapped in a
     FluxMultiControlNetModel so one or several controls take the same path.
-    Placement on the GPU is the plan's business (core.residency)."""
+    Placement on the GPU is the plan's business (core.placed, core.stream)."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
     controlnet = load_controlnet(spec.controlnet, dtype)

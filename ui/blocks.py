@@ -1,45 +1,93 @@
 """The Gradio app: `create_demo(engine)` builds the Blocks (nothing global, nothing launched).
 
-One GPU job at a time: the generating event has concurrency_limit=1 in the shared "gpu" group and the
-queue is bounded. Cancel works twice over: Gradio's `cancels=[...]` cancels the event's task, which
-sets the job's threading.Event (polled by engine.run between steps), and the Cancel button's own
-handler sets the session's Event too.
+Layout: prompt and Run at the top, the result large beside them with the job's status (phase,
+step k/N, ETA, live preview) drawn over it; the controls, tier, seed and advanced settings below;
+the history and the plan under the result. One GPU job at a time (ui/run.py); the helpers
+(previews, size line, settings) are private events outside the API, which has one endpoint,
+`generate`, with every tier in its choices (the page offers only those this machine can run).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import shutil
 import tempfile
-import time
 import uuid
 import weakref
 from pathlib import Path
 
 import gradio as gr
 
-from core.denoise.runtime import JobCancelled
-from core.device import detect
-from core.engine import OutOfMemory
-from core.job import MAX_PROMPT_CHARS, TIERS, out_size
+from core.job import MAX_PROMPT_CHARS, TIERS
 from core.limits import LIMITS
-from core.models import ModelUnavailableError
 
 from . import handlers as H
-from .plots import memory_figure
+from .events import example_list, wire
+from .run import Runner
 from .zerogpu import gpu_wrap
 
-log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 QUEUE_SIZE = 8
-EXAMPLES = (  # file, prompt, control 1, scale 1, control 2, scale 2
-    ("astronaut.png", "a portrait of an astronaut in a white suit, studio light, detailed", "canny", 0.7, "depth", 0.6),
-    ("coffee.png", "a cup of coffee on a wooden table, morning light, film photo", "canny", 0.7, "none", 0.7),
-    ("chelsea.png", "a tabby cat lying on a rug, soft window light", "depth", 0.8, "none", 0.7),
-    ("rocket.png", "a rocket on the launch pad at dusk, dramatic clouds", "canny", 0.6, "depth", 0.5),
+EXAMPLES = (  # file, label, prompt, (control, scale) per row
+    (
+        "astronaut.png",
+        "Astronaut",
+        "a portrait of an astronaut in a white suit, studio light, detailed",
+        (("canny", 0.7), ("depth", 0.6)),
+    ),
+    ("coffee.png", "Coffee", "a cup of coffee on a wooden table, morning light, film photo", (("canny", 0.7),)),
+    ("chelsea.png", "Cat", "a tabby cat lying on a rug, soft window light", (("depth", 0.8),)),
+    ("rocket.png", "Rocket", "a rocket on the launch pad at dusk, dramatic clouds", (("canny", 0.6), ("depth", 0.5))),
 )
-USER_ERRORS = (ValueError, OutOfMemory, ModelUnavailableError)
+CSS = """
+#status .status {padding: 10px 14px; border-radius: 8px; border: 1px solid var(--border-color-primary);
+  background: var(--block-background-fill); font-size: 15px; min-height: 22px}
+#status .status-running, #status .status-queued {border-color: var(--color-accent)}
+#status .status-cancelling, #status .status-cancelled {border-color: #d9a400; background: #fff8e1; color: #5c4400}
+#status .status-error {border-color: #c44e52; background: #fdecec; color: #8a1c1f}
+#status .status-done {border-color: #55a868}
+#status .bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-top: 8px}
+#status .bar div {height: 100%; background: var(--color-accent); border-radius: 3px}
+.field-error {color: #b3261e; font-size: 14px; margin-top: -6px}
+.field-note {color: var(--body-text-color-subdued); font-size: 13px; margin-top: -6px}
+#upscale .wrap {display: grid !important; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 4px}
+#upscale .wrap label {min-width: 0; padding: 6px 4px; justify-content: center}
+#run-row button {min-height: 44px}
+#live img {image-rendering: auto}
+"""
+# Ctrl+Enter (⌘+Enter) runs from anywhere; images get alt text (Gradio leaves it empty)
+JS = """() => {
+  document.addEventListener('keydown', (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === 'Enter') {
+      const run = document.querySelector('#run');
+      if (run && !run.disabled) { e.preventDefault(); run.click(); }
+    }
+  });
+  const alts = {'#result': 'input and generated result', '#live': 'live preview of the job',
+                '#input-image': 'input photo', '.control-preview': 'control image', '#gallery': 'earlier result'};
+  new MutationObserver(() => {
+    for (const [sel, alt] of Object.entries(alts))
+      document.querySelectorAll(sel + ' img:not([alt]), ' + sel + ' img[alt=""]').forEach((i) => i.alt = alt);
+    document.querySelectorAll('#memory-plot img').forEach((i) => {
+      if (!i.alt || i.alt.startsWith('undefined')) i.alt = 'memory over time, the phases shaded';
+    });
+  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['src']});
+}"""
+HELP = dict(
+    scale="How strongly this control steers the image: 0.3–0.8 is typical (canny 0.7, depth 0.8).",
+    end="The control acts until this fraction of the steps, then the model draws detail freely (0.65–0.8).",
+    upscale="Progressive tiled upscaling after generation: stages of at most 2×, each refined in tiles.",
+    precision="fp8 matmuls: faster on Ada/Hopper GPUs when the whole model fits (48 GB tier); fine detail "
+    "changes slightly. Ignored, with a note, elsewhere.",
+    seed="The same seed and settings give the same image. Typing a seed turns Randomize off.",
+)
+
+
+def _demo_notice() -> str:
+    return (
+        "⚠️ **Demo model:** a tiny FLUX with *random weights* runs here (no CUDA GPU, or `--demo`). "
+        "Everything works end to end, but **every image is noise** — the depth preview too (its depth "
+        "model is random as well). Start `app.py` on a GPU machine (or pass `--model`) for real images."
+    )
 
 
 def safe_image_input(component: gr.Image) -> gr.Image:
@@ -59,16 +107,186 @@ def safe_image_input(component: gr.Image) -> gr.Image:
     return component
 
 
-def _error(e: Exception) -> gr.Error:
-    return gr.Error(str(e), print_exception=False)
+def _error_slot(name: str) -> gr.Markdown:
+    return gr.Markdown(visible=False, elem_classes="field-error", elem_id=f"err-{name}")
 
 
-def _demo_notice() -> str:
-    return (
-        "> ⚠️ **Demo model:** a tiny FLUX with *random weights* is running (no CUDA GPU found, or "
-        "`--demo`). Everything works end to end, but the images are noise. Start `app.py` on a "
-        "machine with a GPU (or pass `--model`) for real images."
+def _control_row(k: int, kind: str, end: float) -> tuple:
+    """A control row's components, unrendered: the examples (rendered first) set them."""
+    on = kind != H.NONE
+    lim_s, lim_e = LIMITS["scale"], LIMITS["control_end"]
+    c = gr.Dropdown(H.control_choices(), value=kind, label=f"Control {k}", elem_id=f"control-{k}", render=False)
+    s = gr.Slider(
+        lim_s.lo,
+        lim_s.hi,
+        value=H.default_scale(kind),
+        step=lim_s.step,
+        label="Scale",
+        info=HELP["scale"],
+        visible=on,
+        elem_id=f"scale-{k}",
+        render=False,
     )
+    e = gr.Slider(
+        lim_e.step,
+        lim_e.hi,
+        value=end,
+        step=lim_e.step,
+        label="Guidance end",
+        info=HELP["end"],
+        visible=on,
+        elem_id=f"end-{k}",
+        render=False,
+    )
+    p = gr.Image(
+        label=f"Control {k} image",
+        interactive=False,
+        height=200,
+        scale=2,
+        min_width=140,
+        buttons=["fullscreen"],
+        visible=on,
+        elem_classes="control-preview",
+        render=False,
+    )
+    return c, s, e, p
+
+
+def _request(u: dict, examples: bool) -> None:
+    """Prompt, Run and Cancel, the photo, the examples."""
+    u["prompt"] = gr.Textbox(
+        label="Prompt",
+        lines=2,
+        max_lines=8,
+        placeholder=f"What to draw (up to {MAX_PROMPT_CHARS} characters). Ctrl+Enter runs.",
+        elem_id="prompt",
+    )
+    u["err_prompt"] = _error_slot("prompt")
+    with gr.Row(elem_id="run-row"):
+        u["run"] = gr.Button("Run", variant="primary", elem_id="run", scale=3, min_width=120)
+        u["stop"] = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False, scale=1, min_width=90)
+    # image_mode=None: keep alpha, 16-bit etc. for load_image to handle (white background)
+    u["image"] = safe_image_input(
+        gr.Image(
+            label="Input image (the controls are computed from it)",
+            type="filepath",
+            image_mode=None,
+            sources=["upload", "clipboard"],
+            height=260,
+            elem_id="input-image",
+        )
+    )
+    u["info"] = gr.Markdown(elem_id="size-info")
+    u["err_image"] = _error_slot("image")
+    if examples:
+        example_list(u, [(ASSETS / f, *rest) for f, *rest in EXAMPLES])
+
+
+def _result(u: dict, engine) -> None:
+    """The status bar, the live preview while a job runs, the before/after slider, the PNG."""
+    u["status"] = gr.HTML(H.idle_status(engine.demo), elem_id="status", padding=False)
+    u["live"] = gr.Image(
+        label="Live preview (latents projected to RGB)",
+        interactive=False,
+        visible=False,
+        height=512,
+        buttons=[],
+        elem_id="live",
+    )
+    u["slider"] = gr.ImageSlider(
+        label="Input (resized) ↔ result",
+        type="filepath",
+        format="png",
+        max_height=640,
+        buttons=["download", "fullscreen"],
+        elem_id="result",
+    )
+    u["png"] = gr.File(label="PNG with all parameters", visible=False, elem_id="png")  # shown with a result
+
+
+def _settings(u: dict, engine, d, tiers, default_tier: str) -> None:
+    """Controls, tier and upscale, seed, advanced, settings from a PNG."""
+    for c, s, e, p in u["rows"]:
+        with gr.Group(), gr.Row(equal_height=True):
+            with gr.Column(scale=3, min_width=200):
+                c.render()
+                s.render()
+                e.render()
+            p.render()
+    u["err_controls"] = _error_slot("controls")
+    with gr.Accordion("Canny thresholds", open=False):
+        u["canny_auto"] = gr.Checkbox(True, label="automatic (from the image's median brightness)")
+        with gr.Row():
+            u["canny_low"] = gr.Slider(0, 254, value=100, step=1, label="low", interactive=False)
+            u["canny_high"] = gr.Slider(1, 255, value=200, step=1, label="high", interactive=False)
+    with gr.Row():
+        u["tier"] = gr.Dropdown(
+            tiers,
+            value=default_tier,
+            label="VRAM tier",
+            info=H.tier_info(engine.device, engine.sizes),
+            elem_id="tier",
+            min_width=200,
+        )
+        u["upscale"] = gr.Radio(
+            H.upscale_choices(), value="1", label="Upscale", info=HELP["upscale"], elem_id="upscale"
+        )
+    u["err_tier"] = _error_slot("tier")
+    with gr.Row(equal_height=True):
+        u["seed"] = gr.Number(0, label="Seed", precision=0, info=HELP["seed"], elem_id="seed", scale=2)
+        with gr.Column(scale=1, min_width=150):
+            u["randomize"] = gr.Checkbox(True, label="Randomize seed", elem_id="randomize")
+            u["reuse"] = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
+    u["err_seed"] = _error_slot("seed")
+    with gr.Accordion("Advanced", open=False):
+        lim = LIMITS["steps"]
+        u["steps"] = gr.Slider(lim.lo, lim.hi, value=d.steps, step=1, precision=0, label="Steps", elem_id="steps")
+        lim = LIMITS["guidance"]
+        u["guidance"] = gr.Slider(
+            lim.lo,
+            lim.hi,
+            value=d.guidance,
+            step=lim.step,
+            label="Guidance",
+            info="FLUX.1-dev's distilled guidance (Forge: 'Distilled CFG Scale'); 3.5 is typical.",
+        )
+        lim = LIMITS["width"]
+        u["max_side"] = gr.Slider(
+            lim.lo,
+            lim.hi,
+            value=d.max_side,
+            step=lim.step,
+            precision=0,
+            label="Max side (generation size before upscaling)",
+            elem_id="max-side",
+        )
+        u["fp8_compute"] = gr.Checkbox(
+            False, label="Precision: fp8 compute", info=HELP["precision"], elem_id="fp8-compute"
+        )
+        u["err_advanced"] = _error_slot("advanced")
+    with gr.Accordion("Load settings from a PNG", open=False):
+        u["settings_png"] = gr.File(
+            label="A PNG from this app, A1111 or Forge", file_types=[".png"], type="filepath", elem_id="settings-png"
+        )
+        u["settings_msg"] = gr.Markdown(elem_id="settings-msg")
+
+
+def _history(u: dict) -> None:
+    u["gallery"] = gr.Gallery(
+        label="History: click a result to restore its settings and before/after",
+        columns=4,
+        height=240,
+        fit_columns=False,
+        object_fit="cover",
+        interactive=False,
+        allow_preview=False,
+        elem_id="gallery",
+    )
+    with gr.Tab("Plan and memory"):
+        u["plan"] = gr.Markdown(elem_id="plan")
+        u["plot"] = gr.Plot(label="Memory over time, phases shaded", elem_id="memory-plot")
+    with gr.Tab("Summary (JSON)"):
+        u["summary"] = gr.JSON(label="Summary")
 
 
 def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") -> gr.Blocks:
@@ -76,373 +294,38 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
     if default_tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {default_tier!r}.")
     d = H.defaults_for(engine)
-    flags = H.CancelFlags()
     out_dir = Path(tempfile.gettempdir()) / "flux-anyvram-ui" / uuid.uuid4().hex[:12]
+    run_gpu = gpu_wrap(lambda job, progress, cancel: engine.run(job, progress=progress, cancel=cancel), engine)
+    tiers = H.tier_choices(engine.device, engine.sizes)
+    if default_tier not in [v for _, v in tiers]:
+        default_tier = "auto"
+    u: dict = {}  # the components, by name, for the handlers
 
-    def run_job(job, progress, cancel):
-        return engine.run(job, progress=progress, cancel=cancel)
-
-    run_gpu = gpu_wrap(run_job, engine)
-
-    # -- handlers ---------------------------------------------------------------------------------
-    async def generate(
-        image,
-        prompt,
-        control_1,
-        scale_1,
-        end_1,
-        control_2,
-        scale_2,
-        end_2,
-        control_3,
-        scale_3,
-        end_3,
-        tier,
-        upscale,
-        seed,
-        randomize_seed,
-        steps,
-        guidance,
-        max_side,
-        canny_auto=True,
-        canny_low=100,
-        canny_high=200,
-        fp8_compute=False,
-        request: gr.Request = None,
-        progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
-    ):
-        rows = [(control_1, scale_1, end_1), (control_2, scale_2, end_2), (control_3, scale_3, end_3)]
-        try:  # decoding a large upload takes a while: off the event loop, like every slow step here
-            job = await asyncio.to_thread(
-                H.build_job,
-                image,
-                prompt,
-                rows,
-                tier,
-                upscale,
-                seed,
-                randomize_seed,
-                steps,
-                guidance,
-                max_side,
-                None if canny_auto else (canny_low, canny_high),
-                fp8_compute=fp8_compute,
-            )
-        except ValueError as e:
-            raise _error(e) from None
-        key = getattr(request, "session_hash", None)
-        ev = flags.start(key)
-        progress(0, desc="Loading the model and planning")
-
-        def on_progress(label: str, done: int, total: int) -> None:
-            progress((min(done, total), total), desc=label, unit="tiles" if ": tile" in label else "steps")
-
-        started = time.time()
-        try:
-            result = await asyncio.to_thread(run_gpu, job, on_progress, ev.is_set)
-        except asyncio.CancelledError:  # Gradio cancelled this event: stop the engine too
-            ev.set()
-            raise
-        except JobCancelled:
-            raise gr.Error("The job was cancelled.", print_exception=False) from None
-        except USER_ERRORS as e:
-            raise _error(e) from None
-        finally:
-            flags.finish(key, ev)
-        finished = time.time()
-        path, pair = await asyncio.to_thread(lambda: (H.save_result(result, out_dir), H.slider_pair(job, result.image)))
-        summary = H.summary_of(result, started, finished, path)
-        last = dict(pair=pair, path=str(path), summary=summary)
-        return str(path), summary, job.seed, last
-
-    def show(last, gallery):
-        if not last:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        s = last["summary"]
-        caption = f"seed {s['seed']} · {s['size'][0]}×{s['size'][1]} · {s['job']['prompt'][:40]}"
-        gallery = H.gallery_add(gallery, last["path"], caption)
-        return last["pair"], gallery, gallery, H.plan_markdown(s), memory_figure(s)
-
-    def cancel(request: gr.Request = None):
-        if flags.cancel(getattr(request, "session_hash", None)):
-            gr.Info("Cancelling: the job stops after the current step.")
-
-    def preview(image, kind, canny_auto, low, high):
-        try:
-            return H.preview_control(image, kind, None if canny_auto else (low, high), engine.demo)
-        except Exception as e:  # noqa: BLE001 - a preview never blocks the UI; the run says why
-            log.info("no preview for %s: %s", kind, e)
-            return None
-
-    def canny_preview(image, kind, canny_auto, low, high):
-        """The canny thresholds changed: only a canny row's preview depends on them."""
-        return preview(image, kind, canny_auto, low, high) if kind == "canny" else gr.skip()
-
-    def size_info(image, max_side, upscale):
-        if image is None:
-            return ""
-        try:
-            iw, ih = H.input_size(image)
-            w, h = H.fit_size(iw, ih, max_side=int(max_side))
-        except ValueError as e:
-            raise _error(e) from None
-        ow, oh = out_size(w, h, float(upscale))
-        return f"Input {iw}×{ih} → generated at **{w}×{h}** → output **{ow}×{oh}**"
-
-    def load_settings(path):
-        try:
-            s = H.settings_from_png(path)
-        except ValueError as e:
-            raise _error(e) from None
-        if s.dropped:
-            gr.Warning(f"Only {H.ROWS} controls fit in the UI; left out: {', '.join(s.dropped)}.")
-        rows = [v for r in s.rows for v in r]
-        canny = s.canny or (100, 200)
-        gr.Info("Settings loaded from the PNG (seed fixed: randomize is off).")
-        return (
-            s.prompt,
-            *rows,
-            s.tier,
-            s.upscale,
-            s.seed,
-            False,
-            min(max(s.steps, 1), 100),
-            min(max(s.guidance, 0.0), 20.0),
-            min(max(s.max_side, 64), 2048),
-            s.canny is None,
-            canny[0],
-            canny[1],
-            s.fp8_compute,
-        )
-
-    def refresh_tier(tier):
-        return gr.update(choices=H.tier_choices(detect()), value=tier)
-
-    # -- layout -----------------------------------------------------------------------------------
     with gr.Blocks(title="FLUX ControlNet on any GPU", delete_cache=(3600, 7200)) as demo:
-        gr.Markdown(
-            "# FLUX.1-dev + ControlNet-Union on any GPU\nUpload a photo, pick up to three "
-            "controls, write a prompt, pick a VRAM tier and an upscale factor."
-        )
+        gr.HTML(f"<style>{CSS}</style>", padding=False, elem_id="style")
+        gr.Markdown("## FLUX.1-dev + ControlNet-Union on any GPU", elem_id="title")
         if engine.demo:
             gr.Markdown(_demo_notice(), elem_id="demo-notice")
-        last = gr.State(None)
-        gallery_state = gr.State([])
-        with gr.Row():
-            with gr.Column(scale=5):
-                # image_mode=None: keep alpha, 16-bit etc. for load_image to handle (white background)
-                image = safe_image_input(
-                    gr.Image(
-                        label="Input image",
-                        type="filepath",
-                        image_mode=None,
-                        sources=["upload", "clipboard"],
-                        height=300,
-                        elem_id="input-image",
-                    )
-                )
-                info = gr.Markdown(elem_id="size-info")
-                prompt = gr.Textbox(
-                    label="Prompt",
-                    lines=2,
-                    placeholder=f"What to draw (up to {MAX_PROMPT_CHARS} characters)",
-                    elem_id="prompt",
-                )
-                rows = []
-                for k, (kind, end) in enumerate(H.DEFAULT_ROWS, 1):
-                    with gr.Group(), gr.Row(equal_height=True):
-                        with gr.Column(scale=3, min_width=220):
-                            c = gr.Dropdown(
-                                H.control_choices(), value=kind, label=f"Control {k}", elem_id=f"control-{k}"
-                            )
-                            with gr.Row():
-                                s = gr.Slider(
-                                    0.0,
-                                    2.0,
-                                    value=H.default_scale(kind),
-                                    step=0.05,
-                                    label=f"scale {k}",
-                                    elem_id=f"scale-{k}",
-                                )
-                                e = gr.Slider(
-                                    0.05, 1.0, value=end, step=0.05, label=f"guidance end {k}", elem_id=f"end-{k}"
-                                )
-                        p = gr.Image(
-                            label=f"Control {k} preview",
-                            interactive=False,
-                            height=150,
-                            scale=1,
-                            min_width=120,
-                            buttons=[],
-                            elem_classes="control-preview",
-                        )
-                    rows.append((c, s, e, p))
-                with gr.Accordion("Canny thresholds", open=False):
-                    canny_auto = gr.Checkbox(True, label="automatic (from the image's median brightness)")
-                    with gr.Row():
-                        canny_low = gr.Slider(0, 254, value=100, step=1, label="low")
-                        canny_high = gr.Slider(1, 255, value=200, step=1, label="high")
-                with gr.Row():
-                    tier = gr.Dropdown(
-                        H.tier_choices(engine.device), value=default_tier, label="VRAM tier", elem_id="tier"
-                    )
-                    upscale = gr.Radio(H.upscale_choices(), value="1", label="Upscale", elem_id="upscale")
-                with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=H.SEED_MAX, elem_id="seed")
-                    randomize = gr.Checkbox(True, label="Randomize seed", elem_id="randomize")
-                with gr.Accordion("Advanced", open=False):
-                    lim = LIMITS["steps"]
-                    steps = gr.Slider(
-                        lim.lo, lim.hi, value=d.steps, step=1, precision=0, label="Steps", elem_id="steps"
-                    )
-                    lim = LIMITS["guidance"]
-                    guidance = gr.Slider(lim.lo, lim.hi, value=d.guidance, step=lim.step, label="Guidance")
-                    max_side = gr.Slider(
-                        64,
-                        2048,
-                        value=d.max_side,
-                        step=16,
-                        precision=0,
-                        label="Max side (generation size before upscaling)",
-                        elem_id="max-side",
-                    )
-                    fp8_compute = gr.Checkbox(
-                        False,
-                        label="fp8 compute: faster on Ada/Hopper GPUs when the whole model is on the "
-                        "GPU (48 GB tier); fine detail changes slightly. Ignored on other tiers and GPUs, "
-                        "with a note.",
-                        elem_id="fp8-compute",
-                    )
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                with gr.Accordion("Load settings from a PNG", open=False):
-                    settings_png = gr.File(
-                        label="A PNG made by this app", file_types=[".png"], type="filepath", elem_id="settings-png"
-                    )
-            with gr.Column(scale=6):
-                slider = gr.ImageSlider(label="Input (resized) ↔ result", type="pil", elem_id="result")
-                png = gr.File(label="PNG with all parameters", elem_id="png")
-                with gr.Tab("Plan and memory"):
-                    plan_md = gr.Markdown(elem_id="plan")
-                    plot = gr.Plot(label="Memory timeline", elem_id="memory-plot")
-                with gr.Tab("Summary (JSON)"):
-                    summary = gr.JSON(label="Summary")
-                gallery = gr.Gallery(
-                    label="This session's results",
-                    columns=4,
-                    height=260,
-                    fit_columns=False,
-                    object_fit="cover",
-                    interactive=False,
-                    elem_id="gallery",
-                )
-
-        controls = [x for c, s, e, _ in rows for x in (c, s, e)]
-        inputs = [
-            image,
-            prompt,
-            *controls,
-            tier,
-            upscale,
-            seed,
-            randomize,
-            steps,
-            guidance,
-            max_side,
-            canny_auto,
-            canny_low,
-            canny_high,
-            fp8_compute,
-        ]
-
-        # -- events ---------------------------------------------------------------------------------
-        run_evt = run.click(
-            generate,
-            inputs,
-            [png, summary, seed, last],
-            api_name="generate",
-            api_description="Generate an image; returns the PNG (parameters in its metadata) and a JSON summary.",
-            concurrency_limit=1,
-            concurrency_id="gpu",
-        )
-        run_evt.success(
-            show,
-            [last, gallery_state],
-            [slider, gallery, gallery_state, plan_md, plot],
-            api_visibility="private",
-            concurrency_limit=4,
-            show_progress="hidden",
-        )
-        stop.click(cancel, None, None, cancels=[run_evt], queue=False, api_visibility="private")
-        for c, s, e, p in rows:
-            c.input(
-                lambda kind: (H.default_scale(kind), H.default_end(kind)),
-                c,
-                [s, e],
-                api_visibility="private",
-                queue=False,
-            )
-            gr.on(
-                [image.change, c.change],
-                preview,
-                [image, c, canny_auto, canny_low, canny_high],
-                p,
-                api_visibility="private",
-                show_progress="minimal",
-                trigger_mode="always_last",
-            )
-            gr.on(
-                [canny_auto.change, canny_low.release, canny_high.release],
-                canny_preview,  # other rows keep theirs
-                [image, c, canny_auto, canny_low, canny_high],
-                p,
-                api_visibility="private",
-                show_progress="minimal",
-                trigger_mode="always_last",
-            )
-        gr.on(
-            [image.change, max_side.release, upscale.change],
-            size_info,
-            [image, max_side, upscale],
-            info,
-            api_visibility="private",
-            show_progress="hidden",
-            trigger_mode="always_last",
-        )
-        settings_png.upload(
-            load_settings,
-            settings_png,
-            [
-                prompt,
-                *controls,
-                tier,
-                upscale,
-                seed,
-                randomize,
-                steps,
-                guidance,
-                max_side,
-                canny_auto,
-                canny_low,
-                canny_high,
-                fp8_compute,
-            ],
-            api_visibility="private",
-        )
-        demo.load(refresh_tier, tier, tier, api_visibility="private", queue=False)
-
-        if examples:
-            rows_ex = [
-                [str(ASSETS / f), p, c1, s1, c2, s2] for f, p, c1, s1, c2, s2 in EXAMPLES if (ASSETS / f).is_file()
-            ]
-            if rows_ex:
-                gr.Examples(
-                    rows_ex,
-                    [image, prompt, rows[0][0], rows[0][1], rows[1][0], rows[1][1]],
-                    cache_examples=False,
-                    label="Examples (scikit-image photos)",
-                )
+        u["history"] = gr.State([])
+        u["rows"] = [_control_row(k, kind, end) for k, (kind, end) in enumerate(H.DEFAULT_ROWS, 1)]
+        # two rows, so that a phone (one column) shows prompt, Run, photo, then the result
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=320):
+                _request(u, examples)
+            with gr.Column(scale=6, min_width=320):
+                _result(u, engine)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=320):
+                _settings(u, engine, d, tiers, default_tier)
+            with gr.Column(scale=6, min_width=320):
+                _history(u)
+        # the API's own tier input: every tier, so a client gets the core's sentence for one this
+        # machine cannot run (the page's dropdown offers only the runnable ones)
+        u["api_tier"] = gr.Dropdown(list(TIERS), value="auto", label="tier", visible=False)
+        u["api_run"] = gr.Button(visible=False)
+        u["drop"] = gr.Button("Drop the queued job", visible="hidden", elem_id="drop")
+        runner = Runner(engine, H.CancelFlags(), out_dir, run_gpu, u)
+        wire(demo, engine, runner, u, JS)
     demo.queue(max_size=QUEUE_SIZE)
     weakref.finalize(demo, shutil.rmtree, out_dir, True)  # the PNGs Gradio has copied to its cache
     return demo

@@ -1,7 +1,7 @@
 """Between UI values and core: build a Job, turn a Result into outputs, settings ↔ PNG metadata.
 
 Plain functions on plain values (no Gradio objects, no running server), so tests call them directly.
-Bad values raise ValueError with the core's own sentence; the UI shows it as gr.Error.
+Bad values raise ValueError with the core's own sentence; the UI shows it next to its field (field_of).
 """
 
 from __future__ import annotations
@@ -11,21 +11,39 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from core.job import TIERS, ControlSpec, Job
+from core.job import TIERS, ControlSpec, Job, out_size
 from core.limits import SEED_MAX
-from core.pngmeta import read_params, save_png
+from core.pngmeta import save_png
+from core.tiers import runnable_tiers
 from preprocessors import load_image
 from preprocessors.image_io import fit_size
 from preprocessors.registry import CONTROLS
 
-ROWS = 3  # control rows in the UI
-NONE = "none"
-UPSCALES = ("1", "1.5", "2", "3", "4")  # strings: exact choices for API clients
+from .feedback import (  # noqa: F401 - re-exported: the UI reads its helpers from one module
+    ERROR_FIELDS,
+    FIELD_LABELS,
+    field_of,
+    gallery_items,
+    history_add,
+    history_entry,
+    prompt_note,
+    seed_error,
+)
+from .settings import (  # noqa: F401 - re-exported
+    NONE,
+    ROWS,
+    UPSCALES,
+    Settings,
+    default_end,
+    default_scale,
+    settings_from_png,
+)
+
 RANDOM_SEED_MAX = 2**32 - 1  # randomized seeds stay exact in JavaScript numbers
 PREVIEW_SIDE = 384
 DEFAULT_ROWS = (("canny", 0.8), (NONE, 0.8), (NONE, 0.8))
@@ -37,23 +55,38 @@ def control_choices() -> list[tuple[str, str]]:
     return [("None", NONE)] + [(k.label, name) for name, k in CONTROLS.items()]
 
 
-def default_scale(kind: str) -> float:
-    return CONTROLS[kind].default_scale if kind in CONTROLS else 0.7
-
-
-def default_end(kind: str) -> float:
-    return CONTROLS[kind].default_end if kind in CONTROLS else 0.8
-
-
 def auto_label(device) -> str:
-    """'Auto — NVIDIA RTX 4090, 22.1 GB free' or 'Auto — no GPU: CPU'."""
+    """'Auto — NVIDIA RTX 4090, 22.1 GB free' or 'Auto (CPU)' (short: a phone shows ~20 characters)."""
     if device.kind != "cuda":
-        return "Auto — no GPU: CPU"
+        return "Auto (CPU)"
     return f"Auto — {device.name}, {device.free_gb:.1f} GB free"
 
 
-def tier_choices(device) -> list[tuple[str, str]]:
-    return [(auto_label(device), "auto")] + [(TIER_LABELS[t], t) for t in TIERS if t != "auto"]
+def tier_choices(device, sizes=None) -> list[tuple[str, str]]:
+    """The tiers this machine can run (core.tiers); tier_info says why the others are absent."""
+    ok = runnable_tiers(device, sizes)
+    return [(auto_label(device), "auto")] + [(TIER_LABELS[t], t) for t in TIERS if t != "auto" and ok[t] is None]
+
+
+def _span(tiers: list[str]) -> str:
+    return tiers[0] if len(tiers) == 1 else f"{tiers[0]}–{tiers[-1]}"
+
+
+def tier_info(device, sizes=None) -> str:
+    """The tier's help text: what a tier is, what Auto picks here, and which tiers are left out."""
+    auto = (
+        f"Auto plans for the free memory of {device.name} ({device.free_gb:.1f} GB)"
+        if device.kind == "cuda"
+        else "Auto runs on the CPU: no CUDA GPU was found"
+    )
+    text = f"The GPU memory the job may use; smaller tiers stream weights and run slower. {auto}."
+    missing: dict[str, list[str]] = {}
+    for t, why in runnable_tiers(device, sizes).items():
+        if why:
+            missing.setdefault(why, []).append(t)
+    for why, ts in missing.items():
+        text += f" Not offered: {_span(ts)} GB ({why})."
+    return text
 
 
 def upscale_choices() -> list[tuple[str, str]]:
@@ -173,15 +206,37 @@ def preview_control(image, kind, canny=None, demo: bool = False, side: int = PRE
 
 
 # -- Result → outputs ------------------------------------------------------------------------------
-def save_result(result, folder: Path, keep: int = 32) -> Path:
+def model_name(spec) -> str:
+    """What the PNG's `Model:` says: the Hub id or folder name of the FLUX pipeline."""
+    if spec is None or spec.demo:
+        return "FLUX demo (random weights)"
+    return Path(spec.base).name if Path(spec.base).expanduser().is_dir() else spec.base
+
+
+def save_result(result, folder: Path, keep: int = 32, model: str | None = None) -> Path:
     """The PNG with every parameter, in `folder` (older files beyond `keep` are removed: Gradio has
     copied them into its own cache by then)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"flux-{result.job.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.png"
-    path = save_png(result.image, folder / name, result.png_params())
-    old = sorted(folder.glob("flux-*.png"), key=lambda p: p.stat().st_mtime)[:-keep]
-    for p in old:
-        p.unlink(missing_ok=True)
+    params = result.png_params()
+    if model:
+        params["model"] = model
+    path = save_png(result.image, folder / name, params)
+    for pattern in ("flux-*.png", "before-*.jpg"):
+        old = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)[:-keep]
+        for p in old:
+            p.unlink(missing_ok=True)
+    return path
+
+
+def save_before(job: Job, result_path: Path, cap: int = 2048) -> Path:
+    """The input as the model saw it, at the result's size (capped), beside the result's PNG: the
+    slider's left image, kept for the history."""
+    with Image.open(result_path) as im:
+        size = im.size
+    before, _ = slider_pair(job, Image.new("RGB", size), cap)
+    path = Path(result_path).with_name("before-" + Path(result_path).stem + ".jpg")
+    before.convert("RGB").save(path, quality=90)
     return path
 
 
@@ -225,8 +280,21 @@ def plan_markdown(summary: dict) -> str:
     seconds = summary.get("seconds", {})
     steps = summary.get("job", {}).get("steps") or 1
     step_s = seconds.get("denoise", 0.0) / steps
+    demo = " (demo model)" if summary.get("demo") else ""
+    tier = (
+        "CPU"
+        if cpu
+        else ("Auto" if p["tier"] == "auto" else f"{p['tier']} GB")
+        + (f" on the GPU ({p['budget_gb']:.1f} GiB)" if p.get("budget_gb") else " on the GPU")
+    )
+    if cpu:
+        peak = f"measured {_gb(summary.get('measured_peak_reserved_gb'))} of process RAM (the CPU has no memory budget to predict)"
+        step = f"measured {step_s:.2f} (the time model covers GPUs only)"
+    else:
+        peak = f"predicted {_gb(p['predicted_peak_gb'])}, measured {_gb(summary.get('measured_peak_reserved_gb'))} reserved"
+        step = f"predicted {p['predicted_step_s']:.2f}, measured {step_s:.2f}"
     rows = [
-        ("Tier", f"{p['tier']} on {p['device'].upper()}" + (" (demo model)" if summary.get("demo") else "")),
+        ("Tier", tier + demo),
         ("Compute dtype", p["dtype"]),
         (
             "Denoiser units",
@@ -236,13 +304,9 @@ def plan_markdown(summary: dict) -> str:
         ("Text encoders", p["text_encoders"]),
         ("VAE tiling", "on" if p["vae_tiling"] else "off"),
         ("Generation tile", f"{p['tile']} px (overlap {p['overlap']})" if p["tile"] else "whole image"),
-        (
-            "Peak memory",
-            f"predicted {_gb(p['predicted_peak_gb'])}, measured "
-            f"{_gb(summary.get('measured_peak_reserved_gb'))}" + (" (process RAM on the CPU)" if cpu else " reserved"),
-        ),
-        ("Seconds per step", f"predicted {p['predicted_step_s']:.2f}, measured {step_s:.2f}"),
-        ("Pinned host RAM", _gb(p["host_ram_gb"])),
+        ("Peak memory", peak),
+        ("Seconds per step", step),
+        ("Pinned host RAM", "—" if cpu else _gb(p["host_ram_gb"])),
         ("Speed-ups", _fast_label(summary.get("fast"))),
         ("Seconds per phase", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "—"),
         ("Size", "×".join(map(str, summary.get("size", []))) + f", seed {summary.get('seed')}"),
@@ -264,61 +328,40 @@ def _fast_label(fast: dict | None) -> str:
     return Fast(**known).label()
 
 
-def gallery_add(gallery: list | None, path, caption: str, limit: int = 24) -> list:
-    """This session's results, newest first (kept in a gr.State, never global)."""
-    items = [(str(path), caption)] + [g for g in (gallery or []) if Path(g[0]).is_file()]
-    return items[:limit]
+def enlarge(preview: Image.Image | None, width: int, height: int, cap: int = 512) -> Image.Image | None:
+    """A latent preview (1/8 size) brought up to the job's size, capped: smooth rather than blocky."""
+    if preview is None:
+        return None
+    k = min(1.0, cap / max(width, height))
+    return preview.resize((max(1, round(width * k)), max(1, round(height * k))), Image.BILINEAR)
 
 
-# -- PNG metadata → settings ------------------------------------------------------------------------
-@dataclass
-class Settings:
-    prompt: str
-    rows: list[tuple[str, float, float]]
-    tier: str
-    upscale: str
-    seed: int
-    steps: int
-    guidance: float
-    max_side: int
-    canny: tuple[int, int] | None = None
-    dropped: list[str] = field(default_factory=list)
-    fp8_compute: bool = False
+def idle_status(demo: bool) -> str:
+    from .progress import status_html
+
+    note = " The demo model's images are noise." if demo else ""
+    return status_html("idle", f"Ready: upload a photo, write a prompt, press Run (Ctrl+Enter).{note}")
 
 
-def settings_from_png(source) -> Settings:
-    """The settings saved in a PNG's metadata, for the UI's fields (ValueError if there are none)."""
-    try:
-        params = read_params(source)
-    except Exception:  # noqa: BLE001 - not an image, broken metadata: the same answer for the user
-        params = None
-    if not params or not isinstance(params.get("job"), dict):
-        raise ValueError("This PNG holds no settings from this app (its metadata has no job).")
-    job = params["job"]
-    controls = list(job.get("controls") or [])
-    rows, canny = [], None
-    for c in controls[:ROWS]:
-        rows.append((c["kind"], float(c["scale"]), float(c["end"])))
-        p = c.get("params") or {}
-        if c["kind"] == "canny" and "low" in p and "high" in p:
-            canny = (int(p["low"]), int(p["high"]))
-    dropped = [c["kind"] for c in controls[ROWS:]]
-    rows += [(NONE, 0.7, 0.8)] * (ROWS - len(rows))
-    up = float(job.get("upscale", 1.0))
-    upscale = min(UPSCALES, key=lambda u: abs(float(u) - up))
-    return Settings(
-        prompt=job.get("prompt", ""),
-        rows=rows,
-        tier=str(job.get("tier", "auto")),
-        upscale=upscale,
-        seed=int(job.get("seed", 0)),
-        steps=int(job.get("steps", 28)),
-        guidance=float(job.get("guidance", 3.5)),
-        max_side=max(int(job.get("width", 1024)), int(job.get("height", 1024))),
-        canny=canny,
-        dropped=dropped,
-        fp8_compute=job.get("fp8_compute") is True,
-    )
+def size_line(image, max_side, upscale) -> str:
+    """'Input 512×512 → generated at 512×512 → output 1024×1024' (ValueError for a bad upload)."""
+    iw, ih = input_size(image)
+    w, h = fit_size(iw, ih, max_side=int(max_side))
+    ow, oh = out_size(w, h, float(upscale))
+    return f"Input {iw}×{ih} → generated at **{w}×{h}** → output **{ow}×{oh}**"
+
+
+def seed_of(entry: dict) -> int:
+    from core.pngmeta import read_params
+
+    return int(read_params(entry["png"])["job"]["seed"])
+
+
+def done_line(summary: dict) -> str:
+    w, h = summary["size"]
+    secs = summary.get("finished_at", 0) - summary.get("started_at", 0)
+    note = " Demo model: the image is noise." if summary.get("demo") else ""
+    return f"Done in {secs:.1f} s: {w}×{h}, seed {summary['seed']}.{note}"
 
 
 # -- cancelling -------------------------------------------------------------------------------------
@@ -339,6 +382,10 @@ class CancelFlags:
         with self._lock:
             if self._flags.get(key or "") is ev:
                 del self._flags[key or ""]
+
+    def current(self, key: str | None) -> threading.Event | None:
+        with self._lock:
+            return self._flags.get(key or "")
 
     def cancel(self, key: str | None) -> bool:
         with self._lock:

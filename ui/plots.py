@@ -13,7 +13,7 @@ def memory_figure(summary: dict) -> Figure:
     phases = summary.get("phases") or []
     plan = summary.get("plan", {})
     cpu = plan.get("device") == "cpu"
-    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     colors: dict[str, str] = {}
     for ph in phases:
@@ -24,7 +24,7 @@ def memory_figure(summary: dict) -> Figure:
             ph["start_s"],
             ph["start_s"] + max(ph["seconds"], 1e-3),
             color=color,
-            alpha=0.18,
+            alpha=0.35,
             lw=0,
             label=base if first else None,
         )
@@ -46,5 +46,6 @@ def memory_figure(summary: dict) -> Figure:
     top = max([t[1] for t in timeline] + [peak or 0, predicted or 0, (budget or 0) if not cpu else 0, 0.1])
     ax.set_ylim(0, top * 1.15)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    # below the axes, not beside them: a phone-width plot keeps its full width for the data
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     return fig

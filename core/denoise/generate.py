@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from core.denoise.passes import denoising, step_callback
+from core.denoise.passes import announce, denoising, step_callback
 from core.denoise.runtime import Runtime
 from core.job import ControlSpec, Job
 from core.models import has_mode_ids
@@ -72,12 +72,14 @@ def decode(rt: Runtime, latents: torch.Tensor, width: int, height: int) -> Image
 def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt: Runtime) -> Image.Image:
     """Text-to-image with controls at job.width × job.height (in fused tiles if the plan says so)."""
     pipe = rt.pipe
+    announce(rt, "encode")
     with rt.monitor.phase("encode"):
         pe, pooled = rt.cache.get(pipe, job.prompt, rt.device, rt.max_seq)
     gen = torch.Generator("cpu").manual_seed(job.seed)
     with rt.monitor.phase("denoise"), denoising(rt, job.width, job.height, rt.tile, rt.overlap) as info:
         if len(info.tiles) > 1:
             rt.events.append(f"generated in {len(info.tiles)} fused tiles of {rt.tile}px")
+        announce(rt, "generate", job.steps)
         latents = pipe(
             prompt_embeds=pe,
             pooled_prompt_embeds=pooled,
@@ -89,7 +91,9 @@ def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt:
             generator=gen,
             output_type="latent",
             max_sequence_length=rt.max_seq,
-            callback_on_step_end=step_callback(rt, "generate", job.steps),
+            callback_on_step_end=step_callback(rt, "generate", job.steps, (job.width, job.height)),
+            callback_on_step_end_tensor_inputs=["latents"],
             **control_args(pipe, job.controls),
         ).images
+    announce(rt, "decode")
     return decode(rt, latents, job.width, job.height)

@@ -23,6 +23,7 @@ from core.denoise.runtime import JobCancelled, Runtime
 from core.denoise.skip import skip_idle_controls
 from core.denoise.tiled import tiled_denoising
 from core.monitor import fault_point
+from core.preview import latent_rgb
 from core.tiling import Tile
 
 
@@ -46,16 +47,28 @@ def denoising(rt: Runtime, width: int, height: int, tile: int, overlap: int, on_
         rt.events.append(f"skipped {skipped['skipped']} idle ControlNet passes (outside control start/end)")
 
 
-def step_callback(rt: Runtime, label: str, total: int):
+def announce(rt: Runtime, label: str, total: int = 1) -> None:
+    """A phase starts: told only to progress callables that opted in (`phases`, core.denoise.runtime)."""
+    if rt.progress is not None and getattr(rt.progress, "phases", False):
+        rt.progress(label, 0, total)
+
+
+def step_callback(rt: Runtime, label: str, total: int, size: tuple[int, int] | None = None):
     """diffusers' callback_on_step_end: the residency learns the step's order, the user sees
-    progress, and a cancel takes effect between steps."""
+    progress (with a preview of the latents where asked and `size`, the pass's (width, height), is
+    given), and a cancel takes effect between steps. Pass callback_on_step_end_tensor_inputs=["latents"]."""
+    every = int(getattr(rt.progress, "preview_every", 0) or 0) if size else 0
 
     def cb(pipe, i, t, kw):
         fault_point("step")
         if rt.residency is not None:
             rt.residency.end_step()
         if rt.progress is not None:
-            rt.progress(label, i + 1, total)
+            done = i + 1
+            if every and "latents" in kw and (done % every == 0 or done == total):
+                rt.progress(label, done, total, preview=latent_rgb(kw["latents"], *size))
+            else:
+                rt.progress(label, done, total)
         if rt.cancel is not None and rt.cancel():
             raise JobCancelled("cancelled")
         return {}

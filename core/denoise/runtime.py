@@ -11,7 +11,13 @@ import torch
 
 from core.monitor import MemoryMonitor
 
-Progress = Callable[[str, int, int], None]  # (stage label, done, total)
+Progress = Callable[..., None]
+"""Called as (stage label, done, total) at every step end. A callable may opt in to more through
+attributes (plain three-argument callables see nothing new):
+`phases = True`: also (phase, 0, 1) as "encode" and "decode" start, and (label, 0, total) before a
+pass's first step, so a UI can say what runs between steps;
+`preview_every = k`: every k-th step end (and the last) comes with a keyword `preview=`, a small
+RGB image of the latents (core/preview.py)."""
 
 
 class JobCancelled(Exception):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from core.denoise.generate import control_args, control_params, decode
-from core.denoise.passes import denoising, step_callback
+from core.denoise.passes import announce, denoising, step_callback
 from core.denoise.runtime import Runtime
 from core.job import ControlSpec, Job
 from core.models import has_mode_ids
@@ -66,7 +66,9 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime) -> I
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None
         tile, overlap = rt.upscale_tile or 1024, rt.overlap or 128
         with rt.monitor.phase(f"upscale{k}"), denoising(rt, w, h, tile, overlap, on_tile, report=False) as info:
-            rt.events.append(f"{label}: {len(info.tiles)} tiles, {steps} steps at strength {job.upscale_strength}")
+            n = len(info.tiles)
+            rt.events.append(f"{label}: {n} tile{'s' * (n != 1)}, {runs} steps at strength {job.upscale_strength}")
+            announce(rt, label, runs)
             latents = rt.img2img(
                 image=resized,
                 prompt_embeds=pe,
@@ -80,8 +82,10 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime) -> I
                 generator=torch.Generator("cpu").manual_seed(job.seed + k),
                 output_type="latent",
                 max_sequence_length=rt.max_seq,
-                callback_on_step_end=step_callback(rt, label, runs),
+                callback_on_step_end=step_callback(rt, label, runs, (w, h)),
+                callback_on_step_end_tensor_inputs=["latents"],
                 **control_args(rt.pipe, specs),
             ).images
+        announce(rt, f"{label}: decode")
         image = decode(rt, latents, w, h)
     return image

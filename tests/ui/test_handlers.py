@@ -128,21 +128,42 @@ def test_png_settings_round_trip(photo_path, tmp_path):
 def test_png_without_settings_is_refused(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (64, 64)).save(plain)
-    with pytest.raises(ValueError, match="holds no settings"):
+    with pytest.raises(ValueError, match="holds no generation settings"):
         H.settings_from_png(str(plain))
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"junk")
-    with pytest.raises(ValueError, match="holds no settings"):
+    with pytest.raises(ValueError, match="holds no generation settings"):
         H.settings_from_png(str(junk))
 
 
-def test_tier_choices_show_the_gpu():
+def test_settings_from_an_a1111_png(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a red fox\nSteps: 500, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3, Seed: 42, Size: 768x512, "
+        'ControlNet 0: "Module: canny, Weight: 0.6, Threshold A: 50, Threshold B: 150, Guidance End: 0.7", '
+        'ControlNet 1: "Module: openpose_full, Weight: 1"',
+    )
+    path = tmp_path / "forge.png"
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    s = H.settings_from_png(str(path))
+    assert s.source == "A1111/Forge" and s.prompt == "a red fox" and s.seed == 42 and s.guidance == 3.0
+    assert s.steps == 100  # clamped to core.limits
+    assert s.max_side == 768 and s.canny == (50, 150) and s.tier == "auto"
+    assert s.rows[0] == ("canny", 0.6, 0.7) and s.rows[1][0] == "none" and s.dropped == ["openpose_full"]
+
+
+def test_tier_choices_offer_what_the_machine_can_run():
     gpu = DeviceInfo("cuda", "NVIDIA RTX 4090", 23.6, 22.08, True, 60.0)
     choices = H.tier_choices(gpu)
     assert choices[0] == ("Auto — NVIDIA RTX 4090, 22.1 GB free", "auto")
-    assert [v for _, v in choices] == ["auto", "cpu", "4", "6", "8", "12", "16", "24", "48"]
+    assert [v for _, v in choices] == ["auto", "cpu", "4", "6", "8", "12", "16", "24"]
+    assert "Not offered: 48 GB (needs a 48 GB GPU; this one has 24 GB)." in H.tier_info(gpu)
     cpu = DeviceInfo("cpu", "CPU", 0.0, 0.0, True, 60.0)
-    assert H.tier_choices(cpu)[0] == ("Auto — no GPU: CPU", "auto")
+    assert H.tier_choices(cpu) == [("Auto (CPU)", "auto"), ("CPU (slow)", "cpu")]
+    assert "Not offered: 4–48 GB (needs a CUDA GPU; none was found)." in H.tier_info(cpu)
 
 
 def test_preview_and_plan_panel(photo_path, demo_engine):
@@ -153,8 +174,9 @@ def test_preview_and_plan_panel(photo_path, demo_engine):
     result = demo_engine.run(job)
     s = H.summary_of(result, 1.0, 2.0)
     md = H.plan_markdown(s)
-    for text in ("Tier", "cpu", "Peak memory", "predicted", "measured", "Seconds per phase", "denoise"):
+    for text in ("| Tier | CPU (demo model) |", "Peak memory", "measured", "Seconds per phase", "denoise"):
         assert text in md
+    assert "predicted 0.00" not in md  # the CPU has no time or memory model: not shown as zero
     from ui.plots import memory_figure
 
     fig = memory_figure(s)
@@ -173,13 +195,6 @@ def test_slider_pair_is_capped(astronaut):
     job = H.build_job(astronaut, "x", [("canny", 0.7, 0.8)], max_side=256)
     before, after = H.slider_pair(job, Image.new("RGB", (1024, 1024)), cap=512)
     assert before.size == after.size == (512, 512)
-
-
-def test_gallery_drops_missing_files(tmp_path):
-    a = tmp_path / "a.png"
-    Image.new("RGB", (8, 8)).save(a)
-    g = H.gallery_add([(str(tmp_path / "gone.png"), "old")], a, "new")
-    assert g == [(str(a), "new")]
 
 
 def test_fp8_compute_travels_from_the_checkbox_to_the_png_and_back(photo_path, tmp_path):
@@ -222,6 +237,57 @@ def test_plan_panel_names_the_speed_ups():
     md = H.plan_markdown(dict(plan=plan, fast=fast, seconds={}, size=[1024, 1024], seed=1))
     assert "| Speed-ups | fused QKV, compiled blocks, cuDNN attention, fp8 compute (500 layers) |" in md
     assert "| Speed-ups | — |" in H.plan_markdown(dict(plan=plan, seconds={}, size=[1024, 1024], seed=1))
+
+
+def test_errors_land_on_their_field(photo_path):
+    cases = [
+        (dict(prompt="  "), "prompt"),
+        (dict(prompt="x" * 2001), "prompt"),
+        (dict(seed=-5), "seed"),
+        (dict(steps=0), "advanced"),
+        (dict(rows=[("canny", 5.0, 0.8)]), "controls"),
+        (dict(rows=[("none", 0.7, 0.8)]), "controls"),
+        (dict(canny=(200, 100)), "controls"),
+        (dict(tier="7"), "tier"),
+        (dict(image=None), "image"),
+        (dict(image=__file__), "image"),  # not an image
+    ]
+    for change, field in cases:
+        with pytest.raises(ValueError) as err:
+            job_from(photo_path, **change)
+        assert H.field_of(err.value) == field, (change, str(err.value))
+    assert H.field_of("Out of GPU memory even with the smallest plan; close other programs") is None
+    assert "seed must be a whole number" in H.seed_error(-5) and H.seed_error(5) == ""
+    assert H.prompt_note("abc") == ("3 / 2000 characters", False)
+    assert H.prompt_note("x" * 2005)[1] is True
+
+
+def test_history_keeps_what_a_click_restores(tmp_path):
+    pngs = []
+    for k in range(3):
+        p = tmp_path / f"r{k}.png"
+        Image.new("RGB", (8, 8)).save(p)
+        pngs.append(p)
+    summary = dict(seed=3, size=[8, 8], job=dict(prompt="a cat"))
+    h = []
+    for p in pngs:
+        h = H.history_add(h, H.history_entry(p, tmp_path / "b.jpg", summary, None))
+    assert [e["png"] for e in h] == [str(p) for p in reversed(pngs)]  # newest first
+    pngs[0].unlink()
+    h = H.history_add(h, H.history_entry(pngs[1], tmp_path / "b.jpg", summary, "photo.png"))
+    assert len(h) == 3 and h[0]["photo"] == "photo.png" and str(pngs[0]) not in [e["png"] for e in h]
+    assert H.gallery_items(h)[0] == (str(pngs[1]), "seed 3 · 8×8 · a cat")
+
+
+def test_loaded_settings_keep_to_the_tiers_this_machine_runs():
+    from ui.events import settings_values
+
+    s = H.Settings("a fox", [("canny", 0.7, 0.8), ("none", 0.7, 0.8), ("none", 0.7, 0.8)], "24", "2", 5, 20, 3.5, 512)
+    values, note = settings_values(s, ["auto", "cpu"])
+    assert values[10] == "auto" and "the 24 GB tier does not run on this machine" in note
+    assert values[13] is False  # randomize off: the loaded seed is kept
+    values, note = settings_values(H.Settings(**{**s.__dict__, "tier": "cpu", "dropped": ["pose"]}), ["auto", "cpu"])
+    assert values[10] == "cpu" and "left out" in note and "pose" in note
 
 
 def test_pose_and_soft_edge_rows_and_previews(photo_path):
