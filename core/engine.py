@@ -18,6 +18,7 @@ from . import fast, fp8_compute, graphs
 from .device import DeviceInfo, detect
 from .generate import JobCancelled, PromptCache, Runtime, control_images, generate_pass
 from .job import Job
+from .lora import Merger, model_sources
 from .memory import MemoryMonitor, free_memory, is_oom
 from .models import ModelSpec, load_pipeline, union_net
 from .plan import JobShape, Plan, keep_placement, plan_for, step_down
@@ -126,6 +127,7 @@ class Engine:
         self._fast: fast.Fast | None = None  # what is applied now
         self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
         self._fast_want: tuple | None = None  # what _fast was applied for
+        self._lora: Merger | None = None  # the LoRAs merged into the pipeline's CPU weights
         if pipe is not None:
             self._init_pipe(pipe)
 
@@ -201,10 +203,11 @@ class Engine:
         self._placed = None
         free_memory()
 
-    def apply(self, plan: Plan) -> None:
-        """Place the pipeline as the plan says (a no-op if it already is)."""
+    def apply(self, plan: Plan, loras: tuple = ()) -> None:
+        """Place the pipeline as the plan says, with `loras` merged (a no-op if it already is)."""
         pipe = self.pipe
-        if self._placed is None or _placement_key(plan) != _placement_key(self._placed):
+        key_changed = self._placed is None or _placement_key(plan) != _placement_key(self._placed)
+        if key_changed or not self._loras_merged(loras):
             t5_code = "B" if plan.text_encoders == "gpu" else "S"
             full = t5_code * len(text_encoder_units(pipe.text_encoder_2)) + plan.placement
             old = self.residency.placement if self.residency else ""
@@ -213,12 +216,13 @@ class Engine:
             self._undo()
             if lossy and self._owns_pipe:
                 log.info("reloading the weights: the previous plan stored some in fp8")
-                pipe = self.pipe = self.img2img = None  # every reference: the old weights go first
+                pipe = self.pipe = self.img2img = self._lora = None  # every reference: the old weights go first
                 free_memory()
                 self.load()
                 pipe = self.pipe
             elif lossy:
                 log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
+            self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
             dtype = getattr(torch, plan.dtype)
             if pipe.transformer.dtype != dtype:
                 from diffusers.utils import logging as dlogging
@@ -306,7 +310,7 @@ class Engine:
 
     def _run_once(self, job, plan, mon, events, progress, cancel, source) -> Result:
         with mon.phase("load"):
-            self.apply(plan)
+            self.apply(plan, job.loras)
             speed = self._apply_fast(job, plan, events, progress)
         compiled_before = fast.compile_seconds()
         rt = Runtime(
@@ -360,6 +364,27 @@ class Engine:
                     f"image size; included in the denoise time)"
                 )
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)
+
+    # -- LoRAs (core/lora.py): merged into the CPU weights while nothing is placed -----------------
+    def _loras_merged(self, loras) -> bool:
+        """`loras` are what the loaded pipeline holds merged (none, for a freshly loaded one)."""
+        m = self._lora
+        merged = m.loras if m is not None and m.models["transformer"] is self.pipe.transformer else ()
+        return merged == tuple(loras)
+
+    def _apply_loras(self, loras) -> frozenset[str]:
+        """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
+        Returns the names of the parameters whose weights changed."""
+        if self._loras_merged(loras):
+            return frozenset()
+        pipe = self.pipe
+        if self._lora is None or self._lora.models["transformer"] is not pipe.transformer:
+            spec = self.spec  # a caller's pipeline may not be the spec's: restore from copies then
+            sources = model_sources(spec.base, spec.controlnet, spec.transformer) if self._owns_pipe else {}
+            self._lora = Merger(dict(transformer=pipe.transformer, controlnet=union_net(pipe)), sources)
+        changed = self._lora.set(loras)
+        log.info("LoRAs %s: %d parameters changed", [s.name for s in loras] or "none", len(changed))
+        return changed
 
     # -- the fast path (core/fast.py): only while the whole denoiser is resident ------------------
     def _apply_fast(self, job: Job, plan: Plan, events: list[str], progress=None) -> fast.Fast | None:
