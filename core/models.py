@@ -103,10 +103,8 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     Placement on the GPU is the plan's business (core.residency)."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
-    controlnet = load_controlnet(spec.controlnet, dtype)
-    parts = dict(controlnet=FluxMultiControlNetModel([controlnet]))
-    if spec.transformer:
-        parts["transformer"] = load_transformer_file(spec, dtype)
+    parts = dict(transformer=load_transformer_file(spec, dtype)) if spec.transformer else {}  # a bad file: at once
+    parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype)])
     pipe = _load(
         spec.base,
         "model",
