@@ -366,23 +366,28 @@ class Engine:
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)
 
     # -- LoRAs (core/lora.py): merged into the CPU weights while nothing is placed -----------------
+    def _merger(self) -> Merger:
+        pipe = self.pipe
+        if self._lora is None or self._lora.models["transformer"] is not pipe.transformer:  # new or reloaded
+            spec = self.spec  # a caller's pipeline may not be the spec's: restore from copies then
+            sources = model_sources(spec.base, spec.controlnet, spec.transformer) if self._owns_pipe else {}
+            self._lora = Merger(dict(transformer=pipe.transformer, controlnet=union_net(pipe)), sources)
+        return self._lora
+
     def _loras_merged(self, loras) -> bool:
-        """`loras` are what the loaded pipeline holds merged (none, for a freshly loaded one)."""
-        m = self._lora
-        merged = m.loras if m is not None and m.models["transformer"] is self.pipe.transformer else ()
-        return merged == tuple(loras)
+        """`loras` are what the pipeline holds merged. False: they will be, and they were read and
+        checked here, so a LoRA that cannot be merged raises before anything moves."""
+        loras, m = tuple(loras), self._lora
+        fresh = m is None or m.models["transformer"] is not self.pipe.transformer  # nothing merged yet
+        if (() if fresh else m.loras) == loras:
+            return True
+        self._merger().prepare(loras)
+        return False
 
     def _apply_loras(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
         Returns the names of the parameters whose weights changed."""
-        if self._loras_merged(loras):
-            return frozenset()
-        pipe = self.pipe
-        if self._lora is None or self._lora.models["transformer"] is not pipe.transformer:
-            spec = self.spec  # a caller's pipeline may not be the spec's: restore from copies then
-            sources = model_sources(spec.base, spec.controlnet, spec.transformer) if self._owns_pipe else {}
-            self._lora = Merger(dict(transformer=pipe.transformer, controlnet=union_net(pipe)), sources)
-        changed = self._lora.set(loras)
+        changed = self._merger().set(loras)
         log.info("LoRAs %s: %d parameters changed", [s.name for s in loras] or "none", len(changed))
         return changed
 

@@ -82,6 +82,26 @@ def list_loras(folder: str | Path | None = None) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors") if p.is_file()))
 
 
+def loras_from_params(items, lora_dir: str | Path | None = None) -> tuple[tuple[LoraSpec, ...], tuple[str, ...]]:
+    """The LoRAs of settings read from a PNG (`job.loras`: [{name, path, scale}]): each at its path if
+    it is still there, else by name in `lora_dir`; (specs, names of the ones found nowhere)."""
+    from .limits import clamp
+
+    folder = Path(lora_dir or default_lora_dir()).expanduser()
+    specs, missing = [], []
+    for it in items if isinstance(items, list) else []:
+        if not isinstance(it, dict):
+            continue
+        name, path = str(it.get("name", "")), str(it.get("path", ""))
+        candidates = ([Path(path).expanduser()] if path else []) + ([folder / name] if name else [])
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None or found.suffix.lower() != ".safetensors":
+            missing.append(name or path)
+        else:
+            specs.append(LoraSpec(str(found), clamp("lora_scale", it.get("scale", 1.0))))
+    return tuple(specs), tuple(missing)
+
+
 # -- few-step LoRAs: their recommended steps and guidance, offered as suggestions -------------------
 @dataclass(frozen=True)
 class Preset:
@@ -175,6 +195,7 @@ class Merger:
         self.loras: tuple[LoraSpec, ...] = ()
         self.touched: frozenset[str] = frozenset()  # "transformer.transformer_blocks.0.attn.to_q.weight"
         self._saved: dict[str, torch.Tensor] = {}
+        self._read: dict[str, tuple[tuple, list]] = {}  # path → (file stamp, matches): a scale change reads nothing
 
     def _param(self, name: str) -> torch.Tensor:
         target, _, pname = name.partition(".")
@@ -191,14 +212,28 @@ class Merger:
         done, self.loras, self.touched = self.touched, (), frozenset()
         return done
 
+    def prepare(self, loras) -> list[list[tuple[str, Delta, bool]]]:
+        """Read and match every LoRA (raising the one-sentence ValueError of the first that cannot be
+        merged) without changing any weight; kept for `set`, so a change of scale reads no file."""
+        out, keep = [], {}
+        for spec in loras:
+            st = Path(spec.path).stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            got = self._read.get(spec.path)
+            if got is None or got[0] != stamp:
+                got = (stamp, self._matches(spec, read_lora(spec.path)))
+            keep[spec.path] = got
+            out.append(got[1])
+        self._read = keep  # only the LoRAs asked for last stay in memory
+        return out
+
     def set(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (replacing what was merged); returns the names of the parameters
         whose weights changed, the only ones a placement has to pack again."""
         loras = tuple(loras)
         if loras == self.loras:
             return frozenset()
-        deltas = [(spec, read_lora(spec.path)) for spec in loras]  # read (and check) all before changing any
-        plan = [self._matches(spec, d) for spec, d in deltas]
+        plan = self.prepare(loras)  # read and check all before changing any
         changed = self.unmerge()
         touched = set()
         with torch.no_grad():

@@ -218,3 +218,43 @@ def test_a_caller_given_pipeline_restores_from_copies(job, files, demo_engine):
     styled = px(eng.run(job.with_(loras=(LoraSpec(str(files["b"]), 1.0),))))
     assert eng._lora.sources == {} and eng._lora._saved
     assert np.abs(styled - base).mean() > 1 and np.array_equal(px(eng.run(job)), base)
+
+
+def test_a_lora_that_cannot_be_merged_is_refused_before_anything_moves(demo_engine, job, files, tmp_path):
+    demo_engine.run(job.with_(loras=(LoraSpec(str(files["a"]), 0.5),)))
+    placed = demo_engine._placed
+    other = tmp_path / "other.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4), "unet.x.lora_B.weight": torch.zeros(4, 2)}, str(other))
+    with pytest.raises(ValueError, match="'other.safetensors' matches no layer"):
+        demo_engine.run(job.with_(loras=(LoraSpec(str(other)),)))
+    assert demo_engine._placed is placed and demo_engine._lora.loras == (LoraSpec(str(files["a"]), 0.5),)
+    read = dict(demo_engine._lora._read)
+    demo_engine.run(job.with_(loras=(LoraSpec(str(files["a"]), 0.9),)))  # a new scale: the file is not read again
+    assert demo_engine._lora._read[str(files["a"])] is read[str(files["a"])]
+    demo_engine.run(job)
+
+
+def test_settings_from_a_png_bring_the_loras_back(files, job, tmp_path):
+    from core.lora import loras_from_params
+
+    a, b = LoraSpec(str(files["a"]), 0.8), LoraSpec(str(files["b"]), -0.5)
+    described = job.with_(loras=(a, b)).describe()["loras"]
+    moved = dict(described[1], path=str(tmp_path / "elsewhere" / "style-b.safetensors"))  # found by name instead
+    gone = dict(name="gone.safetensors", path="/nowhere/gone.safetensors", scale=1.0)
+    specs, missing = loras_from_params([described[0], moved, gone, "junk"], files["dir"])
+    assert specs == (a, b) and missing == ("gone.safetensors",)
+    assert loras_from_params([dict(described[0], scale=9)], files["dir"])[0][0].scale == 2.0  # clamped
+    assert loras_from_params(None) == ((), ())
+
+
+def test_a_lora_on_a_transformer_file_restores_from_copies(files, job, tmp_path):
+    from dataclasses import replace
+
+    from tests.core.byom_files import single_file
+
+    spec = replace(ModelSpec.demo_spec(), transformer=str(single_file(tmp_path / "t.safetensors", torch.float32)))
+    eng = Engine(spec)
+    base = px(eng.run(job))
+    styled = px(eng.run(job.with_(loras=(LoraSpec(str(files["a"]), 1.0),))))
+    assert "transformer" not in eng._lora.sources and "controlnet" in eng._lora.sources
+    assert np.abs(styled - base).mean() > 1 and np.array_equal(px(eng.run(job)), base)
