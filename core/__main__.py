@@ -21,6 +21,9 @@ def _add_model_args(ap):
     ap.add_argument("--model", default=FLUX_DEV, help="FLUX pipeline: Hub id or local folder")
     ap.add_argument("--controlnet", default=UNION_PRO, help="Union ControlNet: Hub id or local folder")
     ap.add_argument("--demo", action="store_true", help="the tiny random-weight demo model (outputs are noise)")
+    ap.add_argument(
+        "--transformer", help="the transformer from one file (.safetensors bf16/fp8 or .gguf); the rest from --model"
+    )
 
 
 def cmd_plan(a) -> dict:
@@ -41,9 +44,11 @@ def cmd_plan(a) -> dict:
 
 def cmd_generate(a) -> dict:
     import time
+    from dataclasses import replace
 
     from core.engine import Engine
     from core.job import ControlSpec, Job
+    from core.lora import parse_lora_arg, suggest
     from core.models import ModelSpec
     from core.pngmeta import save_png
     from preprocessors import load_image
@@ -57,28 +62,38 @@ def cmd_generate(a) -> dict:
         w, h = a.width, a.height
     else:
         w, h = fit_size(image.width, image.height, max_side=a.max_side)
+    loras = tuple(parse_lora_arg(s, a.lora_dir) for s in a.lora or ())
+    preset = suggest(loras) or {}  # a few-step LoRA's steps and guidance, unless given
+    steps = a.steps if a.steps is not None else preset.get("steps", 28)
+    guidance = a.guidance if a.guidance is not None else preset.get("guidance", 3.5)
     job = Job(
         prompt=a.prompt,
         image=image,
         controls=controls,
         width=w,
         height=h,
-        steps=a.steps,
-        guidance=a.guidance,
+        steps=steps,
+        guidance=guidance,
         seed=a.seed,
         upscale=a.upscale,
         tier=a.tier,
         fp8_compute=a.fp8_compute,
+        loras=loras,
     )
     out = Path(a.out)
     if out.suffix.lower() != ".png" or not out.parent.exists():
         raise ValueError(f"--out must be a .png file in an existing folder, got '{a.out}'.")
     spec = ModelSpec.demo_spec() if a.demo else ModelSpec(a.model, a.controlnet)
+    if a.transformer:
+        spec = replace(spec, transformer=a.transformer)
     engine = Engine(spec)
     result = engine.run(job)
     summary = result.summary()
     save_png(result.image, out, result.png_params())
     summary.update(out=str(out), total_s=round(time.perf_counter() - t0, 2))
+    applied = {k: preset[k] for k in ("steps", "guidance") if k in preset and getattr(a, k) is None}
+    if applied:  # what the few-step LoRA's preset set (the user gave the rest)
+        summary["preset"] = dict(applied, lora=preset["lora"])
     return summary
 
 
@@ -104,8 +119,8 @@ def main(argv=None) -> int:
     g.add_argument("--tier", default="auto", choices=TIERS)
     g.add_argument("--upscale", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--guidance", type=float, default=3.5)
+    g.add_argument("--steps", type=int, help="default 28, or a few-step LoRA's (e.g. 8 for a turbo LoRA)")
+    g.add_argument("--guidance", type=float, help="default 3.5, or a few-step LoRA's")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--max-side", type=int, default=1024, help="fit the input into this size")
@@ -115,6 +130,8 @@ def main(argv=None) -> int:
         help="fp8 matmuls when the whole model is resident on an Ada/Hopper GPU: faster, "
         "slightly different fine detail (ignored elsewhere, with a note)",
     )
+    g.add_argument("--lora", action="append", help="FILE[=SCALE] (default scale 1); repeat for several")
+    g.add_argument("--lora-dir", help="where --lora looks for a bare file name (default: <cache>/loras)")
     g.add_argument("--out", required=True)
     _add_model_args(g)
     a = ap.parse_args(argv)

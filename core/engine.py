@@ -235,7 +235,7 @@ class Engine:
 
     def _attempt(self, job, plan, mon, events, progress, cancel, source) -> Result:
         with mon.phase("load"):
-            self.state.place(plan)
+            self.state.place(plan, job.loras)
             speed = self.state.apply_fast(self.fast_in_use, job, plan, events, progress)
         compiled_before = fast.compile_seconds()
         rt = Runtime(

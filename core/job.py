@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from core.limits import MAX_CONTROLS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
+from core.limits import MAX_CONTROLS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
+from core.lora import LoraSpec
 from preprocessors.registry import CONTROLS, check_params
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "TIERS",
     "GPU_TIERS",
     "ControlSpec",
+    "LoraSpec",
     "Job",
     "out_size",
 ]
@@ -78,6 +80,7 @@ class Job:
     upscale_strength: float = 0.3  # img2img denoise of each upscale stage
     upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
     fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/fast.py)
+    loras: tuple[LoraSpec, ...] = ()  # merged into the denoiser's weights, in this order (core/lora.py)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -103,6 +106,13 @@ class Job:
         object.__setattr__(self, "tier", str(self.tier).lower())
         if not isinstance(self.fp8_compute, bool):
             raise ValueError(f"fp8_compute must be true or false, got {self.fp8_compute!r}.")
+        if not isinstance(self.loras, (tuple, list)) or not all(isinstance(s, LoraSpec) for s in self.loras):
+            raise ValueError("loras must be a list of LoraSpec (e.g. LoraSpec('style.safetensors', 0.8)).")
+        if len(self.loras) > MAX_LORAS:
+            raise ValueError(f"loras: give at most {MAX_LORAS} LoRAs, got {len(self.loras)}.")
+        if len({s.path for s in self.loras}) < len(self.loras):
+            raise ValueError("loras: each LoRA file may be given once; set its scale instead.")
+        object.__setattr__(self, "loras", tuple(self.loras))
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -126,6 +136,7 @@ class Job:
             upscale_strength=self.upscale_strength,
             upscale_steps=self.upscale_steps,
             fp8_compute=self.fp8_compute,
+            loras=[s.describe() for s in self.loras],
             controls=[
                 dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end, params=dict(c.params)) for c in self.controls
             ],

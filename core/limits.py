@@ -24,6 +24,7 @@ class Limit:
 
 MAX_PROMPT_CHARS = 2000
 MAX_CONTROLS = 4
+MAX_LORAS = 8
 SEED_MAX = 2**63 - 1
 
 LIMITS: dict[str, Limit] = {
@@ -38,6 +39,7 @@ LIMITS: dict[str, Limit] = {
     "scale": Limit(0.0, 2.0, 0.7, 0.05),
     "control_start": Limit(0.0, 1.0, 0.0, 0.05),
     "control_end": Limit(0.0, 1.0, 0.8, 0.05),
+    "lora_scale": Limit(-2.0, 2.0, 1.0, 0.05),  # negative: a slider LoRA pushed the other way
 }
 MAX_SIDE = int(LIMITS["width"].hi)  # generation size before upscaling
 MAX_UPSCALE = LIMITS["upscale"].hi

@@ -27,6 +27,7 @@ class ModelSpec:
     base: str = FLUX_DEV  # Hub id or local folder of a diffusers FLUX pipeline
     controlnet: str = UNION_PRO  # Hub id or local folder of a FluxControlNetModel (Union)
     demo: bool = False  # the tiny random-weight model
+    transformer: str | None = None  # a single .safetensors or .gguf file replacing the base's transformer
 
     @staticmethod
     def demo_spec(pro2: bool = False) -> ModelSpec:
@@ -102,17 +103,36 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     Placement on the GPU is the plan's business (core.placed, core.stream)."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
-    controlnet = load_controlnet(spec.controlnet, dtype)
+    parts = dict(transformer=load_transformer_file(spec, dtype)) if spec.transformer else {}  # a bad file: at once
+    parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype)])
     pipe = _load(
         spec.base,
         "model",
-        lambda: FluxControlNetPipeline.from_pretrained(
-            spec.base, controlnet=FluxMultiControlNetModel([controlnet]), dtype=dtype, use_safetensors=True
-        ),
+        lambda: FluxControlNetPipeline.from_pretrained(spec.base, **parts, dtype=dtype, use_safetensors=True),
     )
     pipe.set_progress_bar_config(disable=True)
-    log.info("loaded %s + %s in %s%s", spec.base, spec.controlnet, dtype, " (demo model)" if spec.demo else "")
+    log.info(
+        "loaded %s%s + %s in %s%s",
+        spec.base,
+        f" (transformer from {spec.transformer})" if spec.transformer else "",
+        spec.controlnet,
+        dtype,
+        " (demo model)" if spec.demo else "",
+    )
     return pipe
+
+
+def load_transformer_file(spec: ModelSpec, dtype: torch.dtype):
+    """The transformer from `spec.transformer` (core.checkpoints), with the base model's config."""
+    from core.checkpoints import CheckpointError, load_transformer
+
+    _check_local(spec.base, "model")
+    try:
+        return load_transformer(spec.transformer, spec.base, dtype)
+    except CheckpointError as e:
+        raise ModelUnavailableError(str(e)) from e
+    except OSError as e:  # the base's config is not at hand
+        raise _explain(spec.base, "model", e) from e
 
 
 def union_net(pipe):

@@ -16,6 +16,7 @@ import torch
 
 from core.device import DeviceInfo
 from core.job import Job
+from core.lora import Merger, model_sources
 from core.models import ModelSpec, load_pipeline, union_net
 from core.monitor import free_memory
 from core.plan.placement import needs_reload, rounded
@@ -37,6 +38,7 @@ class PlacedPipeline:
         self.max_seq = max_seq
         self.residency: Residency | None = None
         self.stored = ""  # codes the CPU weights were last stored under: fp8-stored units stay rounded
+        self.lora: Merger | None = None  # the LoRAs merged into the pipeline's CPU weights
         self.placed: Plan | None = None  # the plan whose placement is on the device now
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         self.fast: fast.Fast | None = None  # what the fast path applied
@@ -102,13 +104,13 @@ class PlacedPipeline:
         self.placed = None
         free_memory()
 
-    def place(self, plan: Plan) -> None:
-        """Place the pipeline as the plan says (a no-op if it already is). A failure half-way
-        releases what it placed before it propagates."""
+    def place(self, plan: Plan, loras: tuple = ()) -> None:
+        """Place the pipeline as the plan says, with `loras` merged (a no-op if it already is). A
+        failure half-way releases what it placed before it propagates."""
         key = (plan.device, plan.placement)
-        if self.placed is None or key != (self.placed.device, self.placed.placement):
+        if self.placed is None or key != (self.placed.device, self.placed.placement) or not self._loras_merged(loras):
             try:
-                self._place(plan)
+                self._place(plan, loras)
             except BaseException:
                 self.release()
                 raise
@@ -120,19 +122,20 @@ class PlacedPipeline:
         else:
             vae.disable_tiling()
 
-    def _place(self, plan: Plan) -> None:
+    def _place(self, plan: Plan, loras: tuple) -> None:
         pipe = self.pipe
         full = plan.placement.with_text_encoders(len(text_encoder_units(pipe.text_encoder_2)))
         old = self.stored  # not the residency's: a failed attempt released it, its rounding stays
         self.release()
         if needs_reload(old, full) and self.owns_pipe:
             log.info("reloading the weights: the previous plan stored some in fp8")
-            self.pipe = self.img2img = pipe = None  # every reference: the old weights go first
+            self.pipe = self.img2img = self.lora = pipe = None  # every reference: the old weights go first
             free_memory()
             self.load()
             pipe, old = self.pipe, ""
         elif needs_reload(old, full):
             log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
+        self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
         dtype = getattr(torch, plan.dtype)
         if pipe.transformer.dtype != dtype:
             from diffusers.utils import logging as dlogging
@@ -162,6 +165,32 @@ class PlacedPipeline:
         self.stored = rounded(old, full)  # before placing: a placement that fails half-way rounds too
         self.residency = Residency(units, full, dev, dtype, p.slots, p.ring)
         free_memory()
+
+    # -- LoRAs (core.lora): merged into the CPU weights while nothing is placed -------------------
+    def _merger(self) -> Merger:
+        pipe = self.pipe
+        if self.lora is None or self.lora.models["transformer"] is not pipe.transformer:  # new or reloaded
+            spec = self.spec  # a caller's pipeline may not be the spec's: restore from copies then
+            sources = model_sources(spec.base, spec.controlnet, spec.transformer) if self.owns_pipe else {}
+            self.lora = Merger(dict(transformer=pipe.transformer, controlnet=union_net(pipe)), sources)
+        return self.lora
+
+    def _loras_merged(self, loras) -> bool:
+        """`loras` are what the pipeline holds merged. False: they will be, and they were read and
+        checked here, so a LoRA that cannot be merged raises before anything moves."""
+        loras, m = tuple(loras), self.lora
+        fresh = m is None or m.models["transformer"] is not self.pipe.transformer  # nothing merged yet
+        if (() if fresh else m.loras) == loras:
+            return True
+        self._merger().prepare(loras)
+        return False
+
+    def _apply_loras(self, loras) -> frozenset[str]:
+        """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
+        Returns the names of the parameters whose weights changed."""
+        changed = self._merger().set(tuple(loras))
+        log.info("LoRAs %s: %d parameters changed", [s.name for s in loras] or "none", len(changed))
+        return changed
 
     # -- the fast path (core.speed): only while the whole denoiser is resident --------------------
     def apply_fast(self, cfg: fast.FastConfig, job: Job, plan: Plan, events: list[str], progress=None):

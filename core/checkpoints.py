@@ -1,0 +1,204 @@
+"""A FLUX transformer from one file: a single .safetensors (bf16 or float8_e4m3fn) or a GGUF
+quantization (Q8_0 … Q2_K), while the rest of the pipeline comes from the base model.
+
+diffusers' `from_single_file` reads both (converting the original BFL key layout, or taking
+diffusers' own), with the base model's config so nothing is fetched. The file is looked at first
+(its header only) so that a truncated file, another architecture or an unsupported quant type is
+one sentence instead of a traceback from deep inside the loader.
+
+GGUF for now: its Linear weights are dequantized to the compute dtype on the CPU at load time,
+one layer at a time, because the residency packs plain tensors (see README, "Your own models").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI / original checkpoints
+
+
+class CheckpointError(ValueError):
+    """The file cannot be this model's transformer; the message is one sentence."""
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (dtype, shape)} from a safetensors header, checking that the file holds all its data."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8:
+                raise ValueError
+            header = json.loads(f.read(n))
+    except (ValueError, struct.error, UnicodeDecodeError):
+        raise CheckpointError(f"The transformer file '{path.name}' is not a readable safetensors file.") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"The transformer file '{path.name}' is truncated ({size / 2**20:.1f} MiB of "
+            f"{(8 + n + end) / 2**20:.1f} MiB); download it again."
+        )
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+def _gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (quant type, torch-order shape)} from a GGUF file; an unsupported quant type is refused."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+        tensors = list(reader.tensors)
+    except Exception:  # noqa: BLE001 - the reader's errors for a cut-off or foreign file are many
+        raise CheckpointError(
+            f"The transformer file '{path.name}' is truncated or not a GGUF file; download it again."
+        ) from None
+    if any(t.data_offset + t.n_bytes > size for t in tensors):
+        raise CheckpointError(f"The transformer file '{path.name}' is truncated; download it again.")
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    for t in tensors:
+        if t.tensor_type not in plain and t.tensor_type not in SUPPORTED_GGUF_QUANT_TYPES:
+            ok = ", ".join(q.name for q in SUPPORTED_GGUF_QUANT_TYPES)
+            raise CheckpointError(
+                f"The GGUF file '{path.name}' uses the quant type {t.tensor_type.name}, which cannot be read; "
+                f"use one of {ok}."
+            )
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))) for t in tensors}
+
+
+def header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"The transformer file '{path}' does not exist.")
+    if p.suffix.lower() == ".safetensors":
+        return _safetensors_header(p)
+    if p.suffix.lower() == ".gguf":
+        return _gguf_header(p)
+    raise CheckpointError(f"The transformer file '{p.name}' must be a .safetensors or a .gguf file.")
+
+
+def _expected(base: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """The base model's transformer config and its parameters' shapes (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(base, subfolder="transformer")
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    return config, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_architecture(keys: dict[str, tuple[str, tuple[int, ...]]], base: str, name: str) -> None:
+    """The file must be this base model's transformer: diffusers' names with the same shapes, or the
+    original layout with as many blocks of the same width."""
+    config, want = _expected(base)
+    keys = {next((k[len(p) :] for p in PREFIXES if k.startswith(p)), k): v for k, v in keys.items()}
+    what = f"The transformer file '{name}' is not a FLUX transformer matching '{base}'"
+    if "transformer_blocks.0.attn.to_q.weight" in keys:  # diffusers' layout
+        missing = [k for k in want if k not in keys]
+        wrong = [k for k in want if k in keys and keys[k][1] != want[k]]
+        if missing or wrong:
+            k = (missing or wrong)[0]
+            got = "missing" if missing else f"{keys[k][1]} instead of {want[k]}"
+            raise CheckpointError(f"{what} ({len(missing) + len(wrong)} tensors differ; the first, {k}: {got}).")
+        return
+    if "double_blocks.0.img_attn.qkv.weight" not in keys:
+        raise CheckpointError(f"{what}: it has none of its layers (another architecture, or a LoRA?).")
+
+    def count(prefix):
+        return len({k.split(".")[1] for k in keys if k.startswith(prefix)})
+
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    got = (count("double_blocks."), count("single_blocks."), keys["double_blocks.0.img_attn.qkv.weight"][1][-1])
+    if got != (config["num_layers"], config["num_single_layers"], width):
+        raise CheckpointError(
+            f"{what}: it has {got[0]} double and {got[1]} single blocks of width {got[2]}, the model "
+            f"{config['num_layers']} and {config['num_single_layers']} of width {width}."
+        )
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every GGUF Linear by a plain Linear in `dtype`, one layer at a time (the host never
+    holds more than one dequantized copy beyond the model); returns how many were replaced."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
+
+    n = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, GGUFLinear):
+                continue
+            lin = nn.Linear(child.in_features, child.out_features, child.bias is not None, device="meta")
+            lin.weight = nn.Parameter(dequantize_gguf_tensor(child.weight).to(dtype), requires_grad=False)
+            if child.bias is not None:
+                lin.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, child_name, lin)
+            n += 1
+    for p in model.parameters():  # anything else stored quantized
+        if isinstance(p, GGUFParameter) or p.dtype != dtype:
+            p.data = dequantize_gguf_tensor(p.data).to(dtype) if hasattr(p.data, "quant_type") else p.data.to(dtype)
+    model.hf_quantizer, model.is_quantized = None, False  # plain modules now: `.to(dtype)` is allowed again
+    return n
+
+
+def load_transformer(path: str, base: str, dtype: torch.dtype):
+    """FluxTransformer2DModel from `path` (.safetensors or .gguf) with `base`'s config, on the CPU in
+    `dtype`. Raises CheckpointError (one sentence) for a file that cannot be this transformer."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    p = Path(path).expanduser()
+    check_architecture(header(p), base, p.name)
+    gguf_file = p.suffix.lower() == ".gguf"
+    kwargs = dict(config=base, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    if gguf_file:
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
+    try:
+        model = FluxTransformer2DModel.from_single_file(str(p), **kwargs)
+    except Exception as e:  # what the header check could not see (a damaged tensor)
+        raise CheckpointError(
+            f"The transformer file '{p.name}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:100]})."
+        ) from e
+    finally:
+        dlogging.set_verbosity(level)
+    if any(t.is_meta for t in model.parameters()):
+        raise CheckpointError(f"The transformer file '{p.name}' lacks some of the transformer's weights.")
+    if gguf_file:
+        n = dequantize(model, dtype)
+        log.info("GGUF transformer %s: %d layers dequantized to %s on the CPU", p.name, n, dtype)
+    return model.eval()
+
+
+# -- writing (tests and benchmarks: a GGUF of any FLUX transformer's state dict) -----------------
+def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, qtype: str = "Q8_0") -> Path:
+    """Write `state_dict` (diffusers' names) as GGUF: 2-D Linear weights in `qtype` (a type the
+    gguf package can quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, …), the rest as F32."""
+    import gguf
+    import numpy as np
+
+    q = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[q][0]
+    w = gguf.GGUFWriter(str(path), arch="flux")
+    for k, v in state_dict.items():
+        a = v.detach().float().cpu().numpy()
+        if a.ndim == 2 and k.endswith(".weight") and a.shape[-1] % block == 0:
+            w.add_tensor(k, gguf.quants.quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(k, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

@@ -1,0 +1,113 @@
+"""A transformer from one file: bf16 / fp8 single-file safetensors and Q8_0 / Q4_0 GGUF written from
+the demo transformer, loaded through load_pipeline and generating; bad files are one sentence."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.checkpoints import CheckpointError, load_transformer
+from core.demo_model import ensure_demo_model
+from core.engine import Engine
+from core.job import ControlSpec, Job
+from core.models import ModelSpec, ModelUnavailableError, load_pipeline
+from tests.core.byom_files import demo_transformer, gguf_file, single_file
+
+BASE = str(ensure_demo_model() / "flux")
+# how far each file's weights may be from the demo's: its storage's rounding
+FILES = {"bf16.safetensors": 4e-3, "fp8.safetensors": 0.07, "q8_0.gguf": 4e-3, "q4_0.gguf": 0.1}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    return dict(
+        {
+            "bf16.safetensors": single_file(d / "bf16.safetensors", torch.bfloat16),
+            "fp8.safetensors": single_file(d / "fp8.safetensors", torch.float8_e4m3fn),
+            "q8_0.gguf": gguf_file(d / "q8_0.gguf", "Q8_0"),
+            "q4_0.gguf": gguf_file(d / "q4_0.gguf", "Q4_0"),
+        },
+        dir=d,
+    )
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_each_file_loads_as_plain_modules_close_to_the_weights_it_was_written_from(files, name):
+    ref = demo_transformer().state_dict()
+    model = load_transformer(str(files[name]), BASE, torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is nn.Linear for m in linears)  # GGUF layers dequantized: packable
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
+    err = max((model.state_dict()[k] - v).abs().max().item() for k, v in ref.items())
+    assert 0 < err <= FILES[name]
+
+
+@pytest.fixture(scope="module")
+def job(astronaut):
+    return Job("an astronaut portrait", astronaut, (ControlSpec("canny"),), 64, 64, steps=2, seed=5, tier="cpu")
+
+
+@pytest.mark.parametrize("name", ["bf16.safetensors", "q4_0.gguf"])
+def test_a_pipeline_with_a_file_transformer_generates_near_the_base_image(files, job, demo_engine, name):
+    spec = replace(ModelSpec.demo_spec(), transformer=str(files[name]))
+    pipe = load_pipeline(spec, torch.float32)
+    assert pipe.transformer is not demo_engine.pipe.transformer
+    out = np.asarray(Engine(spec).run(job).image, dtype=np.int16)
+    base = np.asarray(demo_engine.run(job).image, dtype=np.int16)
+    assert out.shape == base.shape and out.std() > 1
+    assert np.abs(out - base).mean() < 20  # the same weights, rounded: close to the base image
+
+
+def test_bad_files_are_one_sentence_each(files, tmp_path):
+    def refused(path, match):
+        with pytest.raises(CheckpointError, match=match) as e:
+            load_transformer(str(path), BASE, torch.float32)
+        assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+    data = files["bf16.safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    refused(tmp_path / "cut.safetensors", r"'cut.safetensors' is truncated \(")
+    data = files["q8_0.gguf"].read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    refused(tmp_path / "cut.gguf", "'cut.gguf' is truncated")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    refused(tmp_path / "junk.gguf", "truncated or not a GGUF file")
+    controlnet = next((ensure_demo_model() / "controlnet-union").glob("*.safetensors"))
+    refused(controlnet, "is not a FLUX transformer matching")
+    refused(tmp_path / "missing.gguf", "does not exist")
+    (tmp_path / "model.ckpt").write_bytes(b"\0")
+    refused(tmp_path / "model.ckpt", r"must be a .safetensors or a .gguf file")
+
+    sd = demo_transformer().state_dict()
+    from core.checkpoints import write_gguf
+
+    write_gguf(sd, tmp_path / "ternary.gguf", "TQ1_0")  # gguf can write it, diffusers cannot read it
+    refused(tmp_path / "ternary.gguf", r"uses the quant type TQ1_0, which cannot be read; use one of .*Q8_0")
+    del sd["transformer_blocks.1.attn.to_q.weight"]
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "partial.safetensors"))
+    refused(
+        tmp_path / "partial.safetensors", r"1 tensors differ; the first, transformer_blocks.1.attn.to_q.weight: missing"
+    )
+
+
+def test_the_original_layout_is_checked_block_by_block(tmp_path):
+    from core.checkpoints import check_architecture
+
+    keys = {f"model.diffusion_model.double_blocks.{i}.img_attn.qkv.weight": ("BF16", (96, 32)) for i in range(2)}
+    keys.update({f"model.diffusion_model.single_blocks.{i}.linear2.weight": ("BF16", (32, 160)) for i in range(3)})
+    with pytest.raises(CheckpointError, match="it has 2 double and 3 single blocks of width 32, the model 2 and 2"):
+        check_architecture(keys, BASE, "flux1-dev-fp8.safetensors")
+    del keys["model.diffusion_model.single_blocks.2.linear2.weight"]
+    check_architecture(keys, BASE, "flux1-dev-fp8.safetensors")  # as many blocks as the base: accepted
+
+
+def test_load_pipeline_turns_a_bad_file_into_model_unavailable(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    spec = replace(ModelSpec.demo_spec(), transformer=str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ModelUnavailableError, match="is not a readable safetensors file"):
+        load_pipeline(spec, torch.float32)
