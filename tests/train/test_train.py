@@ -230,3 +230,12 @@ def test_two_processes_train_with_ddp(dataset, tmp_path):
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["processes"] == 2 and summary["frozen_unused"]
     assert Path(summary["out"], "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_the_app_runs_a_controlnet_trained_on_the_demo_model(trained):
+    import app
+
+    summary, _ = trained
+    engine = app.build_engine(app.parse_args(["--demo", "--controlnet", summary["out"]]))
+    assert engine.spec.controlnet == summary["out"] and engine.spec.demo
+    assert app.build_engine(app.parse_args(["--demo"])).spec == ModelSpec.demo_spec()
