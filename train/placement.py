@@ -11,7 +11,7 @@ in fp8 storage. On the CPU everything is plain.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from core.device import DeviceInfo, GiB
 from core.plan import JobShape, plan_for
@@ -54,7 +54,7 @@ def _activation_bytes(sizes, w: int, h: int, batch: int, checkpointing: bool, es
 
 
 def _weights_gb(plan_summary: dict, sizes) -> float:
-    """Weights core's plan counts as resident for an all-resident validation image."""
+    """Weights core's plan counts as resident when every unit is resident."""
     es = 4 if plan_summary["dtype"] == "float32" else 2
     n = sum(u.numel for u in sizes.units) + sizes.fixed_params + sizes.vae_params + sizes.clip_params
     n += sizes.t5_params if plan_summary["text_encoders"] == "gpu" else sizes.t5_params - sizes.t5_unit_params
@@ -93,7 +93,10 @@ def place(
             ("everything on the CPU",),
         )
     es = 4 if vplan.dtype == "float32" else 2
-    transient = max(0.0, vplan.predicted_peak_gb - _weights_gb(vplan.summary(), sizes))
+    # a validation image's transients (activations, VAE), from core's plan for a GPU that holds it all
+    roomy = replace(device, total_gb=1e4, free_gb=1e4)
+    ref = plan_for("auto", shape, sizes, roomy)
+    transient = max(0.0, ref.predicted_peak_gb - _weights_gb(ref.summary(), sizes))
     act = _activation_bytes(sizes, width, height, batch, checkpointing, es)
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     opts = [optimizer] if optimizer != "auto" else ["adamw"] + (["adamw8bit"] if have_bnb else []) + ["adafactor"]
@@ -124,5 +127,5 @@ def place(
                 )
     raise ValueError(
         f"Training needs at least {min(tried):.1f} GiB at {width}x{height} (batch {batch}) and the {tier} tier "
-        f"allows {vplan.budget_gb:.1f} GiB; use --lora-rank, a smaller --resolution, or a larger tier."
+        f"allows {vplan.budget_gb:.1f} GiB; use a LoRA (--lora-rank) or a smaller rank, a smaller --resolution, or a larger tier."
     )
