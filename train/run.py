@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from core.device import detect
+from core.engine import OutOfMemory
 from core.models import union_net
 
 from . import checkpoint, data, modules
@@ -198,7 +199,11 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         if validator is not None:
             for p in cn.parameters():
                 p.grad = None  # validation runs within what training leaves free
-            val_log.append(dict(step=step, images=validator.run(step, out)))
+            try:
+                val_log.append(dict(step=step, images=validator.run(step, out)))
+            except (ValueError, OutOfMemory) as e:  # the engine's sentence; training goes on
+                val_log.append(dict(step=step, skipped=str(e)))
+                _log(f"validation at step {step} skipped: {e}", main)
         acc.wait_for_everyone()
 
     before = fingerprint(params)
