@@ -63,6 +63,16 @@ def config(data, out, **kw) -> TrainConfig:
     return TrainConfig(**dict(base, **kw))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's kernels are too small to share, and on a busy machine
+    two spinning threads made each training step 10-40 times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("discs"))
