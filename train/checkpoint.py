@@ -23,6 +23,20 @@ def latest(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+SAME = ("control", "seed", "batch_size", "resolution", "lora_rank", "new_controlnet", "model", "controlnet")
+
+
+def check_same(path: Path, config: dict) -> None:
+    """A resumed run must be the same run: ValueError naming the first setting that differs."""
+    saved = json.loads((path / "state.json").read_text())["config"]
+    for k in SAME:
+        if saved.get(k) != config.get(k):
+            raise ValueError(
+                f"The checkpoint '{path.name}' was made with {k}={saved.get(k)!r}, not {config.get(k)!r}; "
+                f"resume with the same settings, or choose another --out."
+            )
+
+
 def save(out: Path, step: int, named: dict[str, torch.Tensor], optimizer, losses: list[float], meta: dict) -> Path:
     """Write the checkpoint under a temporary name and rename it: a run killed while saving leaves
     the previous checkpoint intact."""

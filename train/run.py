@@ -107,6 +107,8 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         raise ValueError(f"--resume found no checkpoint in '{out / 'checkpoints'}'.")
     if not cfg.resume and last is not None:
         raise ValueError(f"'{out}' already holds checkpoints; pass --resume to continue, or choose another --out.")
+    if cfg.resume:
+        checkpoint.check_same(last, cfg.describe())
     dev_info = detect()
     cuda = acc.device.type == "cuda"
     load_dtype = (

@@ -119,6 +119,8 @@ def test_a_killed_run_resumes_and_reproduces_the_losses(trained, dataset, tmp_pa
     with pytest.raises(Killed):
         run(config(dataset, tmp_path), Faults(kill_after=15))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010"]
+    with pytest.raises(ValueError, match=r"^The checkpoint 'step-000010' was made with seed=0, not 1; resume"):
+        run(config(dataset, tmp_path, resume=True, seed=1))
     summary = run(config(dataset, tmp_path, resume=True))
     assert summary["resumed_from"] == 10
     np.testing.assert_allclose(_log(tmp_path)["losses"], _log(out_full)["losses"], rtol=1e-6)
