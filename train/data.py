@@ -97,7 +97,7 @@ def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def control_params(kind: str, params: dict, demo: bool) -> dict:
-    """The preprocessor arguments the app passes (core.generate.control_params): the demo model gets
+    """The preprocessor arguments the app passes (core.denoise.generate.control_params): the demo model gets
     the demo depth model."""
     params = dict(params)
     if kind == "depth" and demo:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from core.device import DeviceInfo, GiB
 from core.plan import JobShape, plan_for
-from core.sizes import sizes_from_pipeline  # the one import of core's size counting (its path may move)
+from core.plan.sizes import sizes_from_pipeline  # the one import of core's size counting
 
 __all__ = ["TrainPlacement", "place", "sizes_from_pipeline", "OPT_BYTES"]
 
@@ -53,11 +53,11 @@ def _activation_bytes(sizes, w: int, h: int, batch: int, checkpointing: bool, es
     return batch * (one_block + residuals + kept)
 
 
-def _weights_gb(plan_summary: dict, sizes) -> float:
+def _weights_gb(plan, sizes) -> float:
     """Weights core's plan counts as resident when every unit is resident."""
-    es = 4 if plan_summary["dtype"] == "float32" else 2
+    es = 4 if plan.dtype == "float32" else 2
     n = sum(u.numel for u in sizes.units) + sizes.fixed_params + sizes.vae_params + sizes.clip_params
-    n += sizes.t5_params if plan_summary["text_encoders"] == "gpu" else sizes.t5_params - sizes.t5_unit_params
+    n += sizes.t5_params if plan.text_encoders == "gpu" else sizes.t5_params - sizes.t5_unit_params
     return n * es / GiB
 
 
@@ -96,7 +96,7 @@ def place(
     # a validation image's transients (activations, VAE), from core's plan for a GPU that holds it all
     roomy = replace(device, total_gb=1e4, free_gb=1e4)
     ref = plan_for("auto", shape, sizes, roomy)
-    transient = max(0.0, ref.predicted_peak_gb - _weights_gb(ref.summary(), sizes))
+    transient = max(0.0, ref.predicted_peak_gb - _weights_gb(ref, sizes))
     act = _activation_bytes(sizes, width, height, batch, checkpointing, es)
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
     opts = [optimizer] if optimizer != "auto" else ["adamw"] + (["adamw8bit"] if have_bnb else []) + ["adafactor"]

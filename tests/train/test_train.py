@@ -18,7 +18,7 @@ from core.device import DeviceInfo, detect
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.models import ModelSpec, load_controlnet
-from core.sizes import sizes_from_config
+from core.plan.sizes import sizes_from_config
 from train.__main__ import main
 from train.config import TrainConfig
 from train.data import scan
