@@ -103,7 +103,7 @@ class TrainConfig:
         if self.mixed_precision == "fp16":
             raise ValueError(
                 "fp16 mixed precision is refused: FLUX's activations overflow fp16 (NaN losses); use bf16 "
-                "(or fp32 on GPUs without bf16)."
+                "(a GPU without bf16 trains in fp32 by itself)."
             )
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be auto or bf16, got {self.mixed_precision!r}.")
