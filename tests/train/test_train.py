@@ -251,3 +251,14 @@ def test_the_app_runs_a_controlnet_trained_on_the_demo_model(trained):
     engine = app.build_engine(app.parse_args(["--demo", "--controlnet", summary["out"]]))
     assert engine.spec.controlnet == summary["out"] and engine.spec.demo
     assert app.build_engine(app.parse_args(["--demo"])).spec == ModelSpec.demo_spec()
+
+
+@pytest.mark.gpu
+def test_the_demo_model_trains_on_the_gpu_in_bf16(dataset, tmp_path):
+    """The GPU path end to end at demo size: bf16 weights, core's placement, validation by the engine."""
+    torch.cuda.reset_peak_memory_stats()
+    summary = run(config(dataset, tmp_path, steps=12, validate_every=6, lr=1e-3))
+    assert summary["placement"]["device"] == "cuda" and summary["placement"]["dtype"] == "bfloat16"
+    assert all(np.isfinite(_log(tmp_path)["losses"]))
+    assert all("images" in v for v in summary["validation"])
+    assert summary["peak_memory_gb"] > 0
