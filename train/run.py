@@ -100,7 +100,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
     faults = faults or Faults()
     t0 = time.perf_counter()
     out = Path(cfg.out).expanduser()
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=cfg.tier == "cpu" or not torch.cuda.is_available())
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     last = checkpoint.latest(out)
     if cfg.resume and last is None:

@@ -51,6 +51,7 @@ def config(data, out, **kw) -> TrainConfig:
         control="canny",
         out=str(out),
         demo=True,
+        tier="cpu",  # the CPU path also on a machine with a GPU (bitwise-reproducible resume)
         steps=STEPS,
         resolution=64,
         lr=1e-3,
@@ -235,7 +236,7 @@ def test_two_processes_train_with_ddp(dataset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train"]
     cmd += ["--data", str(dataset), "--control", "canny", "--out", str(tmp_path), "--demo", "--new-controlnet"]
     cmd += ["--new-layers", "2", "--steps", "4", "--resolution", "64", "--lr", "1e-3", "--validation-images", "0"]
-    cmd += ["--no-gradient-checkpointing", "--log-every", "0"]
+    cmd += ["--no-gradient-checkpointing", "--log-every", "0", "--tier", "cpu"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Expected to have finished reduction" not in p.stderr
@@ -257,7 +258,7 @@ def test_the_app_runs_a_controlnet_trained_on_the_demo_model(trained):
 def test_the_demo_model_trains_on_the_gpu_in_bf16(dataset, tmp_path):
     """The GPU path end to end at demo size: bf16 weights, core's placement, validation by the engine."""
     torch.cuda.reset_peak_memory_stats()
-    summary = run(config(dataset, tmp_path, steps=12, validate_every=6, lr=1e-3))
+    summary = run(config(dataset, tmp_path, tier="auto", steps=12, validate_every=6, lr=1e-3))
     assert summary["placement"]["device"] == "cuda" and summary["placement"]["dtype"] == "bfloat16"
     assert all(np.isfinite(_log(tmp_path)["losses"]))
     assert all("images" in v for v in summary["validation"])
