@@ -73,7 +73,7 @@ def flow_matching_loss(
         img_ids=img_ids,
         return_dict=False,
     )[0]
-    pred = FluxControlNetPipeline._unpack_latents(pred, h * 8, w * 8, 8)
+    pred = FluxControlNetPipeline._unpack_latents(pred, h * 8, w * 8, 8)  # FLUX VAEs downsample 8x
     target = noise.to(dev, torch.float32) - x.float()
     return ((pred.float() - target) ** 2).mean()
 
