@@ -14,7 +14,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="FLUX.1-dev + ControlNet-Union on any GPU: the Gradio app")
     ap.add_argument("--model", default=FLUX_DEV, metavar="ID|DIR", help="FLUX pipeline: Hub id or local folder")
     ap.add_argument(
-        "--controlnet", default=UNION_PRO, metavar="ID|DIR", help="Union ControlNet: Hub id or local folder"
+        "--controlnet",
+        metavar="ID|DIR",
+        help=f"Union ControlNet: Hub id or local folder (default {UNION_PRO}; with --demo, the demo one)",
     )
     ap.add_argument("--tier", default="auto", choices=TIERS, help="the VRAM tier selected in the UI")
     ap.add_argument(
@@ -31,11 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_engine(args):
     import torch
 
+    from core.configs import UNION_PRO
     from core.engine import Engine
     from core.models import ModelSpec
 
     demo = args.demo or not torch.cuda.is_available()
-    spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet)
+    spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
+    if demo and args.controlnet:  # a ControlNet trained on the demo model (python -m train --demo)
+        spec = ModelSpec(spec.base, args.controlnet, demo=True)
     engine = Engine(spec)
     engine.load()
     return engine

@@ -80,7 +80,7 @@ def _check_local(source: str, what: str) -> None:
         )
 
 
-def _load(source: str, what: str, load):
+def load_or_explain(source: str, what: str, load):
     """load() for a Hub id or local folder; any failure becomes one sentence for the user."""
     _check_local(source, what)
     try:
@@ -92,7 +92,7 @@ def _load(source: str, what: str, load):
 def load_controlnet(source: str, dtype: torch.dtype):
     from diffusers import FluxControlNetModel
 
-    return _load(
+    return load_or_explain(
         source, "controlnet", lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
     )
 
@@ -105,7 +105,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
 
     parts = dict(transformer=load_transformer_file(spec, dtype)) if spec.transformer else {}  # a bad file: at once
     parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype)])
-    pipe = _load(
+    pipe = load_or_explain(
         spec.base,
         "model",
         lambda: FluxControlNetPipeline.from_pretrained(spec.base, **parts, dtype=dtype, use_safetensors=True),

@@ -10,8 +10,8 @@ from core.engine import Engine
 from core.job import ControlSpec, Job, LoraSpec
 from core.lora import Merger, folder_source, list_loras, parse_lora_arg, read_lora, suggest
 from core.models import ModelSpec
-from core.stream.residency import Residency
 from core.plan.units import denoiser_units
+from core.stream.residency import Residency
 from tests.core.byom_files import demo_transformer, kohya_lora, peft_lora
 from tests.core.test_residency import run, tiny_denoiser
 

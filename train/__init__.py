@@ -1,0 +1,1 @@
+"""Training a ControlNet for the app: `python -m train ...` (see README.md, "Training a ControlNet")."""
