@@ -1,9 +1,8 @@
 """Top speed when the whole denoiser is resident: fused QKV, regional compilation, the attention
 kernel, and (opt-in) fp8 compute.
 
-Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU:
-core.stream.residency hooks the
-children of the transformer blocks, and fused or compiled blocks would hide them. Every change here
+Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU: the residency
+hooks the children of the blocks, and fused or compiled blocks would hide them. Every change here
 has an exact inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
 
 - fused QKV: one matmul instead of three per attention input (q, k, v concatenated); the unfused
