@@ -21,7 +21,7 @@ variants (run in this order; each one's failure is recorded and the rest still r
                      (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
                      graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's
                      coordinate-descent tuning), flash (flash attention),
-                     nofuse (without core.fused_blocks), graphs (core.graphs: CUDA graphs around
+                     nofuse (without core.speed.fused_blocks), graphs (core.speed.graphs: CUDA graphs around
                      whole ControlNet and transformer calls)
 
 --profile: for the first control count of each variant, the GPU time of a denoising step by kernel

@@ -1,6 +1,6 @@
 """The variants bench/bench_speed.py measures, by name: diffusers' two, and ours with modifiers.
 
-ours_<bf16|fp8>[_<mod>...]: each mod is a change to core.fast.FastConfig (or, end08, to the job).
+ours_<bf16|fp8>[_<mod>...]: each mod is a change to core.speed.fast.FastConfig (or, end08, to the job).
 """
 
 from __future__ import annotations

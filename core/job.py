@@ -79,7 +79,7 @@ class Job:
     tier: str = "auto"
     upscale_strength: float = 0.3  # img2img denoise of each upscale stage
     upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
-    fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/fast.py)
+    fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/speed/fast.py)
     loras: tuple[LoraSpec, ...] = ()  # merged into the denoiser's weights, in this order (core/lora.py)
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
 """bench/bench_speed.py's logic on the CPU (`--cpu-smoke`: the tiny model, compile with the eager
-backend, fp8 emulated), in a subprocess because the smoke mode patches core.fast for its process."""
+backend, fp8 emulated), in a subprocess because the smoke mode patches core.speed.fast for its process."""
 
 import json
 import os

@@ -13,11 +13,11 @@ has an exact inverse (`undo_fast`), so the engine can return to a streamed plan 
   compiles two graphs, not 72, and a new image size compiles nothing; they stay cached for the process.
 - attention: PyTorch picks its SDPA kernel itself ("sdpa"), or cuDNN / flash attention is forced per
   attention processor (not diffusers' global backend, so other pipelines in the process are untouched).
-- fp8 compute (core.fp8_compute): block Linears in fp8 with row-wise scales; it changes pixels (fine
+- fp8 compute (core.speed.fp8_compute): block Linears in fp8 with row-wise scales; it changes pixels (fine
   detail), so it is the user's choice.
-- fused blocks (core.fused_blocks): GELU in the matmul epilogue, no concatenation before a single
+- fused blocks (core.speed.fused_blocks): GELU in the matmul epilogue, no concatenation before a single
   block's output projection.
-- CUDA graphs (core.graphs, opt-in): whole ControlNet and transformer calls replayed with one launch.
+- CUDA graphs (core.speed.graphs, opt-in): whole ControlNet and transformer calls replayed with one launch.
 """
 
 from __future__ import annotations
@@ -271,8 +271,8 @@ class FastConfig:
     mode: str | None = None
     dynamic: bool | None = True
     options: tuple[tuple[str, object], ...] = ()
-    fuse_blocks: bool = True  # core.fused_blocks: GELU in the matmul, no concatenation before proj_out
-    cuda_graphs: bool = False  # core.graphs: replay whole denoiser calls (opt-in until measured at full size)
+    fuse_blocks: bool = True  # core.speed.fused_blocks: GELU in the matmul, no concatenation before proj_out
+    cuda_graphs: bool = False  # core.speed.graphs: replay whole denoiser calls (opt-in until measured at full size)
     devices: tuple[str, ...] = ("cuda",)
 
 
@@ -351,7 +351,7 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | 
 
 
 def graphed_models(pipe) -> dict[str, nn.Module]:
-    """The models core.graphs wraps: one graph per call of each."""
+    """The models core.speed.graphs wraps: one graph per call of each."""
     return {"controlnet": pipe.controlnet, "transformer": pipe.transformer}
 
 

@@ -1,7 +1,7 @@
 """fp8 compute: block Linears become `Fp8Linear` (e4m3 weights with one scale per output row,
 activations quantized per row on the fly, `torch._scaled_mm`): the row-wise recipe of torchao's
 Float8DynamicActivationFloat8WeightConfig(PerRow()). It changes pixels (fine detail), so it is the
-user's choice (core.fast applies it). The bf16 originals wait in host memory and come back exactly.
+user's choice (core.speed.fast applies it). The bf16 originals wait in host memory and come back exactly.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Fp8Linear(nn.Module):
     per row (token) at every call. Output in bf16, like torchao's row-wise float8 inference.
 
     `split`: input column blocks computed as separate matmuls and summed, each with its own scales.
-    A FLUX single block's proj_out reads cat(attention output, GELU(MLP)); core.fused_blocks passes
+    A FLUX single block's proj_out reads cat(attention output, GELU(MLP)); core.speed.fused_blocks passes
     the two parts as a tuple, so the concatenation is never made and each part's quantization fuses
     into the kernel that produces it (H100: 15.6 → 9.0 ms a step for those kernels).
 
@@ -84,7 +84,7 @@ class Fp8Linear(nn.Module):
         return getattr(self, f"weight{i or ''}"), getattr(self, f"weight{i or ''}_scale")
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """x: the input, or its column blocks as separate tensors (core.fused_blocks passes the parts
+        """x: the input, or its column blocks as separate tensors (core.speed.fused_blocks passes the parts
         of a concatenation that never gets made)."""
         if isinstance(x, (tuple, list)):
             if tuple(p.shape[-1] for p in x) != self.split:

@@ -1,4 +1,4 @@
-"""Fewer passes over the activations in FLUX's blocks (part of the fast path, core/fast.py).
+"""Fewer passes over the activations in FLUX's blocks (part of the fast path, core/speed/fast.py).
 
 A profile of a compiled step (bench/SPEED_PROFILE.md) showed element-wise kernels that exist only
 because of how the blocks are written, not because the math needs them; without them the step's
@@ -10,7 +10,7 @@ Triton time went from 17.4 to 9.7 ms (H100, bf16), pixels unchanged beyond round
   Inductor keeps the fused call instead of decomposing it.
 - a single block's proj_out reads cat(attention output, GELU(MLP)), a 4608 × 15360 copy per block.
   `single_block_forward` is FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out
-  computed per part and summed; fp8 layers (core.fp8_compute) take the parts as they are.
+  computed per part and summed; fp8 layers (core.speed.fp8_compute) take the parts as they are.
 
 Every change is undone exactly by `unfuse_blocks`; tests compare both forms on the tiny model.
 """
@@ -116,7 +116,7 @@ def _mirrors(cls: type) -> bool:
         return False
     same = hashlib.sha256(src.encode()).hexdigest()[:16] == MIRRORED_FORWARD
     if not same:
-        log.info("%s.forward is not the one core.fused_blocks mirrors: its concatenation stays", cls.__name__)
+        log.info("%s.forward is not the one core.speed.fused_blocks mirrors: its concatenation stays", cls.__name__)
     return same
 
 

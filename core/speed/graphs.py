@@ -1,4 +1,4 @@
-"""CUDA graphs around whole denoiser calls (part of the fast path, core/fast.py; opt-in).
+"""CUDA graphs around whole denoiser calls (part of the fast path, core/speed/fast.py; opt-in).
 
 Compiled, a step's kernels take less time than Python needs to launch them: the profile in
 bench/SPEED_PROFILE.md shows the GPU idle 9 % of a bf16 step and 20 % of an fp8 step, where eager

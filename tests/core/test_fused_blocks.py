@@ -1,4 +1,4 @@
-"""core.fused_blocks on the tiny model: the same outputs without the GELU pass and the
+"""core.speed.fused_blocks on the tiny model: the same outputs without the GELU pass and the
 concatenation, every module back exactly on undo, and fp8 layers taking the parts."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""core.graphs' bookkeeping on the CPU with a stand-in capture (a "graph" that re-runs the captured
+"""core.speed.graphs' bookkeeping on the CPU with a stand-in capture (a "graph" that re-runs the captured
 call on the graph's own inputs and writes into the captured outputs, as a CUDA graph replay does);
 the real capture on a GPU in the gpu-marked test."""
 
