@@ -86,7 +86,10 @@ def cmd_generate(a) -> dict:
     spec = ModelSpec.demo_spec() if a.demo else ModelSpec(a.model, a.controlnet)
     if a.transformer:
         spec = replace(spec, transformer=a.transformer)
-    engine = Engine(spec)
+    from core.speed.fast import FastConfig
+
+    # one image per process: a compile it cannot earn back is not paid unless asked for
+    engine = Engine(spec, fast_config=FastConfig(compile=a.compile))
     result = engine.run(job)
     summary = result.summary()
     save_png(result.image, out, result.png_params())
@@ -129,6 +132,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="fp8 matmuls when the whole model is resident on an Ada/Hopper GPU: faster, "
         "slightly different fine detail (ignored elsewhere, with a note)",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the denoiser blocks where the whole model is resident (15-30 s once per process and "
+        "image size, kept on disk for the next process): pays off over many images, not one; off by default",
     )
     g.add_argument("--lora", action="append", help="FILE[=SCALE] (default scale 1); repeat for several")
     g.add_argument("--lora-dir", help="where --lora looks for a bare file name (default: <cache>/loras)")

@@ -1,7 +1,5 @@
 """Top speed when the whole denoiser is resident: fused QKV, regional compilation, the attention
-kernel, and (opt-in) fp8 compute.
-
-Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU: the residency
+kernel, and (opt-in) fp8 compute. Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU: the residency
 hooks the children of the blocks, and fused or compiled blocks would hide them. Every change here
 has an exact inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
 
@@ -10,11 +8,11 @@ has an exact inverse (`undo_fast`), so the engine can return to a streamed plan 
 - regional compilation: torch.compile on each repeated block (FluxTransformerBlock,
   FluxSingleTransformerBlock) of the transformer *and* the ControlNet, with a symbolic sequence
   length: blocks of one class share one graph (the ControlNet's text is one token longer), so this
-  compiles two graphs, not 72, and a new image size compiles nothing; they stay cached for the process.
+  compiles two graphs, not 72, and a new image size compiles nothing; cached for the process and on
+  disk (core.speed.compile_cache).
 - attention: PyTorch picks its SDPA kernel itself ("sdpa"), or cuDNN / flash attention is forced per
   attention processor (not diffusers' global backend, so other pipelines in the process are untouched).
-- fp8 compute (core.speed.fp8_compute): block Linears in fp8 with row-wise scales; it changes pixels (fine
-  detail), so it is the user's choice.
+- fp8 compute (core.speed.fp8_compute): block Linears in fp8 with row-wise scales (user's choice: pixels change).
 - fused blocks (core.speed.fused_blocks): GELU in the matmul epilogue, no concatenation before a single
   block's output projection.
 - CUDA graphs (core.speed.graphs, opt-in): whole ControlNet and transformer calls replayed with one launch.
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from core.speed import fp8_compute, fused_blocks, graphs
+from core.speed.compile_cache import use_persistent_cache
 from core.speed.fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -173,6 +172,7 @@ def compile_blocks(
     one graph per block class, and a new image size does not recompile. options: Inductor settings
     as (name, value) pairs (torch.compile takes them or a mode, not both)."""
     _raise_recompile_limit()
+    use_persistent_cache()
     n = 0
     for block in repeated_blocks(model):
         if not is_compiled(block):

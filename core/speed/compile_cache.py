@@ -1,0 +1,21 @@
+"""Compiled kernels that outlive the process: Inductor's caches under the app's cache root.
+
+torch.compile's FX-graph and AOTAutograd caches are keyed by the graph, the torch version, the
+device and the compile options, so a new torch, diffusers forward or GPU misses the cache instead
+of reusing something stale. Kept under `<cache root>/torch-compile` (FLUX_ANYVRAM_CACHE moves it)
+unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def use_persistent_cache() -> Path:
+    """Point Inductor's on-disk caches at the cache root (once; an explicit setting wins)."""
+    from core.demo_model import cache_root
+
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torch-compile")))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return path
