@@ -26,6 +26,8 @@ class DeviceInfo:
     host_ram_gb: float  # the host RAM this process may use (GiB, host_ram_limit_gb): streamed weights are pinned there
     h2d_gbps: float = 25.0  # pinned host→device copy bandwidth, GiB/s (PCIe 4.0 x16 ~25)
     tflops: float = 150.0  # effective bf16 matmul rate, TFLOP/s
+    context_gb: float = 0.0  # device memory this process holds outside the allocator (CUDA context,
+    # library workspaces), measured at start-up: a tier's allocator budget leaves it out
 
 
 def _measure_h2d(nbytes: int = 256 * 2**20) -> float:
@@ -70,15 +72,32 @@ def _measure_tflops(n: int = 4096, rounds: int = 3, reps: int = 8) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def _static_cuda_info() -> tuple[str, float, bool, float, float]:
+def _static_cuda_info() -> tuple[str, float, bool, float, float, float]:
     props = torch.cuda.get_device_properties(0)
-    return (
-        props.name,
-        props.total_memory / GiB,
-        torch.cuda.is_bf16_supported(),
-        round(_measure_h2d(), 1),
-        round(_measure_tflops(), 0),
-    )
+    h2d, tflops = round(_measure_h2d(), 1), round(_measure_tflops(), 0)  # cuBLAS is initialised now
+    return props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(), h2d, tflops, _measure_context_gb()
+
+
+def _measure_context_gb(cap_gb: float = 1.5) -> float:
+    """What this process holds on the GPU beyond PyTorch's allocator: the driver's per-process figure
+    (NVML) minus reserved memory; without NVML, the device's used memory minus reserved, capped (it
+    would count other processes too)."""
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        used = next(
+            p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()
+        )
+    except Exception:  # noqa: BLE001 - no NVML (or no per-process figure): the device-wide estimate
+        free, total = torch.cuda.mem_get_info()
+        used = min(total - free, reserved + cap_gb * GiB)
+    return round(max(0.0, (used - reserved) / GiB), 2)
 
 
 def _cgroup_limits(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> list[int]:
@@ -120,6 +139,6 @@ def detect() -> DeviceInfo:
     host = host_ram_limit_gb()
     if not torch.cuda.is_available():
         return DeviceInfo("cpu", "CPU", 0.0, 0.0, True, round(host, 1))
-    name, total, bf16, h2d, tflops = _static_cuda_info()
+    name, total, bf16, h2d, tflops, context = _static_cuda_info()
     free, _ = torch.cuda.mem_get_info()
-    return DeviceInfo("cuda", name, round(total, 2), round(free / GiB, 2), bf16, round(host, 1), h2d, tflops)
+    return DeviceInfo("cuda", name, round(total, 2), round(free / GiB, 2), bf16, round(host, 1), h2d, tflops, context)

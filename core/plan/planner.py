@@ -22,7 +22,7 @@ from core.plan.stages import stage_sizes, stage_steps
 from core.plan.timing import predict_step_s
 from core.tiling import tile_overlap, token_tiles
 
-CONTEXT_GB = 0.5  # left for the CUDA context: a tier N has N - 0.5 GiB
+CONTEXT_GB = 0.5  # a tier N promises the whole process N - 0.5 GiB (the driver's figure)
 DEPTH_ON_GPU_GB = 40  # the depth model (~0.1 GB) runs on the GPU only where the budget leaves room
 UPSCALE_TILE = 1024  # upscale stages refine tiles of at most FLUX's native scale
 VAE_TILE_PX = CAL.vae_tile_px  # the VAE's tile when tiling is on (the memory model counts this size)
@@ -91,10 +91,12 @@ class Plan:
 
 
 def budget_for(tier: str, device: DeviceInfo) -> float:
-    """GiB a tier may use."""
+    """GiB a tier's allocator may use: N - 0.5 GiB less what the process holds outside the allocator
+    (its CUDA context and workspaces), so the whole process stays under N - 0.5 as the driver counts
+    it. Auto: the free memory (which the context already left) less the margin."""
     if tier == "auto":
         return max(device.free_gb - CONTEXT_GB, 0.0)
-    return float(tier) - CONTEXT_GB
+    return float(tier) - CONTEXT_GB - device.context_gb
 
 
 def pass_size(shape: JobShape, tile: int) -> tuple[int, int]:
@@ -151,6 +153,8 @@ def plan_for(
     dtype = dtype or ("bfloat16" if device.bf16 else "float32")
     budget = budget_for(tier, device) * GiB
     notes = [] if dtype != "float32" else ["computing in float32 (no bf16 on this GPU, or a NaN result in bf16)"]
+    if tier != "auto" and device.context_gb > 0:
+        notes.append(f"{device.context_gb:.2f} GiB of the tier kept for the CUDA context and libraries")
     out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     host_cap = host_cap_bytes(device) if host_cap_gb is None else int(host_cap_gb * GiB)
     # generation tile: the whole image if it fits, else the largest square tile that does
@@ -231,7 +235,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
 def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
     """The next smaller plan after an out-of-memory: a smaller tier, then a smaller tile."""
     if plan.device != "cpu":
-        smaller = [t for t in GPU_TIERS if float(t) - CONTEXT_GB < plan.budget_gb - 1e-6]
+        smaller = [t for t in GPU_TIERS if budget_for(t, device) < plan.budget_gb - 1e-6]
         if smaller:
             with contextlib.suppress(ValueError):
                 return plan_for(smaller[0], shape, sizes, device, dtype=plan.dtype)

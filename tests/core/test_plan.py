@@ -456,3 +456,18 @@ def test_pass_size_is_the_larger_of_generation_and_upscale_tiles():
     assert pass_size(JobShape(768, 768, 1, 2.0), 0) == (1024, 1024)  # upscale tiles of 1024
     assert pass_size(JobShape(768, 768, 1, 1.25), 0) == (960, 960)  # the whole 960² output
     assert pass_size(JobShape(2048, 2048, 1), 768) == (768, 768)
+
+
+def test_the_context_outside_the_allocator_comes_off_a_tier(full):
+    from dataclasses import replace
+
+    ctx = replace(NOMINAL, context_gb=0.6)
+    for tier in ("24", "8"):
+        p, q = plan_for(tier, SHAPE, full, NOMINAL), plan_for(tier, SHAPE, full, ctx)
+        assert q.budget_gb == pytest.approx(p.budget_gb - 0.6)
+        assert q.predicted_peak_gb <= q.budget_gb and any("CUDA context" in n for n in q.notes)
+    auto = plan_for("auto", SHAPE, full, ctx)  # free memory already excludes the context
+    assert auto.budget_gb == pytest.approx(NOMINAL.free_gb - CONTEXT_GB)
+    # stepping down goes to the next smaller tier, with the same allowance
+    p = plan_for("8", SHAPE, full, ctx)
+    assert step_down(p, SHAPE, full, ctx).tier == "6"
