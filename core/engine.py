@@ -21,7 +21,7 @@ from core.denoise.runtime import JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
 from core.device import DeviceInfo, detect
 from core.job import Job
-from core.models import ModelSpec
+from core.models import ModelSpec, has_mode_ids
 from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_memory, is_host_oom, is_oom
 from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
@@ -271,6 +271,11 @@ class Engine:
 
             for note in random_detector_notes([c.kind for c in job.controls], plan.depth_device):
                 rt.note(note)
+        if any(c.kind == "softedge" for c in job.controls) and has_mode_ids(self.pipe):
+            rt.note(
+                "soft edge ran as the canny mode (0): this Union ControlNet's card lists no soft-edge mode "
+                "(Union-Pro-2.0 takes soft edge as it is)"
+            )
         for c in controls:  # e.g. no person found for a pose control
             if c.info.get("note"):
                 rt.note(c.info["note"])

@@ -285,3 +285,10 @@ def test_a_pose_control_without_people_runs_with_a_note(demo_engine, astronaut, 
     r = demo_engine.run(job)
     assert r.image.size == (W, H) and np.asarray(r.controls[0]).max() == 0
     assert pose_module.NO_PEOPLE in r.events, r.events
+
+
+def test_soft_edge_on_a_union_with_mode_ids_says_it_ran_as_canny(demo_engine, job):
+    res = demo_engine.run(job.with_(controls=(ControlSpec("softedge"),), steps=1))
+    assert any("soft edge ran as the canny mode" in e for e in res.events), res.events
+    plain = demo_engine.run(job.with_(steps=1))
+    assert not any("soft edge" in e for e in plain.events)
