@@ -161,7 +161,9 @@ class Runner:
                 upd = {u["status"]: status_html("cancelling" if ev.is_set() else "running", note, snap)}
                 if snap.preview_version != seen:
                     seen = snap.preview_version
-                    upd[u["live"]] = H.enlarge(tracker.latest_preview(), job.width, job.height)
+                    img = H.enlarge(tracker.latest_preview(), job.width, job.height)
+                    # a preview before the first update must also make the (hidden) preview visible
+                    upd[u["live"]] = gr.update(visible=True, value=img) if first else img
                 if done:
                     break
                 yield {**first, **upd}
