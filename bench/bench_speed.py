@@ -20,9 +20,8 @@ variants (run in this order; each one's failure is recorded and the rest still r
                      recompiles from scratch): static (dynamic=False), autotune
                      (mode="max-autotune-no-cudagraphs"), cudagraphs (mode="reduce-overhead": CUDA
                      graphs; fails on regional blocks, see SPEED_PROFILE.md), tuned (Inductor's
-                     coordinate-descent tuning), flash (flash attention),
-                     nofuse (without core.speed.fused_blocks), graphs (core.speed.graphs: CUDA graphs around
-                     whole ControlNet and transformer calls)
+                     coordinate-descent tuning), flash (flash attention), nofuse (without
+                     core.speed.fused_blocks), graphs (core.speed.graphs: CUDA graphs around whole calls)
 
 --profile: for the first control count of each variant, the GPU time of a denoising step by kernel
 kind, the GPU's idle share and the largest kernels (bench/kernels.py), in speed_results.json.
