@@ -23,14 +23,14 @@ PREVIEW_EVERY = 2  # steps between live previews
 
 def upscale_work(job: Job, tile: int) -> list[tuple[str, int, float]]:
     """(label prefix, steps, weight per step) for each upscale stage, as core.denoise.upscale splits it."""
+    from core.plan.planner import UPSCALE_TILE, n_tiles
     from core.plan.stages import stage_sizes, stage_steps
-    from core.tiling import token_tiles
 
     sizes = stage_sizes(job.width, job.height, job.upscale)
     out = []
     for k, (w, h) in enumerate(sizes, 1):
-        t = tile or 1024
-        n = len(token_tiles(w, h, t, 128)[2])
+        t = tile or UPSCALE_TILE
+        n = n_tiles(w, h, t, 128)
         weight = n * min(t, w) * min(t, h) / (job.width * job.height)
         out.append((f"upscale {k}/{len(sizes)}", stage_steps(job.steps, job.upscale_steps) + 1, weight))
     return out
