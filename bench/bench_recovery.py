@@ -52,21 +52,6 @@ def write_model(folder: Path) -> float:
     return round(time.time() - t0, 1)
 
 
-def driver_mib(pid: int) -> float | None:
-    """The process's GPU memory as the driver counts it (context and workspaces included)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-            if p.pid == pid:
-                return round(p.usedGpuMemory / 2**20, 1)
-    except Exception:  # noqa: BLE001 - a measurement, never a failure
-        return None
-    return None
-
-
 def cli(model: Path, tier: str, cap_gb: float, out: Path, a) -> dict:
     args = [
         "generate", "--model", str(model / "flux"), "--controlnet", str(model / "cn"), "--image",
