@@ -10,7 +10,7 @@ core.plan.timing (within 8 % of the H100 runs), the search core.plan.search.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
@@ -66,28 +66,12 @@ class Plan:
         return self.placement.text_encoders
 
     def summary(self) -> dict:
+        """The plan as JSON: its own fields, the placement as counts per storage code and its buffers."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
         p = self.placement
-        return dict(
-            tier=self.tier,
-            device=self.device,
-            budget_gb=self.budget_gb,
-            dtype=p.dtype,
-            placement=p.counts(),
-            slots=p.slots,
-            text_encoders=p.text_encoders,
-            vae_tiling=self.vae_tiling,
-            tile=self.tile,
-            overlap=self.overlap,
-            predicted_peak_gb=self.predicted_peak_gb,
-            predicted_step_s=self.predicted_step_s,
-            host_ram_gb=self.host_ram_gb,
-            notes=list(self.notes),
-            upscale_tile=self.upscale_tile,
-            ring=p.ring,
-            vae_tile=VAE_TILE_PX if self.vae_tiling else 0,
-            depth_device=self.depth_device,
-            predicted_job_s=self.predicted_job_s,
-        )
+        d.update(dtype=p.dtype, placement=p.counts(), slots=p.slots, text_encoders=p.text_encoders, ring=p.ring)
+        d.update(notes=list(self.notes), vae_tile=VAE_TILE_PX if self.vae_tiling else 0)
+        return d
 
 
 def budget_for(tier: str, device: DeviceInfo) -> float:
