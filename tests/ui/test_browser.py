@@ -37,10 +37,17 @@ pytestmark = [
 
 
 def set_slider(page, elem_id: str, value) -> None:
+    """Type a slider's value; again if the page had not taken it yet (a box filled while its
+    accordion still opens can be reset), so a job never starts with the old value."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        page.wait_for_timeout(300)
+        if box.input_value() == str(value):
+            return
+    assert box.input_value() == str(value), f"#{elem_id} did not take {value}"
 
 
 def no_error_pills(page) -> None:
