@@ -15,6 +15,12 @@ from pathlib import Path
 
 from core.configs import FLUX_DEV, UNION_PRO
 from core.job import TIERS
+from core.limits import PRECISIONS
+
+PRECISION_HELP = (
+    "weight formats: auto (bf16/fp8 where they fit the GPU and the RAM, 4-bit GGUF Q4_0 where not), "
+    "exact (bf16/fp8 only), 4bit (4-bit wherever it is faster)"
+)
 
 
 def _add_model_args(ap):
@@ -38,8 +44,13 @@ def cmd_plan(a) -> dict:
         # plan a GPU tier on a machine without one: a nominal consumer GPU (PCIe 4.0, ~150 TFLOP/s)
         dev = DeviceInfo("cuda", "nominal GPU", float(a.tier), float(a.tier), True, dev.host_ram_gb)
     sizes = sizes_from_config("tiny" if a.demo else "full")
-    plan = plan_for(a.tier, JobShape(a.width, a.height, a.controls, a.upscale), sizes, dev)
-    return dict(plan.summary(), device=dev.name, model="demo" if a.demo else "full-size FLUX.1-dev + Union")
+    plan = plan_for(a.tier, JobShape(a.width, a.height, a.controls, a.upscale), sizes, dev, precision=a.precision)
+    return dict(
+        plan.summary(),
+        device=dev.name,
+        host_ram_limit_gb=dev.host_ram_gb,
+        model="demo" if a.demo else "full-size FLUX.1-dev + Union",
+    )
 
 
 def cmd_generate(a) -> dict:
@@ -79,6 +90,7 @@ def cmd_generate(a) -> dict:
         tier=a.tier,
         fp8_compute=a.fp8_compute,
         loras=loras,
+        precision=a.precision,
     )
     out = Path(a.out)
     if out.suffix.lower() != ".png" or not out.parent.exists():
@@ -110,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--controls", type=int, default=1)
     p.add_argument("--upscale", type=float, default=1.0)
     p.add_argument("--demo", action="store_true")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument(
         "--host-ram-gb",
         type=float,
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
     g.add_argument("--control", action="append", help="canny[=SCALE]; repeat for several")
     g.add_argument("--prompt", required=True)
     g.add_argument("--tier", default="auto", choices=TIERS)
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     g.add_argument("--upscale", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, help="default 28, or a few-step LoRA's (e.g. 8 for a turbo LoRA)")

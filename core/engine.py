@@ -138,7 +138,7 @@ class Engine:
         `dtype` forces the compute dtype (float32 after a black result)."""
         self.load()
         shape = shape_of(job)
-        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype)
+        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype, precision=job.precision)
         return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
 
     def check_fits(self, plan: Plan) -> None:
@@ -193,7 +193,7 @@ class Engine:
                 decision = next_attempt(
                     failure,
                     plan,
-                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device),
+                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device, job.precision),
                     less_host=lambda p: self._less_host(job, p),
                     in_float32=lambda: self.plan(job, dtype="float32"),
                 )
@@ -221,13 +221,19 @@ class Engine:
         return Failure("fast", where, degraded[1])
 
     def _less_host(self, job: Job, plan: Plan) -> Plan | None:
-        """The same tier with less pinned host RAM than `plan` (fp8 instead of exact streamed
-        weights), or None where no such plan exists."""
+        """The same tier with less pinned host RAM than `plan` (fp8 or 4-bit instead of exact
+        streamed weights, as the job's precision allows), or None where no such plan exists."""
         if plan.device != "cuda" or plan.host_ram_gb <= 0:
             return None
         try:
             nxt = plan_for(
-                plan.tier, shape_of(job), self.sizes, self.device, dtype=plan.dtype, host_cap_gb=0.9 * plan.host_ram_gb
+                plan.tier,
+                shape_of(job),
+                self.sizes,
+                self.device,
+                dtype=plan.dtype,
+                host_cap_gb=0.9 * plan.host_ram_gb,
+                precision=job.precision,
             )
         except ValueError:
             return None

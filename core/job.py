@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from core.limits import MAX_CONTROLS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, check
+from core.limits import MAX_CONTROLS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, PRECISIONS, check
 from core.lora import LoraSpec
 from preprocessors.registry import CONTROLS, check_params
 
@@ -81,6 +81,7 @@ class Job:
     upscale_steps: int | None = None  # steps per upscale stage; None: max(4, min(10, steps // 3))
     fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/speed/fast.py)
     loras: tuple[LoraSpec, ...] = ()  # merged into the denoiser's weights, in this order (core/lora.py)
+    precision: str = "auto"  # weight formats: auto | exact (bf16/fp8) | 4bit (core/plan/placement.py)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -113,6 +114,8 @@ class Job:
         if len({s.path for s in self.loras}) < len(self.loras):
             raise ValueError("loras: each LoRA file may be given once; set its scale instead.")
         object.__setattr__(self, "loras", tuple(self.loras))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -136,6 +139,7 @@ class Job:
             upscale_strength=self.upscale_strength,
             upscale_steps=self.upscale_steps,
             fp8_compute=self.fp8_compute,
+            precision=self.precision,
             loras=[s.describe() for s in self.loras],
             controls=[
                 dict(kind=c.kind, scale=c.scale, start=c.start, end=c.end, params=dict(c.params)) for c in self.controls

@@ -25,6 +25,7 @@ class Limit:
 MAX_PROMPT_CHARS = 2000
 MAX_CONTROLS = 4
 MAX_LORAS = 8
+PRECISIONS = ("auto", "exact", "4bit")  # weight formats a job allows (core.plan.placement.allowed_codes)
 SEED_MAX = 2**63 - 1
 
 LIMITS: dict[str, Limit] = {

@@ -79,6 +79,8 @@ HELP = dict(
     precision="fp8 matmuls: faster on Ada/Hopper GPUs when the whole model fits (48 GB tier); fine detail "
     "changes slightly. Ignored, with a note, elsewhere.",
     seed="The same seed and settings give the same image. Typing a seed turns Randomize off.",
+    weights="Auto: bf16/fp8 weights where they fit the GPU and the RAM, 4-bit (GGUF Q4_0) only where they "
+    "do not. Exact: never 4-bit. 4-bit: wherever it is faster (small tiers: fewer bytes to stream).",
 )
 
 
@@ -262,6 +264,13 @@ def _settings(u: dict, engine, d, tiers, default_tier: str) -> None:
         )
         u["fp8_compute"] = gr.Checkbox(
             False, label="Precision: fp8 compute", info=HELP["precision"], elem_id="fp8-compute"
+        )
+        u["precision"] = gr.Radio(
+            [("Auto", "auto"), ("Exact (bf16/fp8)", "exact"), ("4-bit", "4bit")],
+            value="auto",
+            label="Weights",
+            info=HELP["weights"],
+            elem_id="precision",
         )
         u["err_advanced"] = _error_slot("advanced")
     with gr.Accordion("Load settings from a PNG", open=False):

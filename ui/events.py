@@ -25,13 +25,13 @@ def inputs_of(u: dict, tier) -> list:
     """generate's inputs, in the API's order (tier: the page's or the API's dropdown)."""
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low", "canny_high")
-    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), u["fp8_compute"]]
+    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), u["fp8_compute"], u["precision"]]
 
 
 def settings_outputs(u: dict) -> list:
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("tier", "upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low")
-    return [u["prompt"], *controls, *(u[n] for n in names), u["canny_high"], u["fp8_compute"]]
+    return [u["prompt"], *controls, *(u[n] for n in names), u["canny_high"], u["fp8_compute"], u["precision"]]
 
 
 def settings_values(s: H.Settings, tiers: list[str]) -> tuple[list, str]:
@@ -45,7 +45,7 @@ def settings_values(s: H.Settings, tiers: list[str]) -> tuple[list, str]:
     if s.dropped:
         notes.append(f"left out (not available here, or more than {H.ROWS}): {', '.join(s.dropped)}")
     values = [s.prompt, *rows, tier, s.upscale, s.seed, False, s.steps, s.guidance, s.max_side]
-    values += [s.canny is None, canny[0], canny[1], s.fp8_compute]
+    values += [s.canny is None, canny[0], canny[1], s.fp8_compute, s.precision]
     return values, "; ".join(notes)
 
 
@@ -103,12 +103,13 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         canny_low=100,
         canny_high=200,
         fp8_compute=False,
+        precision="auto",
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
     ):
         values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
         values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [canny_auto, canny_low, canny_high, fp8_compute]
+        values += [canny_auto, canny_low, canny_high, fp8_compute, precision]
         return await runner.generate(values, request, progress)
 
     u["api_run"].click(
@@ -148,12 +149,13 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         canny_low,
         canny_high,
         fp8_compute,
+        precision,
         history,
         request: gr.Request = None,
     ):
         values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
         values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [canny_auto, canny_low, canny_high, fp8_compute]
+        values += [canny_auto, canny_low, canny_high, fp8_compute, precision]
         async for out in runner.run_page(values, history, request):
             yield out
 

@@ -166,6 +166,7 @@ def build_job(
     canny=None,
     rng: random.Random | None = None,
     fp8_compute=False,
+    precision="auto",
 ) -> Job:
     """A validated Job from the UI's values (image: path, PIL or array). The seed is drawn here when
     `randomize` is set, so the Job (and the PNG) hold the seed that was used."""
@@ -188,6 +189,7 @@ def build_job(
         upscale=upscale,
         tier=tier or "auto",
         fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute,
+        precision=precision or "auto",  # an API call leaving it out
     )
 
 
@@ -298,9 +300,9 @@ def plan_markdown(summary: dict) -> str:
         ("Compute dtype", p["dtype"]),
         (
             "Denoiser units",
-            f"{pl['B']} resident, {pl['F']} resident fp8, {pl['S']} streamed, "
-            f"{pl['Q']} streamed fp8" + (f"; copy ring of {p['ring']} units" if p.get("ring") else ""),
+            _units_label(pl) + (f"; copy ring of {p['ring']} units" if p.get("ring") else ""),
         ),
+        ("Weights", _formats_label(p)),
         ("Text encoders", p["text_encoders"]),
         ("VAE tiling", "on" if p["vae_tiling"] else "off"),
         ("Generation tile", f"{p['tile']} px (overlap {p['overlap']})" if p["tile"] else "whole image"),
@@ -316,6 +318,26 @@ def plan_markdown(summary: dict) -> str:
     if lines:
         md += "\n\n**Notes and events**\n" + "\n".join(lines)
     return md
+
+
+UNIT_LABELS = dict(
+    B="resident", F="resident fp8", S="streamed", Q="streamed fp8", R="resident 4-bit", N="streamed 4-bit"
+)
+
+
+def _units_label(counts: dict) -> str:
+    """'12 resident, 300 streamed 4-bit': the storage codes in use, in words."""
+    return ", ".join(f"{counts[c]} {label}" for c, label in UNIT_LABELS.items() if counts.get(c)) or "none"
+
+
+def _formats_label(p: dict) -> str:
+    f = p.get("formats") or {}
+    words = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit (GGUF Q4_0)"}
+    denoiser = " + ".join(words.get(x, x) for x in str(f.get("denoiser", "exact")).split("+"))
+    t5 = str(f.get("t5", "exact"))
+    for k, v in words.items():
+        t5 = t5.replace(k, v)
+    return f"denoiser {denoiser}; T5 {t5}" + (" (4-bit: lossy)" if p.get("precision") == "4bit" else "")
 
 
 def _fast_label(fast: dict | None) -> str:

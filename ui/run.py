@@ -42,7 +42,7 @@ class Runner:
     def _job(self, values: list):
         image, prompt, *rest = values
         rows = [tuple(rest[i : i + 3]) for i in (0, 3, 6)]
-        tier, upscale, seed, randomize, steps, guidance, max_side, canny_auto, low, high, fp8 = rest[9:20]
+        tier, upscale, seed, randomize, steps, guidance, max_side, canny_auto, low, high, fp8, precision = rest[9:21]
         return H.build_job(
             image,
             prompt,
@@ -56,6 +56,7 @@ class Runner:
             max_side,
             None if canny_auto else (low, high),
             fp8_compute=fp8,
+            precision=precision,
         )
 
     def _save(self, job, result, started: float):

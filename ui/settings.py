@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.job import TIERS
-from core.limits import LIMITS, SEED_MAX, clamp
+from core.limits import LIMITS, PRECISIONS, SEED_MAX, clamp
 from core.pngmeta import read_a1111, read_params
 from preprocessors.registry import CONTROLS
 
@@ -36,6 +36,7 @@ class Settings:
     canny: tuple[int, int] | None = None
     dropped: list[str] = field(default_factory=list)
     fp8_compute: bool = False
+    precision: str = "auto"
     source: str = "this app"  # or "A1111/Forge": where the settings came from
 
 
@@ -93,5 +94,6 @@ def settings_from_png(source) -> Settings:
         canny=canny,
         dropped=dropped,
         fp8_compute=job.get("fp8_compute") is True,
+        precision=job.get("precision") if job.get("precision") in PRECISIONS else "auto",
         source=source_name,
     )

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.device import GiB
-from core.plan.placement import STREAMED, Placement
+from core.plan.placement import Placement, store
 from core.plan.sizes import ModelSizes
-from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes
+from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes, stored_bytes
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,40 @@ def tokens(width: int, height: int) -> int:
     return (width // 16) * (height // 16)
 
 
+def t5_host_bytes(sizes: ModelSizes, code: str, es: int) -> int:
+    """Pinned bytes of T5's layers streamed under a storage code."""
+    if not sizes.t5_layers:
+        return sizes.t5_unit_params * es
+    return sum(stored_bytes(u, store(code), es) for u in sizes.t5_layers)
+
+
 def host_ram_bytes(sizes: ModelSizes, p: Placement) -> int:
     """Pinned host memory a placement streams from (denoiser units, and T5 when it streams)."""
     es = esize(p.dtype)
     total = sum(host_bytes(u, s, es) for u, s in zip(sizes.units, p.stores))
-    return total + (sizes.t5_unit_params * es if p.text_encoders == "stream" else 0)
+    return total + (t5_host_bytes(sizes, p.t5, es) if p.text_encoders == "stream" else 0)
+
+
+def _t5_unit(sizes: ModelSizes) -> UnitSize:
+    """T5's largest streamed layer (all of it a Linear weight)."""
+    if sizes.t5_layers:
+        return max(sizes.t5_layers, key=lambda u: u.numel)
+    return UnitSize("t5", sizes.t5_max_unit, sizes.t5_max_unit)
 
 
 def slot_bytes(sizes: ModelSizes, p: Placement) -> int:
     """GPU bytes of the work slots and the copy ring (core.plan.units.buffer_bytes); streamed T5
-    layers pass through the same ring."""
+    layers pass through the same ring (and the work slots, when stored compressed)."""
     units, codes = list(sizes.units), p.units
     if p.text_encoders == "stream":
-        units, codes = units + [UnitSize("t5", sizes.t5_max_unit, 0)], codes + STREAMED.code
+        units, codes = units + [_t5_unit(sizes)], codes + p.t5
     return buffer_bytes(units, codes, esize(p.dtype), p.slots, p.ring)
+
+
+def cast_scratch_bytes(sizes: ModelSizes, p: Placement) -> int:
+    """Temporaries of 4-bit dequantization (core.stream.q4): none for the Triton kernel, a few
+    chunks of 2^17 blocks in float32 for the torch fallback."""
+    return 64 * 2**20 if p.any_q4 else 0
 
 
 def phase_bytes(sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CAL) -> dict[str, float]:
@@ -83,7 +103,7 @@ def resident_bytes(sizes: ModelSizes, p: Placement) -> int:
     es = esize(p.dtype)
     total = (sizes.fixed_params + sizes.vae_params) * es
     total += sum(gpu_bytes(u, s, es) for u, s in zip(sizes.units, p.stores))
-    total += slot_bytes(sizes, p)
+    total += slot_bytes(sizes, p) + cast_scratch_bytes(sizes, p)
     total += (sizes.t5_params - sizes.t5_unit_params + sizes.clip_params) * es
     if p.text_encoders == "gpu":
         total += sizes.t5_unit_params * es

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
 from core.plan.memory import CAL, PassShape, host_ram_bytes, predict_peak_bytes
-from core.plan.placement import RESIDENT, Placement
+from core.plan.placement import RESIDENT, Placement, allowed_codes
 from core.plan.search import choose, host_cap_bytes
 from core.plan.sizes import ModelSizes
 from core.plan.stages import stage_sizes, stage_steps
@@ -56,6 +56,7 @@ class Plan:
     upscale_tile: int = 0  # tile side of the upscale stages (0: no upscaling)
     depth_device: str = "cpu"  # where the depth preprocessor runs
     predicted_job_s: float = 0.0  # denoising of the whole job: generation and upscale stages
+    precision: str = "exact"  # "exact" (compute dtype and fp8 weights only) or "4bit" (some 4-bit)
 
     @property
     def dtype(self) -> str:
@@ -70,6 +71,7 @@ class Plan:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
         p = self.placement
         d.update(dtype=p.dtype, placement=p.counts(), slots=p.slots, text_encoders=p.text_encoders, ring=p.ring)
+        d.update(formats=p.formats())
         d.update(notes=list(self.notes), vae_tile=VAE_TILE_PX if self.vae_tiling else 0)
         return d
 
@@ -123,11 +125,15 @@ def plan_for(
     tile: int | None = None,
     dtype: str | None = None,
     host_cap_gb: float | None = None,
+    precision: str = "auto",
 ) -> Plan:
     """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
-    budget. `tile` forces a generation tile (used when stepping down), `dtype` the compute dtype
-    (float32 after a NaN/black result), `host_cap_gb` the pinned host RAM (after a failure to pin)."""
+    budget and the host RAM. `tile` forces a generation tile (used when stepping down), `dtype` the
+    compute dtype (float32 after a NaN/black result), `host_cap_gb` the pinned host RAM (after a
+    failure to pin), `precision` the weight formats (core.plan.placement.PRECISIONS): "auto" is
+    the most exact that fits, 4-bit only where exact weights do not."""
     tier = str(tier).lower()
+    allowed_codes(precision)  # a bad value is one sentence before anything else
     if tier == "auto" and device.kind == "cpu":
         tier = "cpu"
     if tier == "cpu":
@@ -139,62 +145,86 @@ def plan_for(
     notes = [] if dtype != "float32" else ["computing in float32 (no bf16 on this GPU, or a NaN result in bf16)"]
     if tier != "auto" and device.context_gb > 0:
         notes.append(f"{device.context_gb:.2f} GiB of the tier kept for the CUDA context and libraries")
-    out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     host_cap = host_cap_bytes(device) if host_cap_gb is None else int(host_cap_gb * GiB)
-    # generation tile: the whole image if it fits, else the largest square tile that does
+    # the generation tile: the whole image if it fits, else the largest square tile that does; at
+    # each size exact weights first, then (auto) 4-bit: a whole image in 4-bit beats exact tiles
     for t in [tile] if tile else [0, 1024, 768, 512, 384]:
         if t == 0 and shape.width * shape.height > 1024 * 1024 and shape.upscale > 1:
             continue  # upscale stages run in tiles of at most 1024 anyway
-        pw, ph = pass_size(shape, t)
-        vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
-        cands = []
-        for text_enc in ("gpu", "stream") if tier in ("48", "auto") else ("stream",):
-            for vae_tiling in (True,) if vae_needed else (False, True):
-                ps = PassShape(pw, ph, shape.controls, vae_tiling)
-                got = choose(sizes, dtype, text_enc, ps, budget, device, host_cap)
-                if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
-                    cands.append((got[2] * (1.01 if vae_tiling else 1.0), vae_tiling, got))
-            if cands and text_enc == "gpu":
-                break  # resident text encoders fit: no need to stream them
-        if cands:
-            _, vae_tiling, (p, peak, _) = min(cands, key=lambda c: c[0])
-            step = predict_step_s(sizes, p, PassShape(pw, ph, shape.controls, vae_tiling), device)
-            step *= n_tiles(shape.width, shape.height, t)
-            if t:
-                notes.append(f"generation runs in {t}px tiles fused at every step")
-            overlap = tile_overlap(t) if t else 128
-            upscale_tile = (t or UPSCALE_TILE) if shape.upscale > 1 else 0
-            return Plan(
-                tier,
-                "cuda",
-                round(budget / GiB, 2),
-                p,
-                vae_tiling,
-                t,
-                overlap,
-                round(peak / GiB, 2),
-                round(step, 3),
-                round(host_ram_bytes(sizes, p) / GiB, 1),
-                tuple(notes),
-                upscale_tile=upscale_tile,
-                depth_device="cuda" if budget / GiB >= DEPTH_ON_GPU_GB else "cpu",
-                predicted_job_s=job_seconds(shape, round(step, 3), upscale_tile, overlap),
-            )
+        plan = None
+        for prec in ("exact", "4bit") if precision == "auto" else (precision,):
+            plan = plan or _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, prec, notes)
+        if plan is not None:
+            if plan.placement.any_q4:
+                why = "exact weights do not fit" if precision == "auto" else "precision 4bit"
+                fmts = plan.placement.formats()
+                plan = replace(
+                    plan,
+                    notes=(
+                        *plan.notes,
+                        f"4-bit weights (GGUF Q4_0) where they stream: {why} "
+                        f"(denoiser {fmts['denoiser']}, T5 {fmts['t5']})",
+                    ),
+                )
+            return plan
     raise ValueError(
         f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
-        f"streamed and the smallest tile (or the streamed weights need more than the "
-        f"{device.host_ram_gb:.0f} GiB of host RAM); choose a larger tier or the CPU."
+        f"streamed and the smallest tile, or the streamed weights need more than the "
+        f"{host_cap / GiB:.1f} GiB of pinned host RAM this machine allows ({device.host_ram_gb:.0f} GiB RAM); "
+        f"choose a larger tier{', precision 4bit' if precision == 'exact' else ''} or the CPU."
+    )
+
+
+def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, notes) -> Plan | None:
+    """The fastest plan of one precision at generation tile `t` (0: whole image); None if none fits."""
+    out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
+    pw, ph = pass_size(shape, t)
+    vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
+    cands = []
+    for text_enc in ("gpu", "stream") if tier in ("48", "auto") else ("stream",):
+        for vae_tiling in (True,) if vae_needed else (False, True):
+            ps = PassShape(pw, ph, shape.controls, vae_tiling)
+            got = choose(sizes, dtype, text_enc, ps, budget, device, host_cap, precision)
+            if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
+                cands.append((got[2] * (1.01 if vae_tiling else 1.0), vae_tiling, got))
+        if cands and text_enc == "gpu":
+            break  # resident text encoders fit: no need to stream them
+    if not cands:
+        return None
+    _, vae_tiling, (p, peak, _) = min(cands, key=lambda c: c[0])
+    step = predict_step_s(sizes, p, PassShape(pw, ph, shape.controls, vae_tiling), device)
+    step *= n_tiles(shape.width, shape.height, t)
+    tile_notes = [f"generation runs in {t}px tiles fused at every step"] if t else []
+    overlap = tile_overlap(t) if t else 128
+    upscale_tile = (t or UPSCALE_TILE) if shape.upscale > 1 else 0
+    return Plan(
+        tier,
+        "cuda",
+        round(budget / GiB, 2),
+        p,
+        vae_tiling,
+        t,
+        overlap,
+        round(peak / GiB, 2),
+        round(step, 3),
+        round(host_ram_bytes(sizes, p) / GiB, 1),
+        tuple(notes + tile_notes),
+        upscale_tile=upscale_tile,
+        depth_device="cuda" if budget / GiB >= DEPTH_ON_GPU_GB else "cpu",
+        predicted_job_s=job_seconds(shape, round(step, 3), upscale_tile, overlap),
+        precision="4bit" if p.any_q4 else "exact",
     )
 
 
 def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan:
     """`new`, but with the placement already on the GPU (`prev`) when that one also holds this job
     and is at most 15 % slower per step: moving the weights again costs 10-25 s (full size), a few
-    percent of the step time costs less. A different tier, dtype or device always takes `new`."""
+    percent of the step time costs less. A different tier, dtype, precision or device always takes
+    `new`."""
     if (
         prev is None
         or prev.device != "cuda"
-        or (prev.tier, prev.dtype) != (new.tier, new.dtype)
+        or (prev.tier, prev.dtype, prev.precision) != (new.tier, new.dtype, new.precision)
         or prev.placement == new.placement
     ):
         return new
@@ -216,13 +246,15 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
     )
 
 
-def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan | None:
+def step_down(
+    plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, precision: str = "auto"
+) -> Plan | None:
     """The next smaller plan after an out-of-memory: a smaller tier, then a smaller tile."""
     if plan.device != "cpu":
         smaller = [t for t in GPU_TIERS if budget_for(t, device) < plan.budget_gb - 1e-6]
         if smaller:
             with contextlib.suppress(ValueError):
-                return plan_for(smaller[0], shape, sizes, device, dtype=plan.dtype)
+                return plan_for(smaller[0], shape, sizes, device, dtype=plan.dtype, precision=precision)
     for t in (768, 512, 384):  # then smaller generation tiles (on the CPU too: RAM-bound activations)
         if plan.tile and t >= plan.tile:
             continue
@@ -234,5 +266,5 @@ def step_down(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo
                 upscale_tile=min(plan.upscale_tile or t, t) if shape.upscale > 1 else 0,
             )
         with contextlib.suppress(ValueError):  # 'auto' keeps its own budget rather than stepping up
-            return plan_for(plan.tier, shape, sizes, device, tile=t, dtype=plan.dtype)
+            return plan_for(plan.tier, shape, sizes, device, tile=t, dtype=plan.dtype, precision=precision)
     return None

@@ -23,6 +23,7 @@ class ModelSizes:
     vae_params: int
     hidden: int = 3072
     max_seq: int = 512
+    t5_layers: tuple[UnitSize, ...] = ()  # T5's streamable Linear layers (t5_unit_params in all)
 
 
 def _count(m: nn.Module) -> int:
@@ -47,6 +48,7 @@ def sizes_of(transformer, controlnet, t5, clip, vae, max_seq: int) -> ModelSizes
         vae_params=_count(vae),
         hidden=transformer.config.num_attention_heads * transformer.config.attention_head_dim,
         max_seq=max_seq,
+        t5_layers=tuple(t5u),
     )
 
 

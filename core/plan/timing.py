@@ -1,6 +1,6 @@
 """How long a denoising step takes under a placement: a small event simulation of the three streams.
 
-core.stream.residency runs copies (host → GPU ring), casts (fp8 → compute dtype) and compute on separate
+core.stream.residency runs copies (host → GPU ring), casts (fp8 or 4-bit → compute dtype) and compute on separate
 CUDA streams. Whether a copy hides under compute depends on *where* the streamed units sit: a
 modulation layer holds 57 M parameters and does almost no work, an attention unit at 4k tokens
 does a lot. So the time of a step is not max(compute, bus) but what this simulation finds when it
@@ -18,7 +18,9 @@ from core.plan.sizes import ModelSizes
 from core.plan.units import UnitSize, ring_bytes, stored_bytes
 
 BUS_EFF = 0.9  # share of the measured host→device bandwidth the copy stream reaches under compute
-CAST_BPS = 1.5e12  # bytes/s an fp8 → bf16 cast moves (reads 1, writes 2 per parameter)
+CAST_BPS = 1.5e12  # bytes/s a cast moves: fp8 → bf16 reads 1 and writes 2 bytes per parameter
+CAST_BYTES = {"exact": 0, "fp8": 3, "q4": 2.6}  # bytes moved per parameter: 4-bit dequantization
+# (core.stream.q4's Triton kernel) reads 0.56 and writes 2
 CAST_SHARE = 0.5  # share of a side-stream cast that still slows the compute stream
 MODEL_EFF = 0.92  # FLUX's step reaches this share of the square-matmul rate (H100: 0.240 s/step
 # resident measured, 0.219-0.240 s predicted from 666-729 TFLOP/s)
@@ -79,11 +81,11 @@ def simulate_step(
                     held_bytes -= b
                     start = max(start, t)
                 copy_free = ready = start + moved[k] / bw
-            cast = units[i].numel * 3 / CAST_BPS if s.fp8 else 0.0
+            cast = units[i].numel * CAST_BYTES[s.fmt] / CAST_BPS
             begin = max(comp_free, ready)
             comp_free = begin + flops[k] * scale + CAST_SHARE * cast + (HOOK_S if s.managed else 0.0)
-            if s.streamed:  # an fp8 pack leaves the ring once cast, a plain one once computed
-                held.append((moved[k], begin if s.fp8 else comp_free))
+            if s.streamed:  # a compressed pack leaves the ring once cast, a plain one once computed
+                held.append((moved[k], begin if s.cast else comp_free))
                 held_bytes += moved[k]
     return comp_free - step_start
 

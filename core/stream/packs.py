@@ -1,32 +1,47 @@
-"""Where streamed and fp8 weights live: one flat pack per unit, and the pinned host arena."""
+"""Where streamed and compressed weights live: one flat pack per unit, and the pinned host arena."""
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 from torch import nn
 
 from core.monitor import HostOutOfMemory, fault_point
-from core.plan.units import align, fp8_params, packed_bytes
+from core.plan.units import align, compressed_params, packed_bytes, part_bytes
+from core.stream import q4
 
 FP8 = torch.float8_e4m3fn
 
 
 class Pack:
-    """One unit's weights as one flat byte buffer: [fp8 part | compute-dtype part], a view into an
-    arena (GPU for F, pinned host for S/Q) so that thousands of packs cost two allocations and the
-    allocator never fragments."""
+    """One unit's weights as one flat byte buffer: [compressed part (fp8 or Q4_0) | compute-dtype
+    part], a view into an arena (GPU for resident, pinned host for streamed units) so that thousands
+    of packs cost two allocations and the allocator never fragments.
 
-    def __init__(self, module: nn.Module, fp8: bool, dtype: torch.dtype):
-        f8 = fp8_params(module) if fp8 else set()
+    keep_source: keep the parameters' own tensors and give them back on restore(). The residency
+    asks for it when they are file-backed (memory-mapped safetensors): they cost no anonymous RAM,
+    the kernel drops their pages under pressure, and a release is exact and copies nothing."""
+
+    def __init__(self, module: nn.Module, fmt: str, dtype: torch.dtype, keep_source: bool = False):
+        comp = compressed_params(module, fmt)
         params = [p for p in module.parameters()]
-        params.sort(key=lambda p: id(p) not in f8)  # fp8 part first
-        self.params = params
-        self.n8 = sum(p.numel() for p in params if id(p) in f8)
+        params.sort(key=lambda p: id(p) not in comp)  # compressed part first
+        self.params, self.fmt, self.dtype = params, fmt, dtype
+        self.n8 = sum(p.numel() for p in params if id(p) in comp)  # values in the compressed part
         self.numel = sum(p.numel() for p in params)
-        self.dtype = dtype
-        self.off = align(self.n8) if self.n8 else 0  # byte offset of the compute-dtype part
-        self.nbytes = packed_bytes(self.numel, self.n8, dtype.itemsize, fp8)
+        self.off = align(part_bytes(self.n8, fmt, dtype.itemsize)) if self.n8 else 0  # compute-dtype part
+        self.nbytes = packed_bytes(self.numel, self.n8, dtype.itemsize, fmt)
+        self.sources = [p.data for p in params] if keep_source else None
         self.buf: torch.Tensor | None = None
+
+    def restore(self) -> bool:
+        """Point the parameters back at their source tensors; False if none were kept."""
+        if self.sources is None:
+            return False
+        for p, src in zip(self.params, self.sources):
+            p.data = src
+        return True
 
     def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:
         """Write the module's current weights into `buf` (nbytes), casting on scratch's device
@@ -37,7 +52,10 @@ class Pack:
             scratch[off : off + n].copy_(p.data.reshape(-1))
             off += n
         tmp = buf if buf.device == scratch.device else stage
-        tmp[: self.n8].view(FP8).copy_(scratch[: self.n8])
+        if self.fmt == "q4" and self.n8:
+            q4.quantize_into(tmp[: q4.q4_bytes(self.n8)], scratch[: self.n8])
+        elif self.n8:
+            tmp[: self.n8].view(FP8).copy_(scratch[: self.n8])
         tmp[self.off : self.nbytes].view(self.dtype).copy_(scratch[self.n8 : self.numel])
         if tmp is not buf:
             buf.copy_(tmp[: self.nbytes])
@@ -46,7 +64,9 @@ class Pack:
     def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:
         """Cast the packed bytes (self.buf or a copy of it) into a flat compute-dtype tensor."""
         src = self.buf if src is None else src
-        if self.n8:
+        if self.fmt == "q4" and self.n8:
+            q4.dequantize_into(dst[: self.n8], src[: q4.q4_bytes(self.n8)])
+        elif self.n8:
             dst[: self.n8].copy_(src[: self.n8].view(FP8), non_blocking=True)
         dst[self.n8 : self.numel].copy_(src[self.off : self.nbytes].view(self.dtype), non_blocking=True)
 
@@ -56,6 +76,38 @@ class Pack:
             n = p.numel()
             p.data = flat[off : off + n].view(p.shape)
             off += n
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) address ranges this process has mapped from files (Linux); [] elsewhere."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/") and not parts[5].startswith("/dev/"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return sorted(out)
+
+
+def file_backed(module: nn.Module, maps: list[tuple[int, int]]) -> bool:
+    """Every parameter of `module` lives in memory mapped from a file (a safetensors checkpoint as
+    diffusers loads it), so keeping it costs no anonymous RAM."""
+    params = list(module.parameters())
+    if not params or not maps:
+        return False
+    for p in params:
+        if p.device.type != "cpu" or not p.numel():
+            return False
+        ptr = p.data_ptr()
+        i = bisect.bisect_right(maps, (ptr, float("inf"))) - 1
+        if i < 0 or not maps[i][0] <= ptr < maps[i][1]:
+            return False
+    return True
 
 
 _REGISTERED: dict[int, int] = {}  # data_ptr -> bytes of every host buffer registered with CUDA

@@ -1,11 +1,15 @@
 """Which denoiser weights stay on the GPU and which stream from pinned host memory.
 
-A plan gives every unit a `Store` (core.plan.placement): resident in the compute dtype, resident
-as fp8, streamed, or streamed as fp8. `Residency` is the storage side: it packs the managed units
-into a GPU arena (fp8-resident) and one pinned host arena (streamed), allocates the copy ring and
-the work slots, hooks the units, and implements the device operations of the prefetch schedule
+A plan gives every unit a `Store` (core.plan.placement): resident or streamed, in the compute dtype,
+fp8 or 4-bit. `Residency` is the storage side: it packs the managed units into a GPU arena
+(compressed resident ones) and one pinned host arena (streamed), allocates the copy ring and the
+work slots, hooks the units, and implements the device operations of the prefetch schedule
 (core.stream.schedule) with three CUDA streams: copies only on the copy stream (so a copy never
-queues behind a kernel), casts on a high-priority side stream, compute on the current stream.
+queues behind a kernel), casts (fp8 → compute dtype, 4-bit dequantization) on a high-priority side
+stream, compute on the current stream.
+
+Weights that come memory-mapped from a checkpoint file are kept as they are while placed (they cost
+no anonymous RAM) and given back on removal: a release then copies nothing and rounds nothing.
 
 diffusers' group offloading streams *every* block and casts layer by layer on the compute stream;
 what it lacks is this mix of resident and streamed units with copies that never queue behind casts.
@@ -33,14 +37,17 @@ class Residency:
     """Applies placement codes (one per unit) to the units; `remove()` puts every weight back on the
     CPU and frees what it allocated.
 
-    slots: compute-dtype work slots for fp8 units (one in use, the rest cast ahead).
+    slots: compute-dtype work slots for cast units (one in use, the rest cast ahead).
     ring:  the copy ring's size, in units of the largest streamed pack (≥ 2).
     cast:  "side" (a high-priority stream, ahead of use) or "compute" (just before use, on the
            compute stream).
     """
 
-    def __init__(self, units, codes: str, device: torch.device, dtype: torch.dtype, slots: int, ring: int, cast=None):
+    def __init__(
+        self, units, codes: str, device: torch.device, dtype: torch.dtype, slots: int, ring: int, cast=None, keep=None
+    ):
         check_codes(codes, len(units))
+        self.keep = list(keep) if keep is not None else [False] * len(units)  # file-backed sources, given back
         cast = cast or DEFAULT_CAST
         if cast not in CASTS:
             raise ValueError(f"cast must be one of {CASTS}, got {cast!r}.")
@@ -50,6 +57,7 @@ class Residency:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.cast_stream = torch.cuda.Stream(device, priority=-1) if cuda and cast == "side" else None
         self.hooks, self.packs = [], {}
+        self.sources: dict[int, list] = {}  # resident units' (parameter, source tensor), given back
         self.gpu_arena = self.host_arena = self.ring_buf = None
         self.work: list[torch.Tensor] = []
         try:
@@ -72,8 +80,10 @@ class Residency:
         managed = [i for i, s in enumerate(self.stores) if s.managed]
         for i, (_, m) in enumerate(units):
             if self.stores[i].managed:
-                self.packs[i] = Pack(m, fp8=self.stores[i].fp8, dtype=dtype)
+                self.packs[i] = Pack(m, self.stores[i].fmt, dtype, keep_source=self.keep[i])
             else:
+                if self.keep[i]:
+                    self.sources[i] = [(p, p.data) for p in m.parameters()]
                 m.to(device=device, dtype=dtype)
         on_gpu = [i for i in managed if self.stores[i].resident]
         on_host = [i for i in managed if self.stores[i].streamed]
@@ -94,12 +104,12 @@ class Residency:
                 buf, goff = self.gpu_arena[goff : goff + pack.nbytes], goff + align(pack.nbytes)
             else:
                 buf, hoff = self.host_arena[hoff : hoff + pack.nbytes], hoff + align(pack.nbytes)
-            if not s.fp8:  # flatten in the ring's first part, stage through its second
+            if not s.cast:  # flatten in the ring's first part, stage through its second
                 scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b : 2 * m_b]
-            else:  # flatten in a work slot, stage (streamed fp8) through the ring
+            else:  # flatten in a work slot, stage (streamed, compressed) through the ring
                 scratch, stage = self.work[0], self.ring_buf[:m_b] if s.streamed else None
             pack.fill(buf, scratch, stage)
-            pack.point_params(self.work[0] if s.fp8 else self.ring_buf.view(dtype))  # originals freed
+            pack.point_params(self.work[0] if s.cast else self.ring_buf.view(dtype))  # originals freed
         if cuda and managed:
             torch.cuda.synchronize(device)
 
@@ -161,8 +171,9 @@ class Residency:
         self.schedule.end_step()
 
     def remove(self) -> None:
-        """Hooks off, every unit back on the CPU in the compute dtype (fp8 units stay fp8-rounded),
-        every buffer and host registration released. Safe to call twice, and on a half-built one."""
+        """Hooks off, every unit back on the CPU in the compute dtype (compressed units stay rounded
+        unless their source was kept), every buffer and host registration released. Safe to call
+        twice, and on a half-built one."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for h in self.hooks:
@@ -170,7 +181,12 @@ class Residency:
         self.hooks = []
         for i, (_, m) in enumerate(self.units):
             pack = self.packs.get(i)
-            if pack is None:
+            if pack is not None and pack.restore():
+                continue
+            if i in self.sources:
+                for p, src in self.sources.pop(i):
+                    p.data = src
+            elif pack is None:
                 m.to("cpu")
             elif pack.buf is not None:  # packed: unpack back into plain CPU parameters
                 pack.point_params(self._unpacked(pack, self.stores[i].streamed))
@@ -201,7 +217,7 @@ class Residency:
 
     @property
     def gpu_bytes(self) -> int:
-        """Bytes this residency holds on the GPU (resident units, fp8 packs, slots, ring)."""
+        """Bytes this residency holds on the GPU (resident units, compressed packs, slots, ring)."""
         total = self.gpu_arena.numel() if self.gpu_arena is not None else 0
         total += self.gpu_bytes_buffers
         es = self.dtype.itemsize

@@ -5,7 +5,7 @@ touches a device goes through `Ops` (core.stream.residency implements it with CU
 events, tests with fake streams that check the ordering). Three pipelines run ahead of compute:
 
   copy    host→device copies of streamed units into the ring, as far ahead as the ring has room
-  cast    fp8 → compute dtype into a small pool of work slots, one unit ahead (or on the compute
+  cast    fp8 or 4-bit → compute dtype into a small pool of work slots, one unit ahead (or on the compute
           stream just before use: `cast="compute"`)
   compute waits only for the unit it is about to run.
 """
@@ -28,7 +28,7 @@ class Ops(Protocol):
         """Enqueue unit's host→ring copy after `waits`; returns the copy's event."""
 
     def cast(self, unit: int, slot: int, region: Region | None, waits: list, on_compute: bool) -> object:
-        """Enqueue the cast of unit's fp8 pack (from `region` of the ring, or its resident pack)
+        """Enqueue the cast of unit's compressed pack (from `region` of the ring, or its resident pack)
         into work slot `slot` after `waits`; returns the cast's event."""
 
     def use(self, unit: int, region: Region | None, slot: int | None, waits: list) -> None:
@@ -71,7 +71,7 @@ class Schedule:
         return True
 
     def _cast(self, pos: int, i: int, on_compute: bool) -> bool:
-        """Enqueue the cast of fp8 unit i into a free work slot; False: no slot."""
+        """Enqueue the cast of compressed unit i into a free work slot; False: no slot."""
         if not self.free_slots:
             return False
         slot, free_evt = self.free_slots.popleft()
@@ -99,7 +99,7 @@ class Schedule:
             return
         while self.cast_k < self.cur + n:
             i = self._unit(self.cast_k)
-            if self.stores[i].fp8:
+            if self.stores[i].cast:
                 if self.stores[i].streamed and self.cast_k not in self.fetched:
                     break  # its copy is not enqueued yet
                 if not self._cast(self.cast_k, i, on_compute=False):
@@ -130,14 +130,14 @@ class Schedule:
             self._drop_ahead(pos)
             self.cur, known = pos, True
         s = self.stores[i]
-        ready = pos in self.fetched or pos in self.casted or (s.fp8 and s.resident and self.cast_mode == "compute")
+        ready = pos in self.fetched or pos in self.casted or (s.cast and s.resident and self.cast_mode == "compute")
         self.stats["hits" if ready else "misses"] += 1
         if s.streamed and pos not in self.fetched and pos not in self.casted and not self._fetch(pos, i):
             raise RuntimeError("streaming ring is full of units that are not in use")  # cannot happen
-        if s.fp8 and pos not in self.casted and not self._cast(pos, i, on_compute=self.cast_mode == "compute"):
+        if s.cast and pos not in self.casted and not self._cast(pos, i, on_compute=self.cast_mode == "compute"):
             raise RuntimeError("no free work slot for the unit in use")  # cannot happen: casts go in order
         region = slot = None
-        if s.fp8:
+        if s.cast:
             slot, evt = self.casted.pop(pos)
         else:
             region, evt = self.fetched.pop(pos)

@@ -78,7 +78,9 @@ def test_every_tier_plans_within_its_budget(full, tier):
     assert p.device == "cuda" and p.tier == tier
     assert p.budget_gb == pytest.approx(float(tier) - CONTEXT_GB)
     assert 0 < p.predicted_peak_gb <= p.budget_gb
-    assert len(p.placement.units) == len(full.units) and set(p.placement.units) <= set("BFSQ")
+    assert len(p.placement.units) == len(full.units)
+    assert set(p.placement.units) <= set("BFSQ" if p.precision == "exact" else "BFSQRN")
+    assert (p.precision == "4bit") == (tier == "4"), "4-bit only where exact weights do not fit (4 GB)"
     assert p.dtype == "bfloat16" and p.predicted_step_s > 0
     # the reported peak is the estimator's value for this very plan (whole-image plans)
     if p.tile == 0:
@@ -141,7 +143,7 @@ def test_lower_tiers_stream(full):
         assert p.host_ram_gb > 0, tier
     for tier in ("16", "12", "8", "6", "4"):
         p = plan_for(tier, SHAPE, full, NOMINAL)
-        assert "Q" in p.placement.units or "S" in p.placement.units, tier
+        assert any(s.streamed for s in p.placement.stores), tier
 
 
 def test_gpu_without_bf16_computes_in_float32_with_a_note(full):
@@ -239,14 +241,51 @@ def test_step_down_never_raises_the_budget_for_a_small_auto_budget(full):
 
 
 def test_plans_respect_the_host_ram_cap(full):
-    dev = DeviceInfo("cuda", "test", 80, 80, True, 24.0)  # 24 GiB of host RAM: cap 20.4 GiB
+    dev = DeviceInfo("cuda", "test", 80, 80, True, 24.0)  # 24 GiB of host RAM: 18.6 GiB may be pinned
     for tier in ("16", "12", "8", "6"):
-        p = plan_for(tier, SHAPE, full, dev)
-        assert 0 < p.host_ram_gb <= 24.0 * 0.85, (tier, p.host_ram_gb)
-    small = DeviceInfo("cuda", "test", 80, 80, True, 16.0)  # cap 13.6 GiB: the 8 GB tier streams more
-    assert plan_for("16", SHAPE, full, small).host_ram_gb <= 16.0 * 0.85
-    with pytest.raises(ValueError, match="host RAM"):
-        plan_for("8", SHAPE, full, small)
+        p = plan_for(tier, SHAPE, full, dev, precision="exact")
+        assert 0 < p.host_ram_gb <= 24.0 * 0.9 - 3 and p.precision == "exact", (tier, p.host_ram_gb)
+    small = DeviceInfo("cuda", "test", 80, 80, True, 16.0)  # a 16 GB desktop or container: 11.4 GiB pinned
+    assert plan_for("16", SHAPE, full, small).host_ram_gb <= 16.0 * 0.9 - 3
+    with pytest.raises(ValueError, match="host RAM.*precision 4bit"):  # exact weights do not fit its RAM
+        plan_for("8", SHAPE, full, small, precision="exact")
+    p = plan_for("8", SHAPE, full, small)  # auto: 4-bit where exact does not fit
+    assert p.precision == "4bit" and p.placement.any_q4 and p.host_ram_gb <= 11.4
+    assert any("4-bit weights" in n for n in p.notes)
+    tiny_ram = DeviceInfo("cuda", "test", 80, 80, True, 8.0)
+    with pytest.raises(ValueError, match=r"4\.2 GiB of pinned host RAM this machine allows \(8 GiB RAM\)"):
+        plan_for("8", SHAPE, full, tiny_ram)
+
+
+@pytest.mark.parametrize("ram", [15.0, 16.0, 24.0, 32.0])
+def test_every_tier_plans_within_a_cgroup_sized_machine(full, ram):
+    """Under a memory limit (a container's cgroup or a desktop's RAM) tiers 6-16 plan with pinned host
+    RAM under the cap, exact weights first: 4-bit only where exact ones do not fit."""
+    dev = DeviceInfo("cuda", "test", 80, 80, True, ram, context_gb=0.6)
+    for tier in ("16", "12", "8", "6"):
+        for up in (1.0, 2.0):
+            p = plan_for(tier, JobShape(1024, 1024, 1, up), full, dev)
+            assert p.host_ram_gb <= ram * 0.9 - 3 + 0.05, (ram, tier, p.host_ram_gb)
+            assert p.predicted_peak_gb <= p.budget_gb <= float(tier) - 0.5 - 0.6 + 1e-6
+            try:
+                exact = plan_for(tier, JobShape(1024, 1024, 1, up), full, dev, precision="exact")
+            except ValueError:
+                exact = None
+            if exact is not None and exact.tile == p.tile:  # exact fits as well: auto must not go 4-bit
+                assert p.precision == "exact", (ram, tier)
+            else:  # exact does not fit, or only in tiles: a whole image in 4-bit beats them
+                assert p.precision == "4bit" and p.tile == 0, (ram, tier)
+
+
+def test_precision_4bit_streams_fewer_bytes_and_exact_never_uses_4_bit(full):
+    for tier in ("12", "8", "6"):
+        exact = plan_for(tier, SHAPE, full, NOMINAL, precision="exact")
+        q4 = plan_for(tier, SHAPE, full, NOMINAL, precision="4bit")
+        assert not exact.placement.any_q4 and set(exact.placement.units) <= set("BFSQ")
+        assert q4.placement.any_q4 and q4.host_ram_gb < exact.host_ram_gb, tier
+        assert q4.summary()["formats"]["denoiser"].endswith("q4")
+    with pytest.raises(ValueError, match="precision must be one of auto, exact, 4bit"):
+        plan_for("8", SHAPE, full, NOMINAL, precision="int4")
 
 
 def test_upscale_plans_use_1024_tiles_and_vae_tiling(full):

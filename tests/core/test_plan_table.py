@@ -27,4 +27,4 @@ def test_every_plan_matches_the_table(now):
 def test_the_table_covers_refusals_and_every_placement_kind(now):
     assert sum("error" in p for p in now.values()) > 0  # small tiers refuse the largest jobs
     codes = "".join(p["placement_codes"] for p in now.values() if "error" not in p)
-    assert set(codes) == set("BFSQ")
+    assert set(codes) == set("BFSQRN")  # 4-bit (R, N) where exact weights do not fit

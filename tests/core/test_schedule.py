@@ -76,13 +76,13 @@ def make(codes: str, ring_units: int, slots: int, cast: str):
     streamed = [n for n, s in zip(nbytes, stores) if s.streamed]
     ring = Ring(max(streamed) * 2 * max(ring_units, 2) if streamed else 0) if streamed else None
     ops = FakeStreams()
-    n_slots = min(slots, sum(s.fp8 for s in stores)) if any(s.fp8 for s in stores) else 0
+    n_slots = min(slots, sum(s.cast for s in stores)) if any(s.cast for s in stores) else 0
     return Schedule(stores, nbytes, ring, n_slots, ops, cast), ops
 
 
 @settings(max_examples=80, deadline=None)
 @given(
-    codes=st.lists(st.sampled_from("BFSQ"), min_size=3, max_size=7).map("".join),
+    codes=st.lists(st.sampled_from("BFSQRN"), min_size=3, max_size=7).map("".join),
     ring=st.integers(2, 4),
     slots=st.integers(1, 3),
     cast=st.sampled_from(["side", "compute"]),
