@@ -19,11 +19,12 @@ from core.job import Job
 from core.lora import Merger, model_sources
 from core.models import ModelSpec, load_pipeline, union_net
 from core.monitor import free_memory
-from core.plan.placement import needs_reload, rounded
+from core.plan.placement import RESIDENT, needs_reload, rounded
 from core.plan.planner import VAE_TILE_PX, Plan
 from core.plan.sizes import sizes_from_pipeline
 from core.plan.units import denoiser_units, text_encoder_units
 from core.speed import fast, fp8_compute
+from core.stream.packs import file_backed, file_mappings
 from core.stream.residency import Residency
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,13 @@ class PlacedPipeline:
         old = self.stored  # not the residency's: a failed attempt released it, its rounding stays
         self.release()
         if needs_reload(old, full) and self.owns_pipe:
-            log.info("reloading the weights: the previous plan stored some in fp8")
+            log.info("reloading the weights: the previous plan stored some in fp8 or 4-bit")
             self.pipe = self.img2img = self.lora = pipe = None  # every reference: the old weights go first
             free_memory()
             self.load()
             pipe, old = self.pipe, ""
         elif needs_reload(old, full):
-            log.warning("units return to bf16 from fp8-rounded weights (pipeline given by the caller)")
+            log.warning("units return to bf16 from rounded fp8/4-bit weights (pipeline given by the caller)")
         self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
         dtype = getattr(torch, plan.dtype)
         if pipe.transformer.dtype != dtype:
@@ -162,8 +163,11 @@ class PlacedPipeline:
                 p.data = p.data.to(dev)
         units = t5_units + denoiser_units(pipe.transformer, union_net(pipe))
         p = plan.placement
-        self.stored = rounded(old, full)  # before placing: a placement that fails half-way rounds too
-        self.residency = Residency(units, full, dev, dtype, p.slots, p.ring)
+        maps = file_mappings()  # file-backed weights are kept and given back: they are never rounded
+        keep = [file_backed(m, maps) for _, m in units]
+        rounds = "".join(RESIDENT.code if k else c for k, c in zip(keep, full))
+        self.stored = rounded(old, rounds)  # before placing: a placement that fails half-way rounds too
+        self.residency = Residency(units, full, dev, dtype, p.slots, p.ring, keep=keep)
         free_memory()
 
     # -- LoRAs (core.lora): merged into the CPU weights while nothing is placed -------------------
