@@ -8,7 +8,7 @@ Before the tiers, `--sweep tier:ring:cast,...` runs a tier's plan with another c
 cast stream for `--sweep-steps` steps (how the streaming knobs were chosen), and `--profile tier`
 profiles two steps of a tier: the share of host→device copy time that runs under compute.
 
-usage: python -m bench.bench_tiers [--tiers 48,24,16,12,8,6,4] [--steps 28] [--baselines resident,leaf_fp8]
+usage: python -m bench.bench_tiers [--tiers 48,24,16,12,8,6,4,8:4bit] [--steps 28] [--baselines resident,leaf_fp8]
                                    [--sweep 8:8:side,8:8:compute] [--profile 8] [--out-dir bench]
 """
 
@@ -54,7 +54,10 @@ def step_timer():
     return progress, step_s
 
 
-def run_tier(engine: Engine, tier: str, job: Job) -> dict:
+def run_tier(engine: Engine, spec: str, job: Job) -> dict:
+    """One tier, `spec` = TIER[:PRECISION] (e.g. 8:4bit), under a cap of TIER - 0.5 GiB."""
+    tier, _, precision = spec.partition(":")
+    job = job.with_(precision=precision or "auto")
     engine.release()
     cap(None)
     torch.cuda.empty_cache()
@@ -62,7 +65,7 @@ def run_tier(engine: Engine, tier: str, job: Job) -> dict:
     cap(budget)
     engine.cache = PromptCache()  # every tier encodes its prompt under its own cap
     progress, step_s = step_timer()
-    row = dict(tier=tier, cap_gib=budget)
+    row = dict(tier=spec, cap_gib=budget)
     t0 = time.perf_counter()
     try:
         # warm-up: the plan is applied (load), the prefetch order learned, kernels chosen
@@ -80,7 +83,8 @@ def run_tier(engine: Engine, tier: str, job: Job) -> dict:
             load_s=warm.report["seconds"].get("load"),
             seconds=rep["seconds"],
             phases=rep["phases"],
-            placement=res.plan.summary()["placement"],
+            placement={k: v for k, v in res.plan.summary()["placement"].items() if v},
+            formats=res.plan.placement.formats(),
             text_encoders=res.plan.text_encoders,
             vae_tiling=res.plan.vae_tiling,
             host_ram_gb=res.plan.host_ram_gb,

@@ -1,0 +1,200 @@
+"""GPU benchmark of the tier promise on the host and in the driver: fresh CLI processes under a memory
+cgroup (host RAM, no swap) and an allocator cap, with the driver's figure for the whole process.
+
+Each run is `python -m core generate --tier N [--upscale U] [--precision P]` on the full-size
+random-weight model read from a local folder (the real loading code), in its own memory cgroup v2
+with memory.max = RAM GiB and memory.swap.max = 0, its allocator capped at N - 0.5 GiB. The page
+cache is dropped before each run, so the checkpoint's pages are charged to the run that reads them.
+Recorded: exit code and whether the kernel killed it (memory.events oom_kill), the cgroup's peak
+(memory.peak), the device memory the driver counts for the process (NVML, polled every 20 ms: used
+memory of the device less its use before the run), the plan (pinned host RAM, formats), peak
+reserved, s/step and wall time.
+
+usage: python -m bench.bench_ram --model /tmp/flux-random --runs 8@16,6@16,12@16,16@16,8x2@16,8@8
+                                 [--steps 8] [--size 1024] [--budget-s 540] [--out-dir bench/ram]
+  a run is TIER[xUPSCALE][:PRECISION]@RAM_GiB, e.g. 8x2@16 or 8:exact@24.
+  The model folder is written (bench.bench_recovery.write_model, in a child process) if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.env import md_table, write
+
+GiB = 2**30
+ROOT = Path("/sys/fs/cgroup")
+CAPPED = (
+    "import sys, core, torch; cap = float(sys.argv[1]); total = torch.cuda.get_device_properties(0).total_memory; "
+    "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
+    "from core.__main__ import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def parse_run(spec: str) -> dict:
+    head, _, ram = spec.partition("@")
+    head, _, precision = head.partition(":")
+    tier, _, up = head.partition("x")
+    return dict(spec=spec, tier=tier, upscale=float(up or 1), precision=precision or "auto", ram_gb=float(ram))
+
+
+def cgroup(name: str, ram_gb: float) -> Path:
+    """A memory cgroup v2 of `ram_gb` GiB without swap. Our own processes move to a leaf first: cgroup
+    v2 delegates controllers only from a cgroup with no processes of its own."""
+    if not (ROOT / "cgroup.controllers").exists():
+        raise RuntimeError("no cgroup v2 at /sys/fs/cgroup")
+    if "memory" not in (ROOT / "cgroup.subtree_control").read_text():
+        leaf = ROOT / "bench-self"
+        leaf.mkdir(exist_ok=True)
+        for pid in (ROOT / "cgroup.procs").read_text().split():
+            try:
+                (leaf / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # kernel threads and exited processes stay
+        (ROOT / "cgroup.subtree_control").write_text("+memory")
+    g = ROOT / name
+    if g.exists():
+        g.rmdir()
+    g.mkdir()
+    (g / "memory.max").write_text(str(int(ram_gb * GiB)))
+    if (g / "memory.swap.max").exists():
+        (g / "memory.swap.max").write_text("0")
+    return g
+
+
+class DriverPeak:
+    """The device memory the driver counts, polled while a child runs: the whole device's used memory
+    less what was used before (the parent holds no CUDA context), and the child's own NVML figure."""
+
+    def __init__(self, group: Path):
+        import pynvml
+
+        self.current, self.stat = group / "memory.current", group / "memory.stat"
+        self.host_peak = self.anon_peak = 0
+        pynvml.nvmlInit()
+        self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.base = pynvml.nvmlDeviceGetMemoryInfo(self.h).used
+        self.peak = self.proc_peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            used = self.nv.nvmlDeviceGetMemoryInfo(self.h).used - self.base
+            procs = self.nv.nvmlDeviceGetComputeRunningProcesses(self.h)
+            self.peak = max(self.peak, used)
+            self.proc_peak = max(self.proc_peak, sum(p.usedGpuMemory or 0 for p in procs))
+            try:  # memory.peak is missing before Linux 5.19: poll the cgroup's memory too, and its
+                # anonymous part (what cannot be dropped: the page cache of the checkpoint can)
+                self.host_peak = max(self.host_peak, int(self.current.read_text()))
+                stat = dict(line.split() for line in self.stat.read_text().splitlines())
+                self.anon_peak = max(self.anon_peak, int(stat.get("anon", 0)) + int(stat.get("shmem", 0)))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._t.join()
+        return round(self.peak / GiB, 3), round(self.proc_peak / GiB, 3)
+
+
+def one_run(r: dict, model: Path, out_dir: Path, a) -> dict:
+    out = out_dir / f"ram_{r['spec'].replace('@', '_at_').replace(':', '_')}.png"
+    args = [
+        "generate", "--model", str(model / "flux"), "--controlnet", str(model / "cn"), "--image",
+        str(out_dir / "input.png"), "--control", "canny", "--prompt", "a photo", "--tier", r["tier"],
+        "--upscale", str(r["upscale"]), "--precision", r["precision"], "--steps", str(a.steps), "--seed", "7",
+        "--max-side", str(a.size), "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(["sync"], check=False)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    g = cgroup("bench-run", r["ram_gb"])
+    cap = float(r["tier"]) - 0.5
+    cmd = ["sh", "-c", f'echo $$ > {g}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c", CAPPED, str(cap)]
+    drv = DriverPeak(g)
+    t0 = time.time()
+    p = subprocess.run(cmd + args, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    driver_gb, proc_gb = drv.stop()
+    events = dict(line.split() for line in (g / "memory.events").read_text().splitlines())
+    peak = (g / "memory.peak").read_text().strip() if (g / "memory.peak").exists() else str(drv.host_peak)
+    row = dict(r, rc=p.returncode, wall_s=round(time.time() - t0, 1), oom_killed=int(events.get("oom_kill", 0)) > 0)
+    row.update(cgroup_peak_gb=round(int(peak) / GiB, 2), anon_peak_gb=round(drv.anon_peak / GiB, 2))
+    row.update(driver_gb=driver_gb, driver_process_gb=proc_gb)
+    row["driver_ok"] = max(driver_gb, proc_gb) <= cap
+    row["traceback"] = "Traceback" in p.stderr
+    row["stderr_tail"] = p.stderr.strip().splitlines()[-2:] if p.returncode else []
+    if p.returncode == 0:
+        s = json.loads(p.stdout.strip().splitlines()[-1])
+        plan = s["plan"]
+        row.update(
+            ran_tier=plan["tier"],
+            precision_used=plan.get("precision"),
+            formats=plan.get("formats"),
+            host_ram_gb=plan["host_ram_gb"],
+            predicted_peak_gb=plan["predicted_peak_gb"],
+            peak_reserved_gb=s.get("measured_peak_reserved_gb"),
+            predicted_step_s=plan["predicted_step_s"],
+            denoise_s=s["seconds"].get("denoise"),
+            step_s=round(s["seconds"]["denoise"] / a.steps, 3)
+            if r["upscale"] == 1 and "denoise" in s["seconds"]
+            else None,
+            events=[e for e in s.get("events", []) if "memory" in e or "RAM" in e or "4-bit" in e],
+        )
+    g.rmdir()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--runs", default="8@16,6@16,12@16,16@16,8x2@16,8@8")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/ram"))
+    a = ap.parse_args(argv)
+    deadline = time.time() + a.budget_s
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    data_file = a.out_dir / "ram.json"
+    data = json.loads(data_file.read_text()) if data_file.exists() else dict(runs=[])
+    # the environment from a child: this process must hold no CUDA context (the driver's figure)
+    env = subprocess.run(
+        [sys.executable, "-c", "import json; from bench.env import environment; print(json.dumps(environment()))"],
+        capture_output=True,
+        text=True,
+    )
+    data.update(env=json.loads(env.stdout.strip().splitlines()[-1]) if env.returncode == 0 else {})
+    data.update(command="python -m bench.bench_ram " + " ".join(argv or sys.argv[1:]))
+    if not (a.model / "flux" / "model_index.json").exists():
+        code = f"from pathlib import Path; from bench.bench_recovery import write_model; write_model(Path('{a.model}'))"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    from bench.random_model import photo
+
+    photo(a.size).save(a.out_dir / "input.png")
+    for spec in filter(None, a.runs.split(",")):
+        if time.time() > deadline:
+            print("skipped (time budget):", spec, flush=True)
+            continue
+        row = one_run(parse_run(spec), a.model, a.out_dir, a)
+        data["runs"] = [x for x in data["runs"] if x["spec"] != spec] + [row]
+        write(data_file, data)
+    cols = ["spec", "rc", "oom_killed", "ran_tier", "precision_used", "host_ram_gb", "cgroup_peak_gb", "anon_peak_gb"]
+    cols += ["predicted_peak_gb", "peak_reserved_gb", "driver_gb", "driver_ok", "step_s", "predicted_step_s", "wall_s"]
+    md = "# Tiers under host-RAM limits, with the driver's figure\n\n"
+    md += f"{data['env'].get('device', '')}; `{data['command']}`\n\n" + md_table(data["runs"], cols) + "\n"
+    (a.out_dir / "RAM.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
