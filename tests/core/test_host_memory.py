@@ -136,7 +136,7 @@ def test_a_4_bit_placement_holds_its_packs_only_and_releases_without_copies(fold
     n = r["nbytes"]
     assert r["kept"] == r["units"], "every unit of a loaded checkpoint is file-backed"
     assert r["arena"] < 0.3 * n, "4-bit packs: 4.5 bits per Linear weight"
-    extra = r["placed"] - r["before"] - r["arena"] - r["buffers"]
-    assert extra < 0.1 * n, f"placing copied {extra / 2**20:.0f} MiB more than its packs and buffers"
+    extra = r["placed"] - r["before"] - r["arena"] - r["buffers"]  # a second copy would be n (or 0.28 n)
+    assert extra < 0.2 * n, f"placing copied {extra / 2**20:.0f} MiB more than its packs and buffers"
     # a copy back would be n; what stays is the C allocator's slack from packing's temporaries
     assert r["after"] - r["before"] < 0.25 * n, "releasing copied the weights back into anonymous RAM"
