@@ -24,6 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU",
     )
+    ap.add_argument(
+        "--lora-dir", metavar="DIR", help="the folder of LoRA .safetensors files the page lists (default: <cache>/loras)"
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     from preprocessors.image_io import MAX_UPLOAD_BYTES
     from ui import create_demo
 
-    demo = create_demo(engine, default_tier=args.tier)
+    demo = create_demo(engine, default_tier=args.tier, lora_dir=args.lora_dir)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES)
     return 0
 

@@ -21,6 +21,7 @@ from core.job import MAX_PROMPT_CHARS, TIERS
 from core.limits import LIMITS
 
 from . import handlers as H
+from . import loras
 from .events import example_list, wire
 from .run import Runner
 from .zerogpu import gpu_wrap
@@ -206,7 +207,7 @@ def _result(u: dict, engine) -> None:
     u["png"] = gr.File(label="PNG with all parameters", visible=False, elem_id="png")  # shown with a result
 
 
-def _settings(u: dict, engine, d, tiers, default_tier: str) -> None:
+def _settings(u: dict, engine, d, tiers, default_tier: str, lora_dir=None) -> None:
     """Controls, tier and upscale, seed, advanced, settings from a PNG."""
     for c, s, e, p in u["rows"]:
         with gr.Group(), gr.Row(equal_height=True):
@@ -273,6 +274,7 @@ def _settings(u: dict, engine, d, tiers, default_tier: str) -> None:
             elem_id="precision",
         )
         u["err_advanced"] = _error_slot("advanced")
+    loras.build(u, lora_dir)
     with gr.Accordion("Load settings from a PNG", open=False):
         u["settings_png"] = gr.File(
             label="A PNG from this app, A1111 or Forge", file_types=[".png"], type="filepath", elem_id="settings-png"
@@ -298,8 +300,9 @@ def _history(u: dict) -> None:
         u["summary"] = gr.JSON(label="Summary")
 
 
-def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") -> gr.Blocks:
-    """The app for an Engine (loaded or not). Call `.launch()` on the result; `.queue()` is set."""
+def create_demo(engine, *, examples: bool = True, default_tier: str = "auto", lora_dir=None) -> gr.Blocks:
+    """The app for an Engine (loaded or not). Call `.launch()` on the result; `.queue()` is set.
+    `lora_dir`: the folder whose LoRAs the page lists (default: the cache root's loras/)."""
     if default_tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {default_tier!r}.")
     d = H.defaults_for(engine)
@@ -325,7 +328,7 @@ def create_demo(engine, *, examples: bool = True, default_tier: str = "auto") ->
                 _result(u, engine)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
-                _settings(u, engine, d, tiers, default_tier)
+                _settings(u, engine, d, tiers, default_tier, lora_dir)
             with gr.Column(scale=6, min_width=320):
                 _history(u)
         # the API's own tier input: every tier, so a client gets the core's sentence for one this

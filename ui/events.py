@@ -14,6 +14,7 @@ import gradio as gr
 from core.device import detect
 
 from . import handlers as H
+from . import loras
 from .progress import status_html
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,15 @@ def inputs_of(u: dict, tier) -> list:
     """generate's inputs, in the API's order (tier: the page's or the API's dropdown)."""
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low", "canny_high")
-    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), u["fp8_compute"], u["precision"]]
+    lora = loras.inputs(u)
+    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), u["fp8_compute"], u["precision"], *lora]
 
 
 def settings_outputs(u: dict) -> list:
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("tier", "upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low")
-    return [u["prompt"], *controls, *(u[n] for n in names), u["canny_high"], u["fp8_compute"], u["precision"]]
+    rest = [u["canny_high"], u["fp8_compute"], u["precision"], *loras.inputs(u)]
+    return [u["prompt"], *controls, *(u[n] for n in names), *rest]
 
 
 def settings_values(s: H.Settings, tiers: list[str]) -> tuple[list, str]:
@@ -45,7 +48,9 @@ def settings_values(s: H.Settings, tiers: list[str]) -> tuple[list, str]:
     if s.dropped:
         notes.append(f"left out (not available here, or more than {H.ROWS}): {', '.join(s.dropped)}")
     values = [s.prompt, *rows, tier, s.upscale, s.seed, False, s.steps, s.guidance, s.max_side]
-    values += [s.canny is None, canny[0], canny[1], s.fp8_compute, s.precision]
+    values += [s.canny is None, canny[0], canny[1], s.fp8_compute, s.precision, *s.loras]
+    if s.lora_missing:
+        notes.append(f"LoRAs not found in the LoRA folder: {', '.join(s.lora_missing)}")
     return values, "; ".join(notes)
 
 
@@ -104,12 +109,26 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         canny_high=200,
         fp8_compute=False,
         precision="auto",
+        lora_1=loras.NONE,
+        lora_scale_1=1.0,
+        lora_2=loras.NONE,
+        lora_scale_2=1.0,
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
     ):
         values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
         values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [canny_auto, canny_low, canny_high, fp8_compute, precision]
+        values += [
+            canny_auto,
+            canny_low,
+            canny_high,
+            fp8_compute,
+            precision,
+            lora_1,
+            lora_scale_1,
+            lora_2,
+            lora_scale_2,
+        ]
         return await runner.generate(values, request, progress)
 
     u["api_run"].click(
@@ -150,12 +169,26 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         canny_high,
         fp8_compute,
         precision,
+        lora_1,
+        lora_scale_1,
+        lora_2,
+        lora_scale_2,
         history,
         request: gr.Request = None,
     ):
         values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
         values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [canny_auto, canny_low, canny_high, fp8_compute, precision]
+        values += [
+            canny_auto,
+            canny_low,
+            canny_high,
+            fp8_compute,
+            precision,
+            lora_1,
+            lora_scale_1,
+            lora_2,
+            lora_scale_2,
+        ]
         async for out in runner.run_page(values, history, request):
             yield out
 
@@ -189,7 +222,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
             return [gr.skip()] * (n + 4)
         e = history[evt.index]
         try:
-            values, note = settings_values(H.settings_from_png(e["png"]), tier_values)
+            values, note = settings_values(H.settings_from_png(e["png"], u["lora_dir"]), tier_values)
         except ValueError as err:
             return [gr.skip()] * (n + 3) + [status_html("error", str(err))]
         photo = e["photo"] if e["photo"] and Path(e["photo"]).is_file() else gr.skip()
@@ -300,7 +333,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         if not path:
             return [*skip, ""]
         try:
-            s = H.settings_from_png(path)
+            s = H.settings_from_png(path, u["lora_dir"])
         except ValueError as e:
             return [*skip, f"⚠️ {e}"]
         values, note = settings_values(s, tier_values)
@@ -323,4 +356,5 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         return gr.update(choices=H.tier_choices(detect(), engine.sizes), value=tier)
 
     demo.load(refresh_tier, u["tier"], u["tier"], queue=False, **PRIVATE)
+    loras.wire(u)
     demo.load(None, None, None, js=js, **PRIVATE)

@@ -21,6 +21,7 @@ from core.engine import OutOfMemory
 from core.models import ModelUnavailableError
 
 from . import handlers as H
+from . import loras
 from .plots import memory_figure
 from .progress import Tracker, status_html
 
@@ -43,6 +44,7 @@ class Runner:
         image, prompt, *rest = values
         rows = [tuple(rest[i : i + 3]) for i in (0, 3, 6)]
         tier, upscale, seed, randomize, steps, guidance, max_side, canny_auto, low, high, fp8, precision = rest[9:21]
+        lora_values = rest[21 : 21 + 2 * loras.ROWS]
         return H.build_job(
             image,
             prompt,
@@ -57,6 +59,7 @@ class Runner:
             None if canny_auto else (low, high),
             fp8_compute=fp8,
             precision=precision,
+            loras=loras.specs(lora_values, self.ui.get("lora_dir")),
         )
 
     def _save(self, job, result, started: float):

@@ -9,6 +9,8 @@ from core.limits import LIMITS, PRECISIONS, SEED_MAX, clamp
 from core.pngmeta import read_a1111, read_params
 from preprocessors.registry import CONTROLS
 
+from .loras import from_settings
+
 ROWS = 3  # control rows in the UI
 NONE = "none"
 UPSCALES = ("1", "1.5", "2", "3", "4")  # strings: exact choices for API clients
@@ -37,6 +39,8 @@ class Settings:
     dropped: list[str] = field(default_factory=list)
     fp8_compute: bool = False
     precision: str = "auto"
+    loras: list = field(default_factory=list)  # the LoRA rows' values: name, scale, name, scale, ...
+    lora_missing: list[str] = field(default_factory=list)  # LoRAs of the PNG the folder does not have
     source: str = "this app"  # or "A1111/Forge": where the settings came from
 
 
@@ -45,7 +49,7 @@ def _seed(value) -> int:
     return value if isinstance(value, int) and 0 <= value <= SEED_MAX else int(clamp("seed", value))
 
 
-def settings_from_png(source) -> Settings:
+def settings_from_png(source, lora_dir=None) -> Settings:
     """The settings in a PNG's metadata, for the UI's fields: this app's JSON, else an A1111/Forge
     `parameters` text (ValueError, one sentence, if neither is there). Numbers are clamped to
     core.limits; controls the UI does not know are listed in `dropped`."""
@@ -82,6 +86,7 @@ def settings_from_png(source) -> Settings:
     up = clamp("upscale", job.get("upscale", 1.0))
     upscale = min(UPSCALES, key=lambda u: abs(float(u) - up))
     tier = str(job.get("tier", "auto"))
+    lora_values, lora_missing = from_settings(job.get("loras"), lora_dir)
     return Settings(
         prompt=str(job.get("prompt", "")),
         rows=rows,
@@ -95,5 +100,7 @@ def settings_from_png(source) -> Settings:
         dropped=dropped,
         fp8_compute=job.get("fp8_compute") is True,
         precision=job.get("precision") if job.get("precision") in PRECISIONS else "auto",
+        loras=lora_values,
+        lora_missing=lora_missing,
         source=source_name,
     )

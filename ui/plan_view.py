@@ -1,0 +1,83 @@
+"""The "Plan and memory" panel: a finished job's plan, memory and speed as a Markdown table."""
+
+from __future__ import annotations
+
+
+def _gb(x) -> str:
+    return "—" if x is None else f"{x:.2f} GB"
+
+
+def plan_markdown(summary: dict) -> str:
+    """The plan/memory panel: what was planned, what was measured, what happened."""
+    p = summary["plan"]
+    pl = p["placement"]
+    cpu = p["device"] == "cpu"
+    seconds = summary.get("seconds", {})
+    steps = summary.get("job", {}).get("steps") or 1
+    step_s = seconds.get("denoise", 0.0) / steps
+    demo = " (demo model)" if summary.get("demo") else ""
+    tier = (
+        "CPU"
+        if cpu
+        else ("Auto" if p["tier"] == "auto" else f"{p['tier']} GB")
+        + (f" on the GPU ({p['budget_gb']:.1f} GiB)" if p.get("budget_gb") else " on the GPU")
+    )
+    if cpu:
+        peak = f"measured {_gb(summary.get('measured_peak_reserved_gb'))} of process RAM (the CPU has no memory budget to predict)"
+        step = f"measured {step_s:.2f} (the time model covers GPUs only)"
+    else:
+        peak = f"predicted {_gb(p['predicted_peak_gb'])}, measured {_gb(summary.get('measured_peak_reserved_gb'))} reserved"
+        step = f"predicted {p['predicted_step_s']:.2f}, measured {step_s:.2f}"
+    rows = [
+        ("Tier", tier + demo),
+        ("Compute dtype", p["dtype"]),
+        (
+            "Denoiser units",
+            _units_label(pl) + (f"; copy ring of {p['ring']} units" if p.get("ring") else ""),
+        ),
+        ("Weights", _formats_label(p)),
+        ("Text encoders", p["text_encoders"]),
+        ("VAE tiling", "on" if p["vae_tiling"] else "off"),
+        ("Generation tile", f"{p['tile']} px (overlap {p['overlap']})" if p["tile"] else "whole image"),
+        ("Peak memory", peak),
+        ("Seconds per step", step),
+        ("Pinned host RAM", "—" if cpu else _gb(p["host_ram_gb"])),
+        ("Speed-ups", _fast_label(summary.get("fast"))),
+        ("Seconds per phase", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "—"),
+        ("Size", "×".join(map(str, summary.get("size", []))) + f", seed {summary.get('seed')}"),
+    ]
+    md = "| Plan | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    lines = [f"- {n}" for n in p.get("notes", [])] + [f"- {e}" for e in summary.get("events", [])]
+    if lines:
+        md += "\n\n**Notes and events**\n" + "\n".join(lines)
+    return md
+
+
+UNIT_LABELS = dict(
+    B="resident", F="resident fp8", S="streamed", Q="streamed fp8", R="resident 4-bit", N="streamed 4-bit"
+)
+
+
+def _units_label(counts: dict) -> str:
+    """'12 resident, 300 streamed 4-bit': the storage codes in use, in words."""
+    return ", ".join(f"{counts[c]} {label}" for c, label in UNIT_LABELS.items() if counts.get(c)) or "none"
+
+
+def _formats_label(p: dict) -> str:
+    f = p.get("formats") or {}
+    words = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit (GGUF Q4_0)"}
+    denoiser = " + ".join(words.get(x, x) for x in str(f.get("denoiser", "exact")).split("+"))
+    t5 = str(f.get("t5", "exact"))
+    for k, v in words.items():
+        t5 = t5.replace(k, v)
+    return f"denoiser {denoiser}; T5 {t5}" + (" (4-bit: lossy)" if p.get("precision") == "4bit" else "")
+
+
+def _fast_label(fast: dict | None) -> str:
+    """'fused QKV, compiled blocks, cuDNN attention' for all-resident GPU plans, else '—'."""
+    if not fast:
+        return "—"
+    from core.speed.fast import Fast
+
+    known = {k: v for k, v in fast.items() if k in Fast.__dataclass_fields__}
+    return Fast(**known).label()
