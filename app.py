@@ -25,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU",
     )
     ap.add_argument(
-        "--lora-dir", metavar="DIR", help="the folder of LoRA .safetensors files the page lists (default: <cache>/loras)"
+        "--lora-dir",
+        metavar="DIR",
+        help="the folder of LoRA .safetensors files the page lists (default: <cache>/loras)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=7860)
