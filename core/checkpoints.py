@@ -6,8 +6,12 @@ diffusers' own), with the base model's config so nothing is fetched. The file is
 (its header only) so that a truncated file, another architecture or an unsupported quant type is
 one sentence instead of a traceback from deep inside the loader.
 
-GGUF for now: its Linear weights are dequantized to the compute dtype on the CPU at load time,
-one layer at a time, because the residency packs plain tensors (see README, "Your own models").
+A GGUF file's Linear weights inside the transformer blocks stay quantized in host RAM: each becomes
+a plain Linear whose weight is a placeholder (one NaN, broadcast to the weight's shape: right shape,
+no memory, poison if ever computed with) with its GGUF blocks beside it (`QuantSource`),
+and the placement dequantizes them unit by unit on the device (core.stream.packs.weight_of), so
+the 24 GB of bf16 are never made on the host. A Q4_0 weight whose unit the plan stores as 4-bit is
+packed as the file's own bytes. The few Linears outside the blocks are dequantized at load.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,6 +132,85 @@ def check_architecture(keys: dict[str, tuple[str, tuple[int, ...]]], base: str, 
         )
 
 
+@dataclass(frozen=True)
+class QuantSource:
+    """A Linear weight kept as its GGUF blocks until a placement needs its values."""
+
+    data: torch.Tensor  # uint8, the file's blocks in their byte shape
+    quant_type: object  # gguf.GGMLQuantizationType
+
+    def dequantize(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """The weight's values on `device`. Q4_0 through core.stream.q4 (float32 arithmetic, as the gguf
+        package's reference: diffusers' Q4_0 rounds the products to fp16), the rest through diffusers."""
+        from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+        if self.is_q4_0:
+            from core.stream import q4
+
+            data = self.data.to(device)
+            out = torch.empty(
+                data.shape[:-1] + (data.shape[-1] // q4.BLOCK_BYTES * q4.BLOCK,), dtype=dtype, device=device
+            )
+            q4.dequantize_into(out.view(-1), data.reshape(-1))
+            return out
+        blocks = GGUFParameter(self.data.to(device), quant_type=self.quant_type)
+        return dequantize_gguf_tensor(blocks).to(dtype)
+
+    @property
+    def is_q4_0(self) -> bool:
+        return getattr(self.quant_type, "name", "") == "Q4_0"
+
+
+def placeholder(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A weight's stand-in until it is dequantized: its shape, one element of memory, NaN."""
+    return torch.full((1,) * len(shape), float("nan"), dtype=dtype).expand(*shape)
+
+
+def deferred(p: torch.Tensor) -> QuantSource | None:
+    """The GGUF blocks behind a weight that still holds its placeholder, if it is one."""
+    src = getattr(p, "quant_source", None)
+    return src if src is not None and p.dim() and all(s == 0 for s in p.stride()) else None
+
+
+def has_deferred(model: nn.Module) -> bool:
+    return any(deferred(p) is not None for p in model.parameters())
+
+
+def defer_blocks(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every quantized GGUF Linear inside the transformer blocks becomes a plain Linear whose weight is
+    a placeholder, its blocks kept beside it; returns how many."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    n = 0
+    for attr in ("transformer_blocks", "single_transformer_blocks"):
+        for parent in [m for block in getattr(model, attr) for m in block.modules()]:
+            for name, child in list(parent.named_children()):
+                qtype = getattr(child.weight, "quant_type", None) if isinstance(child, GGUFLinear) else None
+                if qtype is None or qtype.name in ("F32", "F16", "BF16"):
+                    continue
+                lin = nn.Linear(
+                    child.in_features, child.out_features, child.bias is not None, device="meta", dtype=dtype
+                )
+                lin.weight = nn.Parameter(placeholder(lin.weight.shape, dtype), requires_grad=False)
+                lin.weight.quant_source = QuantSource(child.weight.as_tensor().view(torch.uint8), qtype)
+                if child.bias is not None:
+                    lin.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+                setattr(parent, name, lin)
+                n += 1
+    return n
+
+
+def materialize(model: nn.Module, device, dtype: torch.dtype) -> int:
+    """Dequantize every deferred weight of `model` onto `device` (for good); returns how many."""
+    n = 0
+    for p in model.parameters():
+        src = deferred(p)
+        if src is not None:
+            p.data = src.dequantize(device, dtype)
+            n += 1
+    return n
+
+
 def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every GGUF Linear by a plain Linear in `dtype`, one layer at a time (the host never
     holds more than one dequantized copy beyond the model); returns how many were replaced."""
@@ -144,6 +228,8 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
             setattr(parent, child_name, lin)
             n += 1
     for p in model.parameters():  # anything else stored quantized
+        if deferred(p) is not None:
+            continue  # a deferred weight (defer_blocks)
         if isinstance(p, GGUFParameter) or p.dtype != dtype:
             p.data = dequantize_gguf_tensor(p.data).to(dtype) if hasattr(p.data, "quant_type") else p.data.to(dtype)
     model.hf_quantizer, model.is_quantized = None, False  # plain modules now: `.to(dtype)` is allowed again
@@ -176,8 +262,9 @@ def load_transformer(path: str, base: str, dtype: torch.dtype):
     if any(t.is_meta for t in model.parameters()):
         raise CheckpointError(f"The transformer file '{p.name}' lacks some of the transformer's weights.")
     if gguf_file:
-        n = dequantize(model, dtype)
-        log.info("GGUF transformer %s: %d layers dequantized to %s on the CPU", p.name, n, dtype)
+        kept = defer_blocks(model, dtype)
+        n = dequantize(model, dtype)  # the rest: embedders, norms, the output layer
+        log.info("GGUF transformer %s: %d block layers kept quantized, %d dequantized", p.name, kept, n)
     return model.eval()
 
 

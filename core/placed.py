@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from core.checkpoints import has_deferred, materialize
 from core.device import DeviceInfo
 from core.job import Job
 from core.lora import Merger, model_sources
@@ -147,6 +148,7 @@ class PlacedPipeline:
                 getattr(pipe, name).to(dtype)
             dlogging.set_verbosity(level)
         if plan.device != "cuda" and plan.placement.all_resident:
+            materialize(pipe.transformer, "cpu", dtype)  # a GGUF's deferred weights, for good on the CPU
             return
         dev = torch.device(plan.device)  # the planner streams only on CUDA; tests stream on the CPU too
         for model in (pipe.transformer, union_net(pipe)):
@@ -192,6 +194,11 @@ class PlacedPipeline:
     def _apply_loras(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
         Returns the names of the parameters whose weights changed."""
+        if loras and has_deferred(self.pipe.transformer):
+            raise ValueError(
+                "LoRAs cannot be merged into a GGUF transformer yet (its blocks stay quantized until placed); "
+                "use a .safetensors transformer with LoRAs."
+            )
         changed = self._merger().set(tuple(loras))
         log.info("LoRAs %s: %d parameters changed", [s.name for s in loras] or "none", len(changed))
         return changed

@@ -7,6 +7,7 @@ import bisect
 import torch
 from torch import nn
 
+from core.checkpoints import deferred
 from core.monitor import HostOutOfMemory, fault_point
 from core.plan.units import align, compressed_params, packed_bytes, part_bytes
 from core.stream import q4
@@ -35,6 +36,14 @@ class Pack:
         self.sources = [p.data for p in params] if keep_source else None
         self.buf: torch.Tensor | None = None
 
+    def _n_comp(self) -> int:
+        """How many of self.params (the first ones) form the compressed part."""
+        n = k = 0
+        while n < self.n8:
+            n += self.params[k].numel()
+            k += 1
+        return k
+
     def restore(self) -> bool:
         """Point the parameters back at their source tensors; False if none were kept."""
         if self.sources is None:
@@ -45,14 +54,23 @@ class Pack:
 
     def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:
         """Write the module's current weights into `buf` (nbytes), casting on scratch's device
-        (through `stage`, a GPU byte buffer, when buf is host memory)."""
+        (through `stage`, a GPU byte buffer, when buf is host memory). Deferred GGUF weights are
+        dequantized on that device; a 4-bit part made only of Q4_0 weights is their bytes as they are."""
+        raw = self.fmt == "q4" and self.n8 and all(_q4_0(p) for p in self.params[: self._n_comp()])
         off = 0
         for p in self.params:  # flatten in pack order into the scratch buffer
             n = p.numel()
-            scratch[off : off + n].copy_(p.data.reshape(-1))
+            if not (raw and off < self.n8):
+                scratch[off : off + n].copy_(weight_of(p, scratch.device, scratch.dtype).reshape(-1))
             off += n
         tmp = buf if buf.device == scratch.device else stage
-        if self.fmt == "q4" and self.n8:
+        if raw:
+            at = 0
+            for p in self.params[: self._n_comp()]:
+                b = deferred(p).data.reshape(-1)
+                tmp[at : at + b.numel()].copy_(b)
+                at += b.numel()
+        elif self.fmt == "q4" and self.n8:
             q4.quantize_into(tmp[: q4.q4_bytes(self.n8)], scratch[: self.n8])
         elif self.n8:
             tmp[: self.n8].view(FP8).copy_(scratch[: self.n8])
@@ -78,6 +96,20 @@ class Pack:
             off += n
 
 
+def weight_of(p: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """A parameter's values: its data, or its GGUF blocks dequantized on `device` when it is deferred."""
+    src = deferred(p)
+    return src.dequantize(device, dtype) if src is not None else p.data
+
+
+def _q4_0(p: torch.Tensor) -> bool:
+    src = deferred(p)
+    return src is not None and src.is_q4_0
+
+
+SMALL = 1 << 16  # parameters this small (biases, norms) are kept as they are whatever memory holds them
+
+
 def file_mappings() -> list[tuple[int, int]]:
     """Sorted (start, end) address ranges this process has mapped from files (Linux); [] elsewhere."""
     try:
@@ -95,19 +127,24 @@ def file_mappings() -> list[tuple[int, int]]:
 
 
 def file_backed(module: nn.Module, maps: list[tuple[int, int]]) -> bool:
-    """Every parameter of `module` lives in memory mapped from a file (a safetensors checkpoint as
-    diffusers loads it), so keeping it costs no anonymous RAM."""
-    params = list(module.parameters())
-    if not params or not maps:
+    """Keeping `module`'s parameters costs (almost) no anonymous RAM of their own: they live in memory
+    mapped from a file (a safetensors checkpoint as diffusers loads it) or are deferred GGUF weights
+    (whose blocks are held anyway), but for small ones (a GGUF layer's bias)."""
+    own = 0
+    for p in module.parameters():
+        if deferred(p) is not None or _mapped(p, maps):
+            own += 1
+        elif not (p.device.type == "cpu" and 0 < p.numel() <= SMALL):
+            return False
+    return own > 0
+
+
+def _mapped(p: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
+    if p.device.type != "cpu" or not p.numel() or not maps:
         return False
-    for p in params:
-        if p.device.type != "cpu" or not p.numel():
-            return False
-        ptr = p.data_ptr()
-        i = bisect.bisect_right(maps, (ptr, float("inf"))) - 1
-        if i < 0 or not maps[i][0] <= ptr < maps[i][1]:
-            return False
-    return True
+    ptr = p.data_ptr()
+    i = bisect.bisect_right(maps, (ptr, float("inf"))) - 1
+    return i >= 0 and maps[i][0] <= ptr < maps[i][1]
 
 
 _REGISTERED: dict[int, int] = {}  # data_ptr -> bytes of every host buffer registered with CUDA

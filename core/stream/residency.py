@@ -25,7 +25,7 @@ import torch
 from core.monitor import fault_point
 from core.plan.placement import check_codes, store
 from core.plan.units import align, ring_bytes, unit_sizes, work_slots
-from core.stream.packs import Pack, pinned, unpin
+from core.stream.packs import Pack, pinned, unpin, weight_of
 from core.stream.ring import Region, Ring
 from core.stream.schedule import CASTS, Schedule
 
@@ -84,6 +84,8 @@ class Residency:
             else:
                 if self.keep[i]:
                     self.sources[i] = [(p, p.data) for p in m.parameters()]
+                for p in m.parameters():  # deferred GGUF weights: dequantized on the device itself
+                    p.data = weight_of(p, device, dtype)
                 m.to(device=device, dtype=dtype)
         on_gpu = [i for i in managed if self.stores[i].resident]
         on_host = [i for i in managed if self.stores[i].streamed]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.checkpoints import CheckpointError, load_transformer
+from core.checkpoints import CheckpointError, deferred, load_transformer, materialize
 from core.demo_model import ensure_demo_model
 from core.engine import Engine
 from core.job import ControlSpec, Job
@@ -39,7 +39,15 @@ def test_each_file_loads_as_plain_modules_close_to_the_weights_it_was_written_fr
     ref = demo_transformer().state_dict()
     model = load_transformer(str(files[name]), BASE, torch.float32)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is nn.Linear for m in linears)  # GGUF layers dequantized: packable
+    assert linears and all(type(m) is nn.Linear for m in linears)  # plain Linears: packable
+    kept = [p for p in model.parameters() if deferred(p) is not None]
+    if name.endswith(".gguf"):  # block weights stay quantized (no compute-dtype copy) until placed
+        blocks = [b for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
+        in_blocks = {id(m.weight) for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+        assert kept and {id(p) for p in kept} == in_blocks
+        assert materialize(model, "cpu", torch.float32) == len(kept)
+    else:
+        assert not kept
     assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
     err = max((model.state_dict()[k] - v).abs().max().item() for k, v in ref.items())
     assert 0 < err <= FILES[name]
@@ -111,3 +119,81 @@ def test_load_pipeline_turns_a_bad_file_into_model_unavailable(tmp_path):
     spec = replace(ModelSpec.demo_spec(), transformer=str(tmp_path / "empty.safetensors"))
     with pytest.raises(ModelUnavailableError, match="is not a readable safetensors file"):
         load_pipeline(spec, torch.float32)
+
+
+def _placed_units(tr):
+    from core.plan.units import denoiser_units
+    from core.stream.packs import file_backed, file_mappings
+    from tests.core.test_residency import tiny_denoiser
+
+    _, cn = tiny_denoiser()
+    units = denoiser_units(tr, cn)
+    maps = file_mappings()
+    return cn, units, [file_backed(m, maps) for _, m in units]
+
+
+def test_a_q4_0_gguf_streams_its_own_bytes_and_stays_quantized_on_the_host(files):
+    """4-bit units of a Q4_0 file carry the file's blocks (no requantizing) and compute what its
+    dequantized weights compute; released, the weights are placeholders again (no compute-dtype copy)."""
+    import gguf
+
+    from core.stream.residency import Residency
+    from tests.core.test_residency import run
+
+    tr = load_transformer(str(files["q4_0.gguf"]), BASE, torch.float32)
+    ref_tr = load_transformer(str(files["q4_0.gguf"]), BASE, torch.float32)
+    for m in ref_tr.modules():  # the gguf package's own reading of the file's blocks
+        src = deferred(m.weight) if isinstance(m, nn.Linear) else None
+        if src is not None:
+            values = gguf.quants.dequantize(src.data.numpy(), gguf.GGMLQuantizationType.Q4_0)
+            m.weight = nn.Parameter(torch.from_numpy(values).reshape(m.weight.shape), requires_grad=False)
+    cn, units, keep = _placed_units(tr)
+    ref = run(ref_tr, cn, "cpu")
+    codes = "".join("N" if n.startswith("transformer.") else "B" for n, _ in units)
+    assert all(k for k, c in zip(keep, codes) if c == "N"), "deferred GGUF units keep their source"
+    res = Residency(units, codes, torch.device("cpu"), torch.float32, slots=2, ring=4, keep=keep)
+    i = codes.index("N")
+    pack = res.packs[i]
+    blocks = torch.cat([p.quant_source.data.reshape(-1) for p in pack.params[: pack._n_comp()]])
+    assert torch.equal(pack.buf[: blocks.numel()], blocks), "the pack holds the file's own Q4_0 bytes"
+    assert torch.equal(run(tr, cn, "cpu"), ref)
+    res.remove()
+    weights = [m.weight for _, u in units[i:] for m in u.modules() if isinstance(m, nn.Linear)]
+    assert weights and all(deferred(w) is not None for w in weights), "released: quantized again, not bf16"
+
+
+def test_a_q8_0_gguf_places_on_every_store(files):
+    from core.stream.residency import Residency
+    from tests.core.test_residency import run
+
+    tr = load_transformer(str(files["q8_0.gguf"]), BASE, torch.float32)
+    ref_tr = load_transformer(str(files["q8_0.gguf"]), BASE, torch.float32)
+    materialize(ref_tr, "cpu", torch.float32)
+    cn, units, keep = _placed_units(tr)
+    ref = run(ref_tr, cn, "cpu")
+    for pattern in ("B", "S", "BS", "FQ", "RN"):
+        codes = (pattern * len(units))[: len(units)]
+        res = Residency(units, codes, torch.device("cpu"), torch.float32, slots=2, ring=4, keep=keep)
+        got = run(tr, cn, "cpu")
+        res.remove()
+        if set(codes) <= {"B", "S"}:
+            assert torch.equal(got, ref), pattern  # dequantized exactly as the reference was
+        else:
+            assert (got - ref).norm() / ref.norm() < 0.15, pattern
+        assert all(
+            deferred(m.weight) is not None
+            for _, u in units
+            if _.startswith("transformer.")
+            for m in u.modules()
+            if isinstance(m, nn.Linear)
+        )
+
+
+def test_loras_on_a_gguf_transformer_are_one_sentence(files, job):
+    from core.lora import LoraSpec
+    from tests.core.byom_files import peft_lora
+
+    spec = replace(ModelSpec.demo_spec(), transformer=str(files["q4_0.gguf"]))
+    lora = peft_lora(files["dir"] / "style.safetensors")
+    with pytest.raises(ValueError, match="LoRAs cannot be merged into a GGUF transformer yet"):
+        Engine(spec).run(job.with_(loras=(LoraSpec(str(lora), 0.8),)))
