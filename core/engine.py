@@ -138,8 +138,15 @@ class Engine:
         `dtype` forces the compute dtype (float32 after a black result)."""
         self.load()
         shape = shape_of(job)
-        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype, precision=job.precision)
+        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype, precision=self.precision(job))
         return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
+
+    def precision(self, job: Job) -> str:
+        """The job's precision; "auto" on a Q4_0 GGUF transformer is 4-bit (its own blocks, streamed as
+        they are, beat widening them to bf16 or rounding them again to fp8)."""
+        if job.precision == "auto" and getattr(self.state, "q4_file", False):
+            return "4bit"
+        return job.precision
 
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""
@@ -193,7 +200,7 @@ class Engine:
                 decision = next_attempt(
                     failure,
                     plan,
-                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device, job.precision),
+                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device, self.precision(job)),
                     less_host=lambda p: self._less_host(job, p),
                     in_float32=lambda: self.plan(job, dtype="float32"),
                 )
@@ -233,7 +240,7 @@ class Engine:
                 self.device,
                 dtype=plan.dtype,
                 host_cap_gb=0.9 * plan.host_ram_gb,
-                precision=job.precision,
+                precision=self.precision(job),
             )
         except ValueError:
             return None

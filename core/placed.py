@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from core.checkpoints import has_deferred, materialize
+from core.checkpoints import deferred, has_deferred, materialize
 from core.device import DeviceInfo
 from core.job import Job
 from core.lora import Merger, model_sources
@@ -43,6 +43,7 @@ class PlacedPipeline:
         self.lora: Merger | None = None  # the LoRAs merged into the pipeline's CPU weights
         self.placed: Plan | None = None  # the plan whose placement is on the device now
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
+        self.q4_file = False  # the transformer is a Q4_0 GGUF (set when the pipeline is known)
         self.fast: fast.Fast | None = None  # what the fast path applied
         self._fast_want: tuple | None = None  # what `fast` was applied for
         self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
@@ -69,6 +70,8 @@ class PlacedPipeline:
         if self.max_seq is None:
             self.max_seq = min(512, pipe.tokenizer_2.model_max_length)
         self.sizes = sizes_from_pipeline(pipe, self.max_seq)
+        # a Q4_0 GGUF transformer: its own 4-bit blocks are the most exact storage there is
+        self.q4_file = any((s := deferred(p)) is not None and s.is_q4_0 for p in pipe.transformer.parameters())
 
     def load(self) -> None:
         if self.pipe is None:

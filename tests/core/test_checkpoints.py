@@ -197,3 +197,11 @@ def test_loras_on_a_gguf_transformer_are_one_sentence(files, job):
     lora = peft_lora(files["dir"] / "style.safetensors")
     with pytest.raises(ValueError, match="LoRAs cannot be merged into a GGUF transformer yet"):
         Engine(spec).run(job.with_(loras=(LoraSpec(str(lora), 0.8),)))
+
+
+@pytest.mark.parametrize(("name", "want"), [("q4_0.gguf", "4bit"), ("q8_0.gguf", "auto"), ("bf16.safetensors", "auto")])
+def test_auto_precision_on_a_q4_0_file_keeps_its_4_bit_blocks(files, job, name, want):
+    engine = Engine(replace(ModelSpec.demo_spec(), transformer=str(files[name])))
+    engine.load()
+    assert engine.precision(job) == want
+    assert engine.precision(job.with_(precision="exact")) == "exact"  # the user's choice stands
