@@ -234,6 +234,7 @@ def _settings(u: dict, engine, d, tiers, default_tier: str, lora_dir=None) -> No
         u["upscale"] = gr.Radio(
             H.upscale_choices(), value="1", label="Upscale", info=HELP["upscale"], elem_id="upscale"
         )
+    u["plan_preview"] = gr.Markdown(elem_id="plan-preview")
     u["err_tier"] = _error_slot("tier")
     with gr.Row(equal_height=True):
         u["seed"] = gr.Number(0, label="Seed", precision=0, info=HELP["seed"], elem_id="seed", scale=2)

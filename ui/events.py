@@ -15,6 +15,7 @@ from core.device import detect
 
 from . import handlers as H
 from . import loras
+from .plan_view import plan_preview
 from .progress import status_html
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,31 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         [u["settings_png"], u["image"]],
         settings_outputs(u) + [u["settings_msg"]],
         show_progress="hidden",
+        **PRIVATE,
+    )
+
+    def preview_plan(image, tier, precision, upscale, max_side, steps, *kinds):
+        size = (1024, 1024)
+        if image is not None:
+            try:
+                w, h = H.input_size(image)
+                size = H.fit_size(w, h, max_side=int(max_side))
+            except (ValueError, OSError):
+                return ""  # the image's own error is shown under it
+        n = sum(k not in (None, "", H.NONE) for k in kinds)
+        return plan_preview(engine, tier, precision, size, n, upscale, steps)
+
+    kinds = [c for c, _, _, _ in u["rows"]]
+    preview_inputs = [u["image"], u["tier"], u["precision"], u["upscale"], u["max_side"], u["steps"], *kinds]
+    gr.on(
+        [demo.load, u["image"].change, u["tier"].change, u["precision"].change, u["upscale"].change]
+        + [u["max_side"].release, u["steps"].release]
+        + [c.change for c in kinds],
+        preview_plan,
+        preview_inputs,
+        u["plan_preview"],
+        show_progress="hidden",
+        trigger_mode="always_last",
         **PRIVATE,
     )
 

@@ -81,3 +81,35 @@ def _fast_label(fast: dict | None) -> str:
 
     known = {k: v for k, v in fast.items() if k in Fast.__dataclass_fields__}
     return Fast(**known).label()
+
+
+def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, upscale, steps) -> str:
+    """One line under the tier, before any run: what the plan for these settings will use (formats,
+    GPU peak, pinned host RAM against what this machine allows, seconds), or the planner's sentence."""
+    from core.plan import JobShape, plan_for
+    from core.plan.search import host_cap_bytes
+
+    sizes = engine.sizes
+    if sizes is None:
+        return ""
+    prec = precision or "auto"
+    if prec == "auto" and getattr(engine.state, "q4_file", False):
+        prec = "4bit"  # as Engine.precision: a Q4_0 GGUF keeps its own blocks
+    try:
+        shape = JobShape(size[0], size[1], max(int(controls), 1), float(upscale or 1), int(steps or 28))
+        p = plan_for(tier or "auto", shape, sizes, engine.device, precision=prec)
+    except ValueError as e:
+        return f"⚠️ {e}"
+    if p.device == "cpu":
+        return "**Plan:** everything on the CPU (no GPU memory budget); expect minutes per image at full size."
+    f = p.placement.formats()
+    words = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit"}
+    denoiser = " + ".join(words.get(x, x) for x in f["denoiser"].split("+"))
+    cap = host_cap_bytes(engine.device) / 2**30
+    tile = f", {p.tile} px tiles" if p.tile else ""
+    return (
+        f"**Plan:** denoiser {denoiser}, T5 {f['t5'].split(' ')[0].replace('q4', '4-bit').replace('exact', 'bf16')}"
+        f"{tile} · GPU peak {p.predicted_peak_gb:.1f} of {p.budget_gb:.1f} GiB · pinned RAM "
+        f"{p.host_ram_gb:.1f} of {cap:.1f} GiB allowed · ~{p.predicted_step_s:.2f} s/step, "
+        f"~{p.predicted_job_s:.0f} s denoising"
+    )
