@@ -18,6 +18,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="ID|DIR",
         help=f"Union ControlNet: Hub id or local folder (default {UNION_PRO}; with --demo, the demo one)",
     )
+    ap.add_argument(
+        "--transformer",
+        metavar="FILE",
+        help="the transformer from one file (.safetensors bf16/fp8 or .gguf: Q8_0 ... Q4_K); the rest from --model",
+    )
     ap.add_argument("--tier", default="auto", choices=TIERS, help="the VRAM tier selected in the UI")
     ap.add_argument(
         "--demo",
@@ -46,6 +51,10 @@ def build_engine(args):
     spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
     if demo and args.controlnet:  # a ControlNet trained on the demo model (python -m train --demo)
         spec = ModelSpec(spec.base, args.controlnet, demo=True)
+    if args.transformer:
+        from dataclasses import replace
+
+        spec = replace(spec, transformer=args.transformer)
     engine = Engine(spec)
     engine.load()
     return engine

@@ -215,7 +215,8 @@ def model_name(spec) -> str:
     """What the PNG's `Model:` says: the Hub id or folder name of the FLUX pipeline."""
     if spec is None or spec.demo:
         return "FLUX demo (random weights)"
-    return Path(spec.base).name if Path(spec.base).expanduser().is_dir() else spec.base
+    name = Path(spec.base).name if Path(spec.base).expanduser().is_dir() else spec.base
+    return f"{name}, transformer {Path(spec.transformer).name}" if spec.transformer else name
 
 
 def save_result(result, folder: Path, keep: int = 32, model: str | None = None) -> Path:

@@ -205,3 +205,13 @@ def test_auto_precision_on_a_q4_0_file_keeps_its_4_bit_blocks(files, job, name, 
     engine.load()
     assert engine.precision(job) == want
     assert engine.precision(job.with_(precision="exact")) == "exact"  # the user's choice stands
+
+
+def test_the_app_takes_a_transformer_file(files, job):
+    import app
+
+    engine = app.build_engine(app.parse_args(["--demo", "--transformer", str(files["q4_0.gguf"])]))
+    assert engine.spec.transformer == str(files["q4_0.gguf"]) and engine.precision(job) == "4bit"
+    from ui.handlers import model_name
+
+    assert model_name(replace(engine.spec, demo=False)).endswith("transformer q4_0.gguf")
