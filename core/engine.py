@@ -249,6 +249,8 @@ class Engine:
     def _attempt(self, job, plan, mon, events, progress, cancel, source) -> Result:
         with mon.phase("load"):
             self.state.place(plan, job.loras)
+            if self.state.last_repack:
+                events.append("LoRAs changed: {} of {} units packed again in {} s".format(*self.state.last_repack))
             speed = self.state.apply_fast(self.fast_in_use, job, plan, events, progress)
         compiled_before = fast.compile_seconds()
         rt = Runtime(

@@ -10,6 +10,7 @@ between failed attempts; benchmarks call it between tiers.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import torch
@@ -44,6 +45,7 @@ class PlacedPipeline:
         self.placed: Plan | None = None  # the plan whose placement is on the device now
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         self.q4_file = False  # the transformer is a Q4_0 GGUF (set when the pipeline is known)
+        self.last_repack: tuple | None = None  # (units packed again, units, seconds) if the last place() did
         self.fast: fast.Fast | None = None  # what the fast path applied
         self._fast_want: tuple | None = None  # what `fast` was applied for
         self._fast_dirty = False  # modules may differ from diffusers' (even half-way)
@@ -113,9 +115,12 @@ class PlacedPipeline:
         """Place the pipeline as the plan says, with `loras` merged (a no-op if it already is). A
         failure half-way releases what it placed before it propagates."""
         key = (plan.device, plan.placement)
-        if self.placed is None or key != (self.placed.device, self.placed.placement) or not self._loras_merged(loras):
+        self.last_repack = None
+        same = self.placed is not None and key == (self.placed.device, self.placed.placement)
+        if not same or not self._loras_merged(loras):
             try:
-                self._place(plan, loras)
+                if not (same and self._repack_loras(tuple(loras))):
+                    self._place(plan, loras)
             except BaseException:
                 self.release()
                 raise
@@ -193,6 +198,37 @@ class PlacedPipeline:
             return True
         self._merger().prepare(loras)
         return False
+
+    def _repack_loras(self, loras: tuple) -> bool:
+        """Change the merged LoRAs with the placement kept: only the units whose weights the old or
+        the new LoRAs touch go back to the CPU, take the new merge and are packed again (touched
+        weights outside the units, such as proj_out, are plain resident tensors: they move and come
+        back). False, with nothing changed, where a lossy unit has no source to be packed again from."""
+        res = self.residency
+        if res is None:
+            return False
+        merger = self._merger()
+        names = {name for matches in merger.prepare(loras) for name, _, _ in matches} | set(merger.touched)
+        units = [f"{n}." for n, _ in res.units]
+        idx = sorted({i for name in names for i, u in enumerate(units) if name.startswith(u)})
+        if not res.can_repack(idx):
+            return False
+        outside = [n for n in names if not any(n.startswith(u) for u in units)]
+        extra = [merger.models[n.partition(".")[0]].get_parameter(n.partition(".")[2]) for n in outside]
+        t0 = time.perf_counter()
+        self.undo_fast()  # fused or compiled blocks: plain modules again (apply_fast follows the place)
+        res.take_back(idx)
+        for p in extra:
+            p.data = p.data.cpu()
+        try:
+            self._apply_loras(loras)
+        finally:  # merged or not, every unit is placed again
+            for p in extra:
+                p.data = p.data.to(res.device)
+            res.put_back(idx)
+        self.last_repack = (len(idx), len(units), round(time.perf_counter() - t0, 2))
+        log.info("LoRAs changed: %d of %d units packed again in %.2f s", *self.last_repack)
+        return True
 
     def _apply_loras(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.

@@ -65,14 +65,18 @@ class Residency:
         except BaseException:
             self.remove()  # a failure half-way (out of memory, no RAM to pin) leaves nothing behind
             raise
-        nbytes = [self.packs[i].nbytes if i in self.packs else 0 for i in range(len(units))]
-        ring_obj = Ring(self.ring_buf.numel()) if self.ring_buf is not None else None
-        self.schedule = Schedule(self.stores, nbytes, ring_obj, len(self.work), self, cast)
+        self.cast_mode = cast
+        self._new_schedule()
         for i, s in enumerate(self.stores):
             if s.managed:
                 m = units[i][1]
                 self.hooks.append(m.register_forward_pre_hook(lambda mod, args, i=i: self.schedule.before(i)))
                 self.hooks.append(m.register_forward_hook(lambda mod, args, out, i=i: self.schedule.after(i)))
+
+    def _new_schedule(self) -> None:
+        nbytes = [self.packs[i].nbytes if i in self.packs else 0 for i in range(len(self.units))]
+        ring_obj = Ring(self.ring_buf.numel()) if self.ring_buf is not None else None
+        self.schedule = Schedule(self.stores, nbytes, ring_obj, len(self.work), self, self.cast_mode)
 
     def _place(self, units, codes: str, slots: int, ring: int) -> None:
         """Resident units onto the device; managed ones packed into the arenas (originals freed)."""
@@ -82,11 +86,7 @@ class Residency:
             if self.stores[i].managed:
                 self.packs[i] = Pack(m, self.stores[i].fmt, dtype, keep_source=self.keep[i])
             else:
-                if self.keep[i]:
-                    self.sources[i] = [(p, p.data) for p in m.parameters()]
-                for p in m.parameters():  # deferred GGUF weights: dequantized on the device itself
-                    p.data = weight_of(p, device, dtype)
-                m.to(device=device, dtype=dtype)
+                self._to_device(i)
         on_gpu = [i for i in managed if self.stores[i].resident]
         on_host = [i for i in managed if self.stores[i].streamed]
         self.gpu_arena = torch.empty(sum(align(self.packs[i].nbytes) for i in on_gpu), dtype=torch.uint8, device=device)
@@ -97,7 +97,7 @@ class Residency:
         n_work, work_numel = work_slots(sizes, codes, slots)
         self.work = [torch.empty(work_numel, dtype=dtype, device=device) for _ in range(n_work)]
         ring_total = ring_bytes(sizes, codes, dtype.itemsize, ring)
-        m_b = ring_total // max(ring, 2)  # the largest streamed pack, aligned
+        self._m_b = ring_total // max(ring, 2)  # the largest streamed pack, aligned
         self.ring_buf = torch.empty(ring_total, dtype=torch.uint8, device=device) if ring_total else None
         goff = hoff = 0
         for i in managed:
@@ -106,14 +106,52 @@ class Residency:
                 buf, goff = self.gpu_arena[goff : goff + pack.nbytes], goff + align(pack.nbytes)
             else:
                 buf, hoff = self.host_arena[hoff : hoff + pack.nbytes], hoff + align(pack.nbytes)
-            if not s.cast:  # flatten in the ring's first part, stage through its second
-                scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b : 2 * m_b]
-            else:  # flatten in a work slot, stage (streamed, compressed) through the ring
-                scratch, stage = self.work[0], self.ring_buf[:m_b] if s.streamed else None
-            pack.fill(buf, scratch, stage)
-            pack.point_params(self.work[0] if s.cast else self.ring_buf.view(dtype))  # originals freed
+            self._fill(i, buf)
         if cuda and managed:
             torch.cuda.synchronize(device)
+
+    def _to_device(self, i: int) -> None:
+        """A plain resident unit onto the device (its source kept where it costs nothing)."""
+        m = self.units[i][1]
+        if self.keep[i]:
+            self.sources[i] = [(p, p.data) for p in m.parameters()]
+        for p in m.parameters():  # deferred GGUF weights: dequantized on the device itself
+            p.data = weight_of(p, self.device, self.dtype)
+        m.to(device=self.device, dtype=self.dtype)
+
+    def _fill(self, i: int, buf: torch.Tensor) -> None:
+        """Pack unit i's current weights into `buf`, its place in an arena (originals freed)."""
+        pack, s, m_b, dtype = self.packs[i], self.stores[i], self._m_b, self.dtype
+        if not s.cast:  # flatten in the ring's first part, stage through its second
+            scratch, stage = self.ring_buf[:m_b].view(dtype), self.ring_buf[m_b : 2 * m_b]
+        else:  # flatten in a work slot, stage (streamed, compressed) through the ring
+            scratch, stage = self.work[0], self.ring_buf[:m_b] if s.streamed else None
+        pack.fill(buf, scratch, stage)
+        pack.point_params(self.work[0] if s.cast else self.ring_buf.view(dtype))
+
+    # -- weights that change while placed (a LoRA) ----------------------------------------------
+    def can_repack(self, idx) -> bool:
+        """Units `idx` can go back to the CPU and be packed again exactly: their sources are kept, or
+        their storage does not round (a lossy unit unpacked from its pack would be rounded twice)."""
+        return all(self.keep[i] or not self.stores[i].lossy() for i in idx)
+
+    def take_back(self, idx) -> None:
+        """Units `idx` back on the CPU as remove() leaves them, their places in the arenas kept, so
+        that their CPU weights can change; put_back(idx) packs them again. The rest stays placed."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for i in idx:
+            self._to_cpu(i)
+
+    def put_back(self, idx) -> None:
+        for i in idx:
+            if i in self.packs:
+                self._fill(i, self.packs[i].buf)
+            else:
+                self._to_device(i)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._new_schedule()  # nothing prefetched from the old weights survives
 
     # -- the schedule's device operations (core.stream.schedule.Ops) ----------------------------
     def _on(self, stream):
@@ -181,23 +219,26 @@ class Residency:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        for i, (_, m) in enumerate(self.units):
-            pack = self.packs.get(i)
-            if pack is not None and pack.restore():
-                continue
-            if i in self.sources:
-                for p, src in self.sources.pop(i):
-                    p.data = src
-            elif pack is None:
-                m.to("cpu")
-            elif pack.buf is not None:  # packed: unpack back into plain CPU parameters
-                pack.point_params(self._unpacked(pack, self.stores[i].streamed))
-            else:  # not packed yet (a failure while placing): the module still holds its weights
-                m.to("cpu")
+        for i in range(len(self.units)):
+            self._to_cpu(i)
         self.packs.clear()
         if self.host_arena is not None:
             unpin(self.host_arena)
         self.work, self.ring_buf, self.gpu_arena, self.host_arena = [], None, None, None
+
+    def _to_cpu(self, i: int) -> None:
+        m, pack = self.units[i][1], self.packs.get(i)
+        if pack is not None and pack.restore():
+            return
+        if i in self.sources:
+            for p, src in self.sources.pop(i):
+                p.data = src
+        elif pack is None:
+            m.to("cpu")
+        elif pack.buf is not None:  # packed: unpack back into plain CPU parameters
+            pack.point_params(self._unpacked(pack, self.stores[i].streamed))
+        else:  # not packed yet (a failure while placing): the module still holds its weights
+            m.to("cpu")
 
     def _unpacked(self, pack: Pack, on_host: bool) -> torch.Tensor:
         """A pack's weights as a flat CPU tensor in the compute dtype. Cast on the device where it

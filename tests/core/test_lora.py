@@ -258,3 +258,43 @@ def test_a_lora_on_a_transformer_file_restores_from_copies(files, job, tmp_path)
     styled = px(eng.run(job.with_(loras=(LoraSpec(str(files["a"]), 1.0),))))
     assert "transformer" not in eng.state.lora.sources and "controlnet" in eng.state.lora.sources
     assert np.abs(styled - base).mean() > 1 and np.array_equal(px(eng.run(job)), base)
+
+
+def streamed_engine(monkeypatch, codes_of="BSQFRN"):
+    """A fresh demo engine (weights memory-mapped from its files) whose plans stream a mix of every
+    store on the CPU: the same residency a GPU plan uses."""
+    from dataclasses import replace
+
+    from core.plan.placement import Placement
+
+    engine = Engine(ModelSpec.demo_spec())
+    real = engine.plan
+
+    def plan(job, tier=None, dtype=None):
+        p = real(job, tier, dtype)
+        n = len(p.placement.units)
+        return replace(p, placement=Placement((codes_of * n)[:n], p.dtype, "cpu", slots=2, ring=4))
+
+    monkeypatch.setattr(engine, "plan", plan)
+    return engine
+
+
+def test_a_lora_change_packs_again_only_the_units_it_touches(monkeypatch, job, files):
+    engine = streamed_engine(monkeypatch)
+    a, b = LoraSpec(str(files["a"]), 0.8), LoraSpec(str(files["b"]), 0.5)
+    base = px(engine.run(job))
+    residency = engine.state.residency
+    res_a = engine.run(job.with_(loras=(a,)))
+    with_a = px(res_a)
+    assert engine.state.residency is residency, "the placement stayed; only LoRA units were packed again"
+    done, total, _ = engine.state.last_repack
+    assert 0 < done < total and any(e.startswith(f"LoRAs changed: {done} of {total} units") for e in res_a.events)
+    with_b = px(engine.run(job.with_(loras=(b,))))
+    back = px(engine.run(job))
+    assert engine.state.residency is residency
+    fresh = streamed_engine(monkeypatch)
+    assert np.array_equal(with_b, px(fresh.run(job.with_(loras=(b,))))), "as if placed with B from the start"
+    assert np.array_equal(with_a, px(fresh.run(job.with_(loras=(a,)))))
+    assert np.array_equal(back, base) and not np.array_equal(with_a, base)
+    engine.release()
+    fresh.release()
