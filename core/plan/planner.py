@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
 from core.plan.memory import CAL, PassShape, host_ram_bytes, predict_peak_bytes
-from core.plan.placement import RESIDENT, Placement, allowed_codes
+from core.plan.placement import RESIDENT, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
 from core.plan.search import choose, host_cap_bytes
 from core.plan.sizes import ModelSizes
 from core.plan.stages import stage_sizes, stage_steps
@@ -167,11 +167,28 @@ def plan_for(
                     ),
                 )
             return plan
-    raise ValueError(
-        f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight "
-        f"streamed and the smallest tile, or the streamed weights need more than the "
-        f"{host_cap / GiB:.1f} GiB of pinned host RAM this machine allows ({device.host_ram_gb:.0f} GiB RAM); "
-        f"choose a larger tier{', precision 4bit' if precision == 'exact' else ''} or the CPU."
+    raise ValueError(_refusal(tier, shape, sizes, device, dtype, budget, host_cap, precision))
+
+
+def _refusal(tier, shape, sizes, device, dtype, budget, host_cap, precision) -> str:
+    """Why no plan fits, in one sentence: the GPU budget, or only the host RAM (then: how much)."""
+    ram = f"{host_cap / GiB:.1f} GiB of pinned host RAM this machine allows ({device.host_ram_gb:.0f} GiB RAM)"
+    four = ", precision 4bit" if precision == "exact" else ""
+    fits_gpu = any(  # with unlimited RAM, would the GPU hold it?
+        _plan_at(tier, shape, sizes, device, t, dtype, budget, 1 << 62, prec, []) is not None
+        for prec in (("exact", "4bit") if precision == "auto" else (precision,))
+        for t in (0, 384)
+    )
+    if fits_gpu:
+        code = STREAMED_FP8.code if precision == "exact" else STREAMED_Q4.code  # the fewest bytes it may pin
+        least = host_ram_bytes(sizes, Placement(code * len(sizes.units), dtype, "stream", t5=code)) / GiB
+        return (
+            f"The {tier} tier fits this GPU, but its streamed weights need at least {least:.1f} GiB of pinned host "
+            f"RAM, more than the {ram}; choose a larger tier{four}, a machine with more RAM, or the CPU."
+        )
+    return (
+        f"The {tier} tier ({budget / GiB:.1f} GiB) cannot hold this job even with every weight streamed and "
+        f"the smallest tile; choose a larger tier{four} or the CPU."
     )
 
 

@@ -510,3 +510,12 @@ def test_the_context_outside_the_allocator_comes_off_a_tier(full):
     # stepping down goes to the next smaller tier, with the same allowance
     p = plan_for("8", SHAPE, full, ctx)
     assert step_down(p, SHAPE, full, ctx).tier == "6"
+
+
+def test_a_refusal_says_whether_the_gpu_or_the_host_ram_is_short(full):
+    small_ram = DeviceInfo("cuda", "test", 80, 80, True, 8.0)
+    with pytest.raises(ValueError, match=r"fits this GPU, but .* at least 10\.\d GiB .*more RAM") as e:
+        plan_for("8", SHAPE, full, small_ram)
+    assert str(e.value).count(". ") == 0
+    with pytest.raises(ValueError, match=r"cannot hold this job even with every weight streamed"):
+        plan_for("4", SHAPE, full, DeviceInfo("cuda", "old GPU", 12.0, 11.5, False, 30.0))  # float32 weights
