@@ -65,7 +65,10 @@ def specs(values, lora_dir) -> tuple[LoraSpec, ...]:
     for name, scale in zip(values[::2], values[1::2]):
         if name in (None, "", NONE):
             continue
-        out.append(LoraSpec(str(root / name), LIMITS["lora_scale"].default if scale is None else scale))
+        path = (root / str(name)).resolve()
+        if not path.is_relative_to(root.resolve()):  # an API call naming a file elsewhere on the server
+            raise ValueError(f"LoRA '{name}' is not a file in the LoRA folder.")
+        out.append(LoraSpec(str(path), LIMITS["lora_scale"].default if scale is None else scale))
     return tuple(out)
 
 
@@ -73,9 +76,9 @@ def from_settings(items, lora_dir) -> tuple[list, list[str]]:
     """The rows' values for a PNG's `job.loras`, and the names that are not in the folder."""
     root = folder(lora_dir)
     found, missing = loras_from_params(items, root)
-    values = []
+    root, values = root.resolve(), []
     for s in found:
-        p = Path(s.path)
+        p = Path(s.path).resolve()
         if p.is_relative_to(root):
             values += [str(p.relative_to(root)), s.scale]
         else:  # still on disk, but the rows offer the folder's files only

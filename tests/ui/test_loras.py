@@ -27,6 +27,8 @@ def test_rows_list_the_folder_and_become_lora_specs(lora_dir):
     assert loras.specs([loras.NONE, 1.0, None, None], lora_dir) == ()
     with pytest.raises(ValueError, match="does not exist"):
         loras.specs(["gone.safetensors", 1.0], lora_dir)
+    with pytest.raises(ValueError, match="is not a file in the LoRA folder"):
+        loras.specs(["../outside.safetensors", 1.0], lora_dir / "sub")
     with pytest.raises(ValueError, match="scale of LoRA"):
         loras.specs(["style.safetensors", 9.0], lora_dir)
 
