@@ -12,13 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from . import weights
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ class _DepthModel:
     is_demo: bool
 
 
-_CACHE: dict[tuple[str, str], _DepthModel] = {}
-_LOCK = threading.Lock()
+_CACHE = weights.ModelCache()  # (source, device) → _DepthModel
 
 
 def demo_model_dir() -> Path:
@@ -45,46 +45,20 @@ def demo_model_dir() -> Path:
     return root / "demo" / "depth"
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _looks_local(source: str) -> bool:
-    """A path rather than a Hub id: it exists, or it is spelled like a path."""
-    return (
-        Path(source).expanduser().exists()
-        or source.startswith(("/", "./", "../", "~", "\\"))
-        or os.path.isabs(source)
-        or source.count("/") > 1
-    )
-
-
 def _load_from(source: str, device: str, is_demo: bool = False) -> _DepthModel:
     """Load weights (safetensors only) and processor from a Hub id or local folder."""
     import torch
     from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
-    local = _looks_local(source)
-    if local and not Path(source).expanduser().is_dir():
-        raise FileNotFoundError(f"no model folder at '{source}'")
-    path = str(Path(source).expanduser()) if local else source
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
-    def load(local_files_only: bool) -> tuple[Any, Any]:
+    def load(path: str, local_files_only: bool) -> tuple[Any, Any]:
         kw = {"local_files_only": local_files_only}
         processor = AutoImageProcessor.from_pretrained(path, **kw)
         model = DepthAnythingForDepthEstimation.from_pretrained(path, use_safetensors=True, dtype=dtype, **kw)
         return model, processor
 
-    try:
-        # The Hub cache first: without a network, online lookups retry for a minute or more.
-        model, processor = load(local_files_only=True)
-    except OSError:
-        if local:
-            raise
-        model, processor = load(local_files_only=False)
+    model, processor = weights.from_source(source, load)
     model.to(device).eval()
     return _DepthModel(model, processor, device, dtype, is_demo)
 
@@ -160,38 +134,17 @@ def _load_demo(device: str) -> _DepthModel:
     return _load_from(str(folder), device, is_demo=True)
 
 
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    """Errors meaning "these weights cannot be had here", as opposed to bugs."""
-    from huggingface_hub import errors as hf_errors
-
-    # OSError covers offline mode, connection failures, missing files and HTTP errors;
-    # ValueError covers malformed repo ids.
-    return (OSError, ValueError, hf_errors.EntryNotFoundError)
-
-
 def _get_model(source: str | None, device: str | None, demo: bool) -> _DepthModel:
-    device = device or _default_device()
+    device = device or weights.default_device()
     source = source or DEFAULT_DEPTH_SOURCE
-    key = ("<demo>" if demo else source, device)
-    with _LOCK:  # one load per key, even when several requests arrive at once
-        if key in _CACHE:
-            return _CACHE[key]
-        if demo:
-            loaded = _load_demo(device)
-        else:
-            try:
-                loaded = _load_from(source, device)
-            except _unavailable_errors() as exc:
-                logger.warning(
-                    "Depth model '%s' is unavailable (%s); using a random-weight demo model.",
-                    source,
-                    " ".join(str(exc).split())[:200],
-                )
-                loaded = _CACHE.get(("<demo>", device)) or _load_demo(device)
-        _CACHE[key] = loaded
-        if loaded.is_demo:
-            _CACHE.setdefault(("<demo>", device), loaded)
-        return loaded
+    return _CACHE.get(
+        (source, device),
+        ("<demo>", device),
+        demo,
+        lambda: _load_from(source, device),
+        lambda: _load_demo(device),
+        f"Depth model '{source}' is",
+    )
 
 
 def depth_model_is_demo(source: str | None = None, device: str | None = None) -> bool:

@@ -11,7 +11,6 @@ black map and a note in the image's `info["note"]`, not an error.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,7 @@ class _PoseModels:
     is_demo: bool
 
 
-_CACHE: dict[tuple[str, str, str], _PoseModels] = {}
-_LOCK = threading.Lock()
+_CACHE = weights.ModelCache()  # (pose source, detector source, device) → _PoseModels
 
 
 def _load_from(source: str, detector: str, device: str) -> _PoseModels:
@@ -131,28 +129,14 @@ def _build_demo(device: str) -> _PoseModels:
 def _get_models(source: str | None, detector: str | None, device: str | None, demo: bool) -> _PoseModels:
     device = device or weights.default_device()
     source, detector = source or DEFAULT_POSE_SOURCE, detector or DEFAULT_PERSON_SOURCE
-    key = ("<demo>", "<demo>", device) if demo else (source, detector, device)
-    demo_key = ("<demo>", "<demo>", device)
-    with _LOCK:  # one load per key, even when several requests arrive at once
-        if key in _CACHE:
-            return _CACHE[key]
-        if demo:
-            loaded = _build_demo(device)
-        else:
-            try:
-                loaded = _load_from(source, detector, device)
-            except weights.unavailable_errors() as exc:
-                logger.warning(
-                    "Pose models '%s' / '%s' are unavailable (%s); using random-weight demo models.",
-                    source,
-                    detector,
-                    weights.short(exc),
-                )
-                loaded = _CACHE.get(demo_key) or _build_demo(device)
-        _CACHE[key] = loaded
-        if loaded.is_demo:
-            _CACHE.setdefault(demo_key, loaded)
-        return loaded
+    return _CACHE.get(
+        (source, detector, device),
+        ("<demo>", "<demo>", device),
+        demo,
+        lambda: _load_from(source, detector, device),
+        lambda: _build_demo(device),
+        f"Pose models '{source}' / '{detector}' are",
+    )
 
 
 def pose_model_is_demo(source: str | None = None, detector: str | None = None, device: str | None = None) -> bool:

@@ -10,7 +10,6 @@ meaningless and a warning says so. torch and kornia are imported lazily.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,7 @@ class _EdgeModel:
     is_demo: bool
 
 
-_CACHE: dict[tuple[str, str], _EdgeModel] = {}
-_LOCK = threading.Lock()
+_CACHE = weights.ModelCache()  # (source, device) → _EdgeModel
 
 
 def _read_state(path: str, local_files_only: bool) -> dict:
@@ -89,26 +87,14 @@ def _build_demo(device: str) -> _EdgeModel:
 def _get_model(source: str | None, device: str | None, demo: bool) -> _EdgeModel:
     device = device or weights.default_device()
     source = source or DEFAULT_SOFTEDGE_SOURCE
-    key = ("<demo>" if demo else source, device)
-    with _LOCK:  # one load per key, even when several requests arrive at once
-        if key in _CACHE:
-            return _CACHE[key]
-        if demo:
-            loaded = _build_demo(device)
-        else:
-            try:
-                loaded = _load_from(source, device)
-            except weights.unavailable_errors() as exc:
-                logger.warning(
-                    "Soft-edge model '%s' is unavailable (%s); using a random-weight demo model.",
-                    source,
-                    weights.short(exc),
-                )
-                loaded = _CACHE.get(("<demo>", device)) or _build_demo(device)
-        _CACHE[key] = loaded
-        if loaded.is_demo:
-            _CACHE.setdefault(("<demo>", device), loaded)
-        return loaded
+    return _CACHE.get(
+        (source, device),
+        ("<demo>", device),
+        demo,
+        lambda: _load_from(source, device),
+        lambda: _build_demo(device),
+        f"Soft-edge model '{source}' is",
+    )
 
 
 def softedge_model_is_demo(source: str | None = None, device: str | None = None) -> bool:

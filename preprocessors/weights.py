@@ -1,17 +1,20 @@
 """Where detector weights come from: a Hub id or a local folder, the Hub cache tried first.
 
-Shared by the pose and soft-edge detectors (depth.py keeps its own copy of the same rules). A random
-stand-in is built where the real weights cannot be had; callers log that and report it.
+Shared by the depth, pose and soft-edge detectors. A random stand-in is built where the real weights
+cannot be had (ModelCache logs it; callers report it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -56,3 +59,38 @@ def from_source(source: str, load: Callable[[str, bool], T]) -> T:
 def short(exc: BaseException) -> str:
     """An exception as one short line for a log message."""
     return " ".join(str(exc).split())[:200]
+
+
+class ModelCache:
+    """Loaded detectors by key, each loaded once even when requests arrive together; where the real
+    weights cannot be had, the random demo stand-in (one per device, shared by every such key)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._models: dict[tuple, object] = {}
+
+    def get(
+        self, key: tuple, demo_key: tuple, demo: bool, load: Callable[[], T], build_demo: Callable[[], T], what: str
+    ):
+        """The model for `key` (demo: the stand-in for `demo_key`). `what` names the weights in the
+        warning logged when they are unavailable. Returned models have an `is_demo` flag."""
+        key = demo_key if demo else key
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            if demo:
+                loaded = build_demo()
+            else:
+                try:
+                    loaded = load()
+                except unavailable_errors() as exc:
+                    logger.warning("%s unavailable (%s); using random-weight demo weights.", what, short(exc))
+                    loaded = self._models.get(demo_key) or build_demo()
+            self._models[key] = loaded
+            if loaded.is_demo:
+                self._models.setdefault(demo_key, loaded)
+            return loaded
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
