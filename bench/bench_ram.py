@@ -27,15 +27,11 @@ import threading
 import time
 from pathlib import Path
 
+from bench.bench_recovery import CAPPED  # a CLI process with its allocator capped
 from bench.env import md_table, write
 
 GiB = 2**30
 ROOT = Path("/sys/fs/cgroup")
-CAPPED = (
-    "import sys, core, torch; cap = float(sys.argv[1]); total = torch.cuda.get_device_properties(0).total_memory; "
-    "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
-    "from core.__main__ import main; sys.exit(main(sys.argv[2:]))"
-)
 
 
 def parse_run(spec: str) -> dict:

@@ -70,9 +70,10 @@ def folder(tmp_path_factory):
     return out
 
 
-def test_loaded_weights_stay_in_file_backed_pages(folder):
+def child(code: str, folder) -> dict:
+    """Run `code` in a fresh Python on the folder's pipeline; its last line of output, as JSON."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder / "flux"), str(folder / "controlnet")],
+        [sys.executable, "-c", code, str(folder / "flux"), str(folder / "controlnet")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -80,7 +81,11 @@ def test_loaded_weights_stay_in_file_backed_pages(folder):
         env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_loaded_weights_stay_in_file_backed_pages(folder):
+    r = child(CHILD, folder)
     n = r["nbytes"]
     assert n > 300 * 2**20 and r["dtype"] == "torch.bfloat16"
     anon = r["touched"]["RssAnon"] - r["before"]["RssAnon"]
@@ -123,16 +128,7 @@ print(json.dumps(dict(before=before, placed=placed, after=after, nbytes=nbytes, 
 def test_a_4_bit_placement_holds_its_packs_only_and_releases_without_copies(folder):
     """Packing streams file-backed weights into 4-bit packs without a second full copy in anonymous
     RAM, and releasing gives the file-backed tensors back instead of unpacking them."""
-    proc = subprocess.run(
-        [sys.executable, "-c", PLACE, str(folder / "flux"), str(folder / "controlnet")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = child(PLACE, folder)
     n = r["nbytes"]
     assert r["kept"] == r["units"], "every unit of a loaded checkpoint is file-backed"
     assert r["arena"] < 0.3 * n, "4-bit packs: 4.5 bits per Linear weight"
