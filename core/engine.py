@@ -142,11 +142,8 @@ class Engine:
         return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
 
     def precision(self, job: Job) -> str:
-        """The job's precision; "auto" on a Q4_0 GGUF transformer is 4-bit (its own blocks, streamed as
-        they are, beat widening them to bf16 or rounding them again to fp8)."""
-        if job.precision == "auto" and getattr(self.state, "q4_file", False):
-            return "4bit"
-        return job.precision
+        """The precision the job runs at (PlacedPipeline.precision)."""
+        return self.state.precision(job.precision)
 
     def check_fits(self, plan: Plan) -> None:
         """A tier the machine cannot hold is refused before anything moves."""

@@ -83,6 +83,11 @@ class PlacedPipeline:
                 dtype = torch.float32 if self.spec.demo else torch.bfloat16
             self._init_pipe(load_pipeline(self.spec, dtype))
 
+    def precision(self, asked: str) -> str:
+        """The precision a job asking `asked` runs at: "auto" on a Q4_0 GGUF transformer is 4-bit (its
+        own blocks, streamed as they are, beat widening them to bf16 or rounding them again to fp8)."""
+        return "4bit" if asked == "auto" and self.q4_file else asked
+
     # -- what is held ---------------------------------------------------------------------------
     def held_gb(self) -> float:
         """GPU memory the current placement holds (weights and buffers), in GiB."""

@@ -63,14 +63,21 @@ def _units_label(counts: dict) -> str:
     return ", ".join(f"{counts[c]} {label}" for c, label in UNIT_LABELS.items() if counts.get(c)) or "none"
 
 
+FORMAT_WORDS = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit"}
+
+
+def _words(formats: str) -> str:
+    """A plan's format string ("exact+q4", or T5's "fp8 (streamed)") in words: "bf16 + 4-bit"."""
+    fmts, _, where = formats.partition(" ")
+    return " + ".join(FORMAT_WORDS.get(x, x) for x in fmts.split("+")) + (f" {where}" if where else "")
+
+
 def _formats_label(p: dict) -> str:
     f = p.get("formats") or {}
-    words = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit (GGUF Q4_0)"}
-    denoiser = " + ".join(words.get(x, x) for x in str(f.get("denoiser", "exact")).split("+"))
-    t5 = str(f.get("t5", "exact"))
-    for k, v in words.items():
-        t5 = t5.replace(k, v)
-    return f"denoiser {denoiser}; T5 {t5}" + (" (4-bit: lossy)" if p.get("precision") == "4bit" else "")
+    denoiser = _words(str(f.get("denoiser", "exact")))
+    gguf = " (GGUF Q4_0)" if "q4" in str(f.get("denoiser", "")) else ""
+    lossy = " (4-bit: lossy)" if p.get("precision") == "4bit" else ""
+    return f"denoiser {denoiser}{gguf}; T5 {_words(str(f.get('t5', 'exact')))}{lossy}"
 
 
 def _fast_label(fast: dict | None) -> str:
@@ -92,9 +99,7 @@ def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, 
     sizes = engine.sizes
     if sizes is None:
         return ""
-    prec = precision or "auto"
-    if prec == "auto" and getattr(engine.state, "q4_file", False):
-        prec = "4bit"  # as Engine.precision: a Q4_0 GGUF keeps its own blocks
+    prec = engine.state.precision(precision or "auto")
     try:
         shape = JobShape(size[0], size[1], max(int(controls), 1), float(upscale or 1), int(steps or 28))
         p = plan_for(tier or "auto", shape, sizes, engine.device, precision=prec)
@@ -103,12 +108,10 @@ def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, 
     if p.device == "cpu":
         return "**Plan:** everything on the CPU (no GPU memory budget); expect minutes per image at full size."
     f = p.placement.formats()
-    words = {"exact": "bf16", "fp8": "fp8", "q4": "4-bit"}
-    denoiser = " + ".join(words.get(x, x) for x in f["denoiser"].split("+"))
     cap = host_cap_bytes(engine.device) / 2**30
     tile = f", {p.tile} px tiles" if p.tile else ""
     return (
-        f"**Plan:** denoiser {denoiser}, T5 {f['t5'].split(' ')[0].replace('q4', '4-bit').replace('exact', 'bf16')}"
+        f"**Plan:** denoiser {_words(f['denoiser'])}, T5 {_words(f['t5'].partition(' ')[0])}"
         f"{tile} · GPU peak {p.predicted_peak_gb:.1f} of {p.budget_gb:.1f} GiB · pinned RAM "
         f"{p.host_ram_gb:.1f} of {cap:.1f} GiB allowed · ~{p.predicted_step_s:.2f} s/step, "
         f"~{p.predicted_job_s:.0f} s denoising"

@@ -146,10 +146,6 @@ class Placement:
         return bool(self.units) and set(self.units) == {RESIDENT.code}
 
     @property
-    def any_fp8(self) -> bool:
-        return any(s.fp8 for s in self.stores)
-
-    @property
     def any_cast(self) -> bool:
         """Some unit (or streamed T5 layer) is cast into work slots before use."""
         return any(s.cast for s in self.stores) or (self.text_encoders == "stream" and store(self.t5).cast)

@@ -56,7 +56,8 @@ class Pack:
         """Write the module's current weights into `buf` (nbytes), casting on scratch's device
         (through `stage`, a GPU byte buffer, when buf is host memory). Deferred GGUF weights are
         dequantized on that device; a 4-bit part made only of Q4_0 weights is their bytes as they are."""
-        raw = self.fmt == "q4" and self.n8 and all(_q4_0(p) for p in self.params[: self._n_comp()])
+        comp = self.params[: self._n_comp()]
+        raw = self.fmt == "q4" and self.n8 and all(_q4_0(p) for p in comp)
         off = 0
         for p in self.params:  # flatten in pack order into the scratch buffer
             n = p.numel()
@@ -66,7 +67,7 @@ class Pack:
         tmp = buf if buf.device == scratch.device else stage
         if raw:
             at = 0
-            for p in self.params[: self._n_comp()]:
+            for p in comp:
                 b = deferred(p).data.reshape(-1)
                 tmp[at : at + b.numel()].copy_(b)
                 at += b.numel()

@@ -3,13 +3,16 @@
 from types import SimpleNamespace
 
 from core.device import DeviceInfo
+from core.placed import PlacedPipeline
 from core.plan.sizes import sizes_from_config
 from ui.plan_view import plan_preview
 
 
 def engine(ram_gb, q4_file=False):
     dev = DeviceInfo("cuda", "test GPU", 24.0, 23.5, True, ram_gb, 25.0, 150.0, 0.5)
-    return SimpleNamespace(sizes=sizes_from_config("full"), device=dev, state=SimpleNamespace(q4_file=q4_file))
+    state = SimpleNamespace(q4_file=q4_file)
+    state.precision = lambda asked: PlacedPipeline.precision(state, asked)  # the real rule
+    return SimpleNamespace(sizes=sizes_from_config("full"), device=dev, state=state)
 
 
 def test_the_line_names_formats_memory_ram_and_seconds():
