@@ -28,6 +28,7 @@ class Result:
             demo=self.demo,
             predicted_peak_gb=self.plan.predicted_peak_gb,
             measured_peak_reserved_gb=self.report["peak_reserved_gb"],
+            phase_peaks_gb=phase_peaks(self.report),
             seconds=self.report["seconds"],
             events=list(self.events),
             plan=self.plan.summary(),
@@ -40,6 +41,14 @@ class Result:
     def png_params(self) -> dict:
         """What the PNG's metadata holds: every parameter of the job and the plan."""
         return dict(job=self.job.describe(), plan=self.plan.summary(), demo=self.demo)
+
+
+def phase_peaks(report: dict) -> dict[str, float]:
+    """Measured peak reserved GiB of each phase name (the highest where a phase ran more than once)."""
+    out: dict[str, float] = {}
+    for ph in report.get("phases", ()):
+        out[ph["name"]] = max(out.get(ph["name"], 0.0), ph["peak_reserved_gb"])
+    return out
 
 
 def is_black_or_nan(image: Image.Image) -> bool:

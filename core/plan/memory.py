@@ -110,7 +110,14 @@ def resident_bytes(sizes: ModelSizes, p: Placement) -> int:
     return total
 
 
-def predict_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> float:
-    """Peak reserved GPU bytes of a pass: the resident bytes plus the largest phase's transients."""
+def phase_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> dict[str, float]:
+    """Peak reserved GPU bytes of each phase: the resident bytes plus that phase's transients (what
+    a job's measured per-phase peaks are compared with)."""
+    resident = resident_bytes(sizes, p)
     ph = phase_bytes(sizes, ps, esize(p.dtype), cal)
-    return (resident_bytes(sizes, p) + max(ph.values())) * cal.frag + cal.margin_gb * GiB
+    return {k: (resident + v) * cal.frag + cal.margin_gb * GiB for k, v in ph.items()}
+
+
+def predict_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> float:
+    """Peak reserved GPU bytes of a pass: that of its largest phase."""
+    return max(phase_peak_bytes(sizes, p, ps, cal).values())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
-from core.plan.memory import CAL, PassShape, host_ram_bytes, predict_peak_bytes
+from core.plan.memory import CAL, PassShape, host_ram_bytes, phase_peak_bytes, predict_peak_bytes
 from core.plan.placement import RESIDENT, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
 from core.plan.search import choose, host_cap_bytes
 from core.plan.sizes import ModelSizes
@@ -57,6 +57,7 @@ class Plan:
     depth_device: str = "cpu"  # where the depth preprocessor runs
     predicted_job_s: float = 0.0  # denoising of the whole job: generation and upscale stages
     precision: str = "exact"  # "exact" (compute dtype and fp8 weights only) or "4bit" (some 4-bit)
+    phase_peaks_gb: tuple[tuple[str, float], ...] = ()  # predicted peak of each phase (text, denoise, ...)
 
     @property
     def dtype(self) -> str:
@@ -69,6 +70,7 @@ class Plan:
     def summary(self) -> dict:
         """The plan as JSON: its own fields, the placement as counts per storage code and its buffers."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
+        d["phase_peaks_gb"] = dict(self.phase_peaks_gb)
         p = self.placement
         d.update(dtype=p.dtype, placement=p.counts(), slots=p.slots, text_encoders=p.text_encoders, ring=p.ring)
         d.update(formats=p.formats())
@@ -230,7 +232,12 @@ def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, 
         depth_device="cuda" if budget / GiB >= DEPTH_ON_GPU_GB else "cpu",
         predicted_job_s=job_seconds(shape, round(step, 3), upscale_tile, overlap),
         precision="4bit" if p.any_q4 else "exact",
+        phase_peaks_gb=_phase_peaks(sizes, p, PassShape(pw, ph, shape.controls, vae_tiling)),
     )
+
+
+def _phase_peaks(sizes: ModelSizes, p: Placement, ps: PassShape) -> tuple[tuple[str, float], ...]:
+    return tuple((k, round(v / GiB, 2)) for k, v in phase_peak_bytes(sizes, p, ps).items())
 
 
 def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo) -> Plan:
@@ -257,6 +264,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
         new,
         placement=prev.placement,
         predicted_peak_gb=round(peak / GiB, 2),
+        phase_peaks_gb=_phase_peaks(sizes, prev.placement, ps),
         predicted_step_s=round(step, 3),
         host_ram_gb=prev.host_ram_gb,
         predicted_job_s=job_seconds(shape, round(step, 3), new.upscale_tile, new.overlap),

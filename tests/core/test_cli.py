@@ -118,6 +118,7 @@ def test_generate_writes_a_png_with_its_parameters(generated):
         assert summary["measured_peak_reserved_gb"] > 0
         for phase in ("encode", "denoise", "decode"):
             assert summary["seconds"][phase] >= 0
+            assert 0 < summary["phase_peaks_gb"][phase] <= summary["measured_peak_reserved_gb"]
         assert summary["seconds"]["denoise"] > 0
         params = read_params(path)
         job = params["job"]

@@ -91,6 +91,9 @@ def test_every_tier_plans_within_its_budget(full, tier):
         assert again == pytest.approx(p.predicted_peak_gb, abs=0.006)
     s = p.summary()
     assert sum(s["placement"].values()) == len(full.units)
+    # each phase's predicted peak is reported; the plan's peak is the largest of them
+    assert set(s["phase_peaks_gb"]) == {"denoise", "encode_image", "decode", "text"}
+    assert max(s["phase_peaks_gb"].values()) == pytest.approx(p.predicted_peak_gb, abs=0.006)
     json.dumps(s)
 
 
