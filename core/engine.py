@@ -266,6 +266,7 @@ class Engine:
             cache=self.cache,
             demo=self.demo,
             depth_device=plan.depth_device,
+            encoders=plan.placement.formats()["t5"],
         )
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         with mon.phase("preprocess"):

@@ -74,7 +74,7 @@ def generate_pass(job: Job, image: Image.Image, controls: list[Image.Image], rt:
     pipe = rt.pipe
     announce(rt, "encode")
     with rt.monitor.phase("encode"):
-        pe, pooled = rt.cache.get(pipe, job.prompt, rt.device, rt.max_seq)
+        pe, pooled = rt.cache.get(pipe, job.prompt, rt.device, rt.max_seq, rt.encoders)
     gen = torch.Generator("cpu").manual_seed(job.seed)
     with rt.monitor.phase("denoise"), denoising(rt, job.width, job.height, rt.tile, rt.overlap) as info:
         if len(info.tiles) > 1:

@@ -25,13 +25,16 @@ class JobCancelled(Exception):
 
 
 class PromptCache:
-    """Prompt embeddings kept on the CPU: the text encoders run once per prompt."""
+    """Prompt embeddings kept on the CPU: the text encoders run once per prompt and placement. `how`
+    (where T5 runs and how its weights are stored) is part of the key: T5 streamed in fp8 or 4-bit,
+    or run on another device, gives other embeddings, and a job must give the pixels a fresh run of
+    its own plan gives (also after a failed attempt under another plan)."""
 
     def __init__(self, size: int = 8):
         self.size, self.data = size, OrderedDict()
 
-    def get(self, pipe, prompt: str, device: torch.device, max_seq: int):
-        key = (prompt, max_seq, pipe.text_encoder_2.dtype)
+    def get(self, pipe, prompt: str, device: torch.device, max_seq: int, how: str = ""):
+        key = (prompt, max_seq, pipe.text_encoder_2.dtype, device.type, how)
         if key not in self.data:
             with torch.no_grad():
                 pe, pooled, _ = pipe.encode_prompt(
@@ -65,6 +68,7 @@ class Runtime:
     cache: PromptCache = field(default_factory=PromptCache)
     demo: bool = False
     depth_device: str | None = None  # where the depth preprocessor runs (the plan says)
+    encoders: str = ""  # where T5 runs and its storage code (part of the prompt cache's key)
 
     def note(self, event: str) -> None:
         if event not in self.events:

@@ -60,7 +60,7 @@ def upscale(job: Job, source: Image.Image, image: Image.Image, rt: Runtime) -> I
         resized = image.resize((w, h), Image.LANCZOS)
         specs, controls = stage_controls(job, source, resized, rt.pipe, rt.demo, rt.depth_device)
         with rt.monitor.phase("encode"):
-            pe, pooled = rt.cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq)
+            pe, pooled = rt.cache.get(rt.pipe, job.prompt, rt.device, rt.max_seq, rt.encoders)
         total = max(1, int(math.ceil(steps / max(job.upscale_strength, 1e-3))))
         runs = total - int(max(total - total * job.upscale_strength, 0))  # what img2img will run
         on_tile = (lambda i, n, label=label: rt.progress(f"{label}: tile", i, n)) if rt.progress else None

@@ -264,6 +264,8 @@ def test_prompt_cache_encodes_each_prompt_once_and_stays_bounded():
     assert FakePipe.calls == 3  # recently used: kept
     cache.get(pipe, "a", torch.device("cpu"), 8)
     assert FakePipe.calls == 4  # evicted earlier: encoded again
+    cache.get(pipe, "a", torch.device("cpu"), 8, "fp8 (streamed)")
+    assert FakePipe.calls == 5  # T5 stored otherwise gives other embeddings: not reused
 
 
 def test_faults_count_down():
