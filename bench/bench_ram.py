@@ -10,9 +10,10 @@ Recorded: exit code and whether the kernel killed it (memory.events oom_kill), t
 memory of the device less its use before the run), the plan (pinned host RAM, formats), peak
 reserved, s/step and wall time.
 
-usage: python -m bench.bench_ram --model /tmp/flux-random --runs 8@16,6@16,12@16,16@16,8x2@16,8@8
+usage: python -m bench.bench_ram --model /tmp/flux-random --runs 8@16,6@16,12@16+16@16,8x2@16,8@8
                                  [--steps 8] [--size 1024] [--budget-s 540] [--out-dir bench/ram]
-  a run is TIER[xUPSCALE][:PRECISION]@RAM_GiB, e.g. 8x2@16 or 8:exact@24.
+  a run is TIER[xUPSCALE][:PRECISION]@RAM_GiB, e.g. 8x2@16 or 8:exact@24; runs joined by + start
+  together (memory figures per process; their s/step shares the bus), groups run one after another.
   The model folder is written (bench.bench_recovery.write_model, in a child process) if missing.
 """
 
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 from bench.bench_recovery import CAPPED  # a CLI process with its allocator capped
 from bench.env import md_table, write
@@ -65,71 +67,99 @@ def cgroup(name: str, ram_gb: float) -> Path:
     return g
 
 
-class DriverPeak:
-    """The device memory the driver counts, polled while a child runs: the whole device's used memory
-    less what was used before (the parent holds no CUDA context), and the child's own NVML figure."""
+class Poller:
+    """Polled every 20 ms while a group of children runs: the device memory the driver counts (the
+    whole device's used memory less its use before, and each process's own NVML figure, by pid: the
+    parent holds no CUDA context) and each child cgroup's memory and anonymous memory (what cannot be
+    dropped: the checkpoint's page cache can)."""
 
-    def __init__(self, group: Path):
+    def __init__(self, groups: list[Path]):
         import pynvml
 
-        self.current, self.stat = group / "memory.current", group / "memory.stat"
-        self.host_peak = self.anon_peak = 0
+        self.groups = groups
+        self.host_peak = dict.fromkeys(groups, 0)
+        self.anon_peak = dict.fromkeys(groups, 0)
         pynvml.nvmlInit()
         self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
         self.base = pynvml.nvmlDeviceGetMemoryInfo(self.h).used
-        self.peak = self.proc_peak = 0
+        self.peak, self.pid_peak = 0, {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._poll, daemon=True)
         self._t.start()
 
     def _poll(self):
         while not self._stop.is_set():
-            used = self.nv.nvmlDeviceGetMemoryInfo(self.h).used - self.base
-            procs = self.nv.nvmlDeviceGetComputeRunningProcesses(self.h)
-            self.peak = max(self.peak, used)
-            self.proc_peak = max(self.proc_peak, sum(p.usedGpuMemory or 0 for p in procs))
-            try:  # memory.peak is missing before Linux 5.19: poll the cgroup's memory too, and its
-                # anonymous part (what cannot be dropped: the page cache of the checkpoint can)
-                self.host_peak = max(self.host_peak, int(self.current.read_text()))
-                stat = dict(line.split() for line in self.stat.read_text().splitlines())
-                self.anon_peak = max(self.anon_peak, int(stat.get("anon", 0)) + int(stat.get("shmem", 0)))
-            except (OSError, ValueError):
-                pass
+            self.peak = max(self.peak, self.nv.nvmlDeviceGetMemoryInfo(self.h).used - self.base)
+            for pr in self.nv.nvmlDeviceGetComputeRunningProcesses(self.h):
+                self.pid_peak[pr.pid] = max(self.pid_peak.get(pr.pid, 0), pr.usedGpuMemory or 0)
+            for g in self.groups:
+                try:  # memory.peak is missing before Linux 5.19: poll memory.current too
+                    self.host_peak[g] = max(self.host_peak[g], int((g / "memory.current").read_text()))
+                    stat = dict(line.split() for line in (g / "memory.stat").read_text().splitlines())
+                    anon = int(stat.get("anon", 0)) + int(stat.get("shmem", 0))
+                    self.anon_peak[g] = max(self.anon_peak[g], anon)
+                except (OSError, ValueError):
+                    pass
             time.sleep(0.02)
 
-    def stop(self) -> tuple[float, float]:
+    def stop(self) -> None:
         self._stop.set()
         self._t.join()
-        return round(self.peak / GiB, 3), round(self.proc_peak / GiB, 3)
 
 
-def one_run(r: dict, model: Path, out_dir: Path, a) -> dict:
+def cli_args(r: dict, model: Path, out_dir: Path, a) -> list[str]:
     out = out_dir / f"ram_{r['spec'].replace('@', '_at_').replace(':', '_')}.png"
-    args = [
+    return [
         "generate", "--model", str(model / "flux"), "--controlnet", str(model / "cn"), "--image",
         str(out_dir / "input.png"), "--control", "canny", "--prompt", "a photo", "--tier", r["tier"],
         "--upscale", str(r["upscale"]), "--precision", r["precision"], "--steps", str(a.steps), "--seed", "7",
         "--max-side", str(a.size), "--out", str(out),
     ]  # fmt: skip
+
+
+def run_group(runs: list[dict], model: Path, out_dir: Path, a) -> list[dict]:
+    """Runs started together, each in its own cgroup with its own allocator cap. Memory figures are
+    per process (its cgroup, its NVML pid); a group of several shares the bus and the disk, so its
+    s/step is not a speed figure (`parallel` says how many ran at once)."""
     subprocess.run(["sync"], check=False)
     Path("/proc/sys/vm/drop_caches").write_text("3")
-    g = cgroup("bench-run", r["ram_gb"])
+    groups = [cgroup(f"bench-run-{i}", r["ram_gb"]) for i, r in enumerate(runs)]
+    poll = Poller(groups)
+    procs, t0 = [], time.time()
+    for r, g in zip(runs, groups):
+        cap = float(r["tier"]) - 0.5
+        cmd = ["sh", "-c", f'echo $$ > {g}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c", CAPPED, str(cap)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        procs.append(
+            subprocess.Popen(cmd + cli_args(r, model, out_dir, a), stdout=PIPE, stderr=PIPE, text=True, env=env)
+        )
+    outs = [p.communicate() for p in procs]
+    poll.stop()
+    rows = []
+    for r, g, p, (stdout, stderr) in zip(runs, groups, procs, outs):
+        rows.append(one_row(r, g, p, stdout, stderr, poll, len(runs), round(time.time() - t0, 1), a))
+        g.rmdir()
+    return rows
+
+
+def one_row(r, g, p, stdout, stderr, poll, parallel, wall_s, a) -> dict:
     cap = float(r["tier"]) - 0.5
-    cmd = ["sh", "-c", f'echo $$ > {g}/cgroup.procs && exec "$@"', "sh", sys.executable, "-c", CAPPED, str(cap)]
-    drv = DriverPeak(g)
-    t0 = time.time()
-    p = subprocess.run(cmd + args, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    driver_gb, proc_gb = drv.stop()
     events = dict(line.split() for line in (g / "memory.events").read_text().splitlines())
-    peak = (g / "memory.peak").read_text().strip() if (g / "memory.peak").exists() else str(drv.host_peak)
-    row = dict(r, rc=p.returncode, wall_s=round(time.time() - t0, 1), oom_killed=int(events.get("oom_kill", 0)) > 0)
-    row.update(cgroup_peak_gb=round(int(peak) / GiB, 2), anon_peak_gb=round(drv.anon_peak / GiB, 2))
-    row.update(driver_gb=driver_gb, driver_process_gb=proc_gb)
-    row["driver_ok"] = max(driver_gb, proc_gb) <= cap
-    row["traceback"] = "Traceback" in p.stderr
-    row["stderr_tail"] = p.stderr.strip().splitlines()[-2:] if p.returncode else []
+    peak = (g / "memory.peak").read_text().strip() if (g / "memory.peak").exists() else str(poll.host_peak[g])
+    row = dict(r, rc=p.returncode, parallel=parallel, wall_s=wall_s, oom_killed=int(events.get("oom_kill", 0)) > 0)
+    row.update(cgroup_peak_gb=round(int(peak) / GiB, 2), anon_peak_gb=round(poll.anon_peak[g] / GiB, 2))
+    proc = poll.pid_peak.get(p.pid)
+    if proc is None and parallel == 1:  # NVML reports host pids: without a match the device's figure
+        proc = sum(poll.pid_peak.values())
+    row.update(driver_process_gb=None if proc is None else round(proc / GiB, 3))
+    if parallel == 1:
+        row.update(driver_gb=round(poll.peak / GiB, 3))
+    figures = [x for x in (row.get("driver_gb"), row["driver_process_gb"]) if x is not None]
+    row["driver_ok"] = bool(figures) and max(figures) <= cap
+    row["traceback"] = "Traceback" in stderr
+    row["stderr_tail"] = stderr.strip().splitlines()[-2:] if p.returncode else []
     if p.returncode == 0:
-        s = json.loads(p.stdout.strip().splitlines()[-1])
+        s = json.loads(stdout.strip().splitlines()[-1])
         plan = s["plan"]
         row.update(
             ran_tier=plan["tier"],
@@ -138,16 +168,46 @@ def one_run(r: dict, model: Path, out_dir: Path, a) -> dict:
             host_ram_gb=plan["host_ram_gb"],
             predicted_peak_gb=plan["predicted_peak_gb"],
             peak_reserved_gb=s.get("measured_peak_reserved_gb"),
+            predicted_phase_peaks_gb=plan.get("phase_peaks_gb"),
+            phase_peaks_gb=s.get("phase_peaks_gb"),
+            placement=plan.get("placement"),
+            vae_tiling=plan.get("vae_tiling"),
+            tile=plan.get("tile"),
             predicted_step_s=plan["predicted_step_s"],
-            denoise_s=s["seconds"].get("denoise"),
+            seconds=s["seconds"],
             step_s=round(s["seconds"]["denoise"] / a.steps, 3)
             if r["upscale"] == 1 and "denoise" in s["seconds"]
             else None,
             events=[e for e in s.get("events", []) if "memory" in e or "RAM" in e or "4-bit" in e],
         )
-    g.rmdir()
     print(json.dumps(row), flush=True)
     return row
+
+
+def nvml_sees_our_pids(timeout_s: float = 30.0) -> bool:
+    """Whether NVML reports a child's CUDA context under the pid we know it by (not so in some pid
+    namespaces); without that, runs of a group cannot be told apart and go one after another."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    code = "import time, torch; torch.zeros(1, device='cuda'); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        t_end = time.time() + timeout_s
+        while time.time() < t_end:
+            if child.pid in {pr.pid for pr in pynvml.nvmlDeviceGetComputeRunningProcesses(h)}:
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _head() -> str:
+    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -158,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out-dir", type=Path, default=Path("bench/ram"))
+    ap.add_argument("--code", default=_head(), help="the code version the rows are recorded under")
     a = ap.parse_args(argv)
     deadline = time.time() + a.budget_s
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,15 +238,21 @@ def main(argv=None) -> int:
     from bench.random_model import photo
 
     photo(a.size).save(a.out_dir / "input.png")
-    for spec in filter(None, a.runs.split(",")):
+    groups = [g.split("+") for g in filter(None, a.runs.split(","))]
+    if any(len(g) > 1 for g in groups) and not nvml_sees_our_pids():
+        print("NVML does not report our pids: every run on its own", flush=True)
+        groups = [[spec] for g in groups for spec in g]
+    for group in groups:
         if time.time() > deadline:
-            print("skipped (time budget):", spec, flush=True)
+            print("skipped (time budget):", group, flush=True)
             continue
-        row = one_run(parse_run(spec), a.model, a.out_dir, a)
-        data["runs"] = [x for x in data["runs"] if x["spec"] != spec] + [row]
+        for row in run_group([parse_run(spec) for spec in group], a.model, a.out_dir, a):
+            row["code"] = a.code
+            data["runs"] = [x for x in data["runs"] if (x["spec"], x.get("code")) != (row["spec"], a.code)] + [row]
         write(data_file, data)
-    cols = ["spec", "rc", "oom_killed", "ran_tier", "precision_used", "host_ram_gb", "cgroup_peak_gb", "anon_peak_gb"]
-    cols += ["predicted_peak_gb", "peak_reserved_gb", "driver_gb", "driver_ok", "step_s", "predicted_step_s", "wall_s"]
+    cols = ["spec", "code", "rc", "oom_killed", "ran_tier", "precision_used", "host_ram_gb", "anon_peak_gb"]
+    cols += ["predicted_peak_gb", "peak_reserved_gb", "driver_gb", "driver_process_gb", "driver_ok", "parallel"]
+    cols += ["step_s", "wall_s"]
     md = "# Tiers under host-RAM limits, with the driver's figure\n\n"
     md += f"{data['env'].get('device', '')}; `{data['command']}`\n\n" + md_table(data["runs"], cols) + "\n"
     (a.out_dir / "RAM.md").write_text(md)
