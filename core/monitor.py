@@ -87,7 +87,13 @@ class MemoryMonitor:
             peak_alloc_gb=round(self.peak_alloc_gb, 3),
             seconds=seconds,
             phases=[
-                dict(name=p.name, start_s=p.start_s, seconds=p.seconds, peak_reserved_gb=p.peak_reserved_gb)
+                dict(
+                    name=p.name,
+                    start_s=p.start_s,
+                    seconds=p.seconds,
+                    peak_reserved_gb=p.peak_reserved_gb,
+                    peak_alloc_gb=p.peak_alloc_gb,
+                )
                 for p in self.phases
             ],
             timeline=self.timeline,
