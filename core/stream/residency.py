@@ -57,7 +57,7 @@ class Residency:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.cast_stream = torch.cuda.Stream(device, priority=-1) if cuda and cast == "side" else None
         self.hooks, self.packs = [], {}
-        self.sources: dict[int, list] = {}  # resident units' (parameter, source tensor), given back
+        self.sources: dict[int, dict] = {}  # resident units' source tensors by parameter name, given back
         self.gpu_arena = self.host_arena = self.ring_buf = None
         self.work: list[torch.Tensor] = []
         try:
@@ -113,8 +113,9 @@ class Residency:
     def _to_device(self, i: int) -> None:
         """A plain resident unit onto the device (its source kept where it costs nothing)."""
         m = self.units[i][1]
-        if self.keep[i]:
-            self.sources[i] = [(p, p.data) for p in m.parameters()]
+        if self.keep[i]:  # by name, tensors only: holding the Parameters would keep their device copies
+            # alive when the fast path replaces them (fused QKV drops to_q/k/v: 5 GiB at full size)
+            self.sources[i] = {name: p.data for name, p in m.named_parameters()}
         for p in m.parameters():  # deferred GGUF weights: dequantized on the device itself
             p.data = weight_of(p, self.device, self.dtype)
         m.to(device=self.device, dtype=self.dtype)
@@ -230,9 +231,12 @@ class Residency:
         m, pack = self.units[i][1], self.packs.get(i)
         if pack is not None and pack.restore():
             return
-        if i in self.sources:
-            for p, src in self.sources.pop(i):
-                p.data = src
+        if i in self.sources:  # the fast path is undone first: the names are the original ones
+            src = self.sources.pop(i)
+            for name, p in m.named_parameters():
+                if name in src and src[name].shape == p.shape:
+                    p.data = src[name]
+            m.to("cpu")  # anything without a source of that name
         elif pack is None:
             m.to("cpu")
         elif pack.buf is not None:  # packed: unpack back into plain CPU parameters

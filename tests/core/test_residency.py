@@ -249,3 +249,33 @@ def test_any_call_order_computes_with_the_right_weights(placement, ring, slots, 
             x = torch.randn(2, units[c][1].in_features)
             assert torch.equal(units[c][1](x), ref[c][1](x)), (placement, c)
     res.remove()
+
+
+def test_kept_sources_do_not_hold_device_copies_the_fast_path_replaced(tmp_path):
+    """A resident unit whose weights are file-backed gives them back on release; what it keeps for
+    that must not keep the device copies alive once the fast path swaps a child (fused QKV drops
+    to_q/k/v: at full size that was 5 GiB of the 48 GB tier)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    unit = nn.Module()
+    unit.a, unit.b = nn.Linear(8, 8), nn.Linear(8, 8)
+    save_file({k: v.to(torch.bfloat16) for k, v in unit.state_dict().items()}, tmp_path / "u.safetensors")
+    src = load_file(tmp_path / "u.safetensors")  # bf16 on file, float32 on the "device": copies
+    for name, p in unit.named_parameters():
+        p.data = src[name]
+    res = Residency([("u", unit)], "B", torch.device("cpu"), torch.float32, 0, 2, keep=[True])
+    copy_of_a = weakref.ref(unit.a.weight)  # the Parameter, the only holder of its float32 copy
+    assert unit.a.weight.dtype == torch.float32 and copy_of_a() is not None
+    del unit.a  # what fusing does: the child goes, a new one takes its place
+    unit.fused = nn.Linear(8, 16)
+    gc.collect()
+    assert copy_of_a() is None, "the residency kept the replaced child's device copy alive"
+    del unit.fused  # undone: the original names are back, as new modules
+    unit.a = nn.Linear(8, 8)
+    res.remove()
+    for name, p in unit.named_parameters():
+        assert p.data_ptr() == src[name].data_ptr(), f"{name} is not the file's tensor again"
