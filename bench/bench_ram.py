@@ -12,7 +12,7 @@ reserved, s/step and wall time.
 
 usage: python -m bench.bench_ram --model /tmp/flux-random --runs 8@16,6@16,12@16+16@16,8x2@16,8@8
                                  [--steps 8] [--size 1024] [--budget-s 540] [--out-dir bench/ram]
-  a run is TIER[xUPSCALE][:PRECISION]@RAM_GiB, e.g. 8x2@16 or 8:exact@24; runs joined by + start
+  a run is TIER[c][xUPSCALE][:PRECISION]@RAM_GiB, e.g. 8x2@16, 8:exact@24 or 48c@24 (c: --compile); runs joined by + start
   together (memory figures per process; their s/step shares the bus), groups run one after another.
   The model folder is written (bench.bench_recovery.write_model, in a child process) if missing.
 """
@@ -40,7 +40,11 @@ def parse_run(spec: str) -> dict:
     head, _, ram = spec.partition("@")
     head, _, precision = head.partition(":")
     tier, _, up = head.partition("x")
-    return dict(spec=spec, tier=tier, upscale=float(up or 1), precision=precision or "auto", ram_gb=float(ram))
+    compile_ = tier.endswith("c")  # 48c: the compiled fast path (--compile)
+    tier = tier.removesuffix("c")
+    return dict(
+        spec=spec, tier=tier, upscale=float(up or 1), precision=precision or "auto", ram_gb=float(ram), compile=compile_
+    )
 
 
 def cgroup(name: str, ram_gb: float) -> Path:
@@ -113,7 +117,7 @@ def cli_args(r: dict, model: Path, out_dir: Path, a) -> list[str]:
         "generate", "--model", str(model / "flux"), "--controlnet", str(model / "cn"), "--image",
         str(out_dir / "input.png"), "--control", "canny", "--prompt", "a photo", "--tier", r["tier"],
         "--upscale", str(r["upscale"]), "--precision", r["precision"], "--steps", str(a.steps), "--seed", "7",
-        "--max-side", str(a.size), "--out", str(out),
+        "--max-side", str(a.size), "--out", str(out), *(["--compile"] if r.get("compile") else []),
     ]  # fmt: skip
 
 

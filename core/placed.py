@@ -22,7 +22,7 @@ from core.lora import Merger, model_sources
 from core.models import ModelSpec, load_pipeline, union_net
 from core.monitor import free_memory
 from core.plan.placement import RESIDENT, needs_reload, rounded
-from core.plan.planner import VAE_TILE_PX, Plan
+from core.plan.planner import Plan
 from core.plan.sizes import sizes_from_pipeline
 from core.plan.units import denoiser_units, text_encoder_units
 from core.speed import fast, fp8_compute
@@ -133,7 +133,7 @@ class PlacedPipeline:
         vae = self.pipe.vae
         if plan.vae_tiling:
             vae.enable_tiling()
-            vae.tile_sample_min_size, vae.tile_latent_min_size = VAE_TILE_PX, VAE_TILE_PX // 8
+            vae.tile_sample_min_size, vae.tile_latent_min_size = plan.vae_tile_px, plan.vae_tile_px // 8
         else:
             vae.disable_tiling()
 

@@ -1,6 +1,9 @@
 """The memory model: GPU bytes a placement holds and the transients of each phase of a pass.
 
-Its constants were measured on an H100 with the full-size architecture (bench/RESULTS.md).
+Its constants were fitted on the H200 with the full-size architecture, from the per-phase peaks of
+fresh CLI processes at every tier (bench/ram/ANY_RAM.md): the resident bytes are exact within
+0.06 GiB; the transients are the measured ones rounded up, so that no tier is under-predicted and
+none is more than 8 % over.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes, store
 class Calibration:
     """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
 
-    act_per_token: float = 36.0 * 3072 * 2  # denoiser transients per (image + text) token
-    res_per_img_token: float = 30.0 * 3072 * 2  # ControlNet residuals kept for the transformer
-    vae_dec_per_px: float = 2600.0  # untiled VAE decode, bytes per output pixel
+    act_per_token: float = 28.0 * 3072 * 2  # denoiser transients per (image + text) token
+    res_per_img_token: float = 23.5 * 3072 * 2  # ControlNet residuals kept for the transformer
+    vae_dec_per_px: float = 2810.0  # untiled VAE decode, bytes per output pixel
     vae_enc_per_px: float = 1300.0  # untiled VAE encode (control image, img2img)
     vae_tile_px: int = 512  # tile side when VAE tiling is on (the engine sets the VAE to it)
-    frag: float = 1.02  # reserved / allocated (expandable segments)
-    margin_gb: float = 0.2
+    vae_small_tile_px: int = 256  # where even 512 px VAE tiles do not fit (the 4 GB tier)
+    frag: float = 1.02  # reserved / allocated of the transients (weights sit in whole blocks: 1.0)
+    margin_gb: float = 0.18
+    fast_path_gb: float = 1.0  # all-resident plans: workspaces of the fast path (fused and compiled blocks)
 
 
 CAL = Calibration()
@@ -32,12 +37,16 @@ CAL = Calibration()
 @dataclass(frozen=True)
 class PassShape:
     """One denoising pass as the memory and time models see it: the pixels one pass holds (a tile
-    or the whole image), how many controls run, and whether the VAE decodes in tiles."""
+    or the whole image), how many controls run, whether the VAE works in tiles (of `vae_tile` px)
+    and the pixels it works on (`out_px`: the largest image it encodes or decodes, which with
+    generation tiles or upscaling is larger than the pass; 0: the pass itself)."""
 
     width: int
     height: int
     controls: int = 1
     vae_tiling: bool = False
+    vae_tile: int = CAL.vae_tile_px
+    out_px: int = 0
 
 
 def esize(dtype: str) -> int:
@@ -90,8 +99,8 @@ def phase_bytes(sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CA
     n_tot = n_img + sizes.max_seq + 1
     scale = es / 2
     denoise = (cal.act_per_token * n_tot + cal.res_per_img_token * n_img * min(ps.controls, 2)) * scale
-    px = ps.width * ps.height
-    tpx = min(px, cal.vae_tile_px**2) if ps.vae_tiling else px
+    px = max(ps.out_px, ps.width * ps.height)  # the VAE sees whole images, not generation tiles
+    tpx = min(px, ps.vae_tile**2) if ps.vae_tiling else px
     encode_img = cal.vae_enc_per_px * tpx * scale
     decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if ps.vae_tiling else 0)
     text = 0.15 * GiB  # T5 activations for 512 tokens
@@ -115,7 +124,9 @@ def phase_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibr
     a job's measured per-phase peaks are compared with)."""
     resident = resident_bytes(sizes, p)
     ph = phase_bytes(sizes, ps, esize(p.dtype), cal)
-    return {k: (resident + v) * cal.frag + cal.margin_gb * GiB for k, v in ph.items()}
+    if p.all_resident:
+        ph["denoise"] += cal.fast_path_gb * GiB
+    return {k: resident + v * cal.frag + cal.margin_gb * GiB for k, v in ph.items()}
 
 
 def predict_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> float:

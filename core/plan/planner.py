@@ -58,6 +58,7 @@ class Plan:
     predicted_job_s: float = 0.0  # denoising of the whole job: generation and upscale stages
     precision: str = "exact"  # "exact" (compute dtype and fp8 weights only) or "4bit" (some 4-bit)
     phase_peaks_gb: tuple[tuple[str, float], ...] = ()  # predicted peak of each phase (text, denoise, ...)
+    vae_tile_px: int = VAE_TILE_PX  # the VAE's tile side when vae_tiling (256 where 512 does not fit)
 
     @property
     def dtype(self) -> str:
@@ -74,7 +75,8 @@ class Plan:
         p = self.placement
         d.update(dtype=p.dtype, placement=p.counts(), slots=p.slots, text_encoders=p.text_encoders, ring=p.ring)
         d.update(formats=p.formats())
-        d.update(notes=list(self.notes), vae_tile=VAE_TILE_PX if self.vae_tiling else 0)
+        d.update(notes=list(self.notes), vae_tile=self.vae_tile_px if self.vae_tiling else 0)
+        del d["vae_tile_px"]
         return d
 
 
@@ -199,19 +201,26 @@ def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, 
     out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     pw, ph = pass_size(shape, t)
     vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
+    out_px = max(out_w * out_h, shape.width * shape.height)
+    # the VAE whole, in 512 px tiles, or (only where nothing else fits) in 256 px tiles
+    vae_tiles = [(True, VAE_TILE_PX)] if vae_needed else [(False, VAE_TILE_PX), (True, VAE_TILE_PX)]
+    vae_tiles.append((True, CAL.vae_small_tile_px))
     cands = []
     for text_enc in ("gpu", "stream") if tier in ("48", "auto") else ("stream",):
-        for vae_tiling in (True,) if vae_needed else (False, True):
-            ps = PassShape(pw, ph, shape.controls, vae_tiling)
+        for vae_tiling, vae_tile in vae_tiles:
+            if cands and vae_tile < VAE_TILE_PX:
+                break
+            ps = PassShape(pw, ph, shape.controls, vae_tiling, vae_tile, out_px)
             got = choose(sizes, dtype, text_enc, ps, budget, device, host_cap, precision)
             if got:  # tiled decoding costs ~0.1 s per image: count it as a small step penalty
-                cands.append((got[2] * (1.01 if vae_tiling else 1.0), vae_tiling, got))
+                cands.append((got[2] * (1.01 if vae_tiling else 1.0), ps, got))
         if cands and text_enc == "gpu":
             break  # resident text encoders fit: no need to stream them
     if not cands:
         return None
-    _, vae_tiling, (p, peak, _) = min(cands, key=lambda c: c[0])
-    step = predict_step_s(sizes, p, PassShape(pw, ph, shape.controls, vae_tiling), device)
+    _, ps, (p, peak, _) = min(cands, key=lambda c: c[0])
+    vae_tiling = ps.vae_tiling
+    step = predict_step_s(sizes, p, ps, device)
     step *= n_tiles(shape.width, shape.height, t)
     tile_notes = [f"generation runs in {t}px tiles fused at every step"] if t else []
     overlap = tile_overlap(t) if t else 128
@@ -232,7 +241,8 @@ def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, 
         depth_device="cuda" if budget / GiB >= DEPTH_ON_GPU_GB else "cpu",
         predicted_job_s=job_seconds(shape, round(step, 3), upscale_tile, overlap),
         precision="4bit" if p.any_q4 else "exact",
-        phase_peaks_gb=_phase_peaks(sizes, p, PassShape(pw, ph, shape.controls, vae_tiling)),
+        phase_peaks_gb=_phase_peaks(sizes, p, ps),
+        vae_tile_px=ps.vae_tile,
     )
 
 
@@ -253,7 +263,9 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
     ):
         return new
     w, h = pass_size(shape, new.tile)
-    ps = PassShape(w, h, shape.controls, new.vae_tiling)
+    out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
+    out_px = max(out_w * out_h, shape.width * shape.height)
+    ps = PassShape(w, h, shape.controls, new.vae_tiling, new.vae_tile_px, out_px)
     peak = predict_peak_bytes(sizes, prev.placement, ps)
     if peak > new.budget_gb * GiB:
         return new

@@ -4,7 +4,7 @@ the time model, filtered by the memory model and the host RAM they pin."""
 from __future__ import annotations
 
 from core.device import DeviceInfo, GiB
-from core.plan.memory import CAL, PassShape, esize, host_ram_bytes, predict_peak_bytes
+from core.plan.memory import PassShape, esize, host_ram_bytes, predict_peak_bytes
 from core.plan.placement import (
     RESIDENT,
     RESIDENT_FP8,
@@ -102,7 +102,7 @@ def _choose(sizes, dtype, text_encoders, t5, ps, budget, device, host_cap, allow
     for tail in (s for s in (STREAMED, STREAMED_FP8, STREAMED_Q4) if s.code in allowed):
         # memory left for weights once the buffers of streaming every unit as `tail` are paid for
         base = predict_peak_bytes(sizes, placement_of(tail.code * n, dtype, text_encoders, t5), ps)
-        avail = int((budget - base) / CAL.frag)
+        avail = int(budget - base)
         if avail < 0:
             continue
         for codes in candidates(sizes, es, avail, allowed, tail):

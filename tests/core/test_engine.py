@@ -294,3 +294,22 @@ def test_soft_edge_on_a_union_with_mode_ids_says_it_ran_as_canny(demo_engine, jo
     assert any("soft edge ran as the canny mode" in e for e in res.events), res.events
     plain = demo_engine.run(job.with_(steps=1))
     assert not any("soft edge" in e for e in plain.events)
+
+
+def test_the_plans_vae_tile_is_the_vaes(demo_engine, astronaut, monkeypatch):
+    """A plan that tiles the VAE in 256 px tiles (where 512 do not fit) decodes in those tiles."""
+    from dataclasses import replace
+
+    real = demo_engine.plan
+    monkeypatch.setattr(
+        demo_engine,
+        "plan",
+        lambda job, tier=None, dtype=None: replace(real(job, tier, dtype), vae_tiling=True, vae_tile_px=256),
+    )
+    job = Job("x", astronaut, (ControlSpec("canny"),), 64, 64, steps=1, seed=1, tier="cpu")
+    demo_engine.run(job)
+    vae = demo_engine.state.pipe.vae
+    assert vae.use_tiling and vae.tile_sample_min_size == 256 and vae.tile_latent_min_size == 32
+    monkeypatch.undo()
+    demo_engine.run(job)
+    assert not demo_engine.state.pipe.vae.use_tiling
