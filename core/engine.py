@@ -26,7 +26,7 @@ from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_mem
 from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
 from core.result import Result, is_black_or_nan
-from core.speed import fast, graphs
+from core.speed import compile_policy, fast, graphs
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,14 @@ class Engine:
         self.cache = PromptCache()
         self._lock = threading.Lock()
         self.faults = Faults()
-        # all-resident plans: fused QKV, compiled blocks, attention kernel (core.speed). On ZeroGPU
-        # a call may run in a fresh process, where compiling would be paid by every job. `fast` is
-        # the caller's setting; what failed in this process is taken out of it in `fast_in_use`.
-        self.fast = fast_config or fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
+        # all-resident plans: fused QKV, compiled blocks, attention kernel (core.speed). A long-lived
+        # engine compiles from its second fast job ("later": the first image does not wait for it);
+        # on ZeroGPU a call may run in a fresh process, where every job would pay the compile. `fast`
+        # is the caller's setting; what failed in this process is taken out of it in `fast_in_use`.
+        self.fast = fast_config or fast.FastConfig(compile="off" if os.environ.get("SPACES_ZERO_GPU") else "later")
         self._fast_failed: fast.FastConfig | None = None  # `fast` less what failed, while `fast` is unchanged
         self._fast_failed_for: fast.FastConfig | None = None
+        self.fast_jobs = 0  # jobs that ran to their image on the fast path (compile_policy counts them)
 
     # -- views of the placed pipeline -----------------------------------------------------------
     @property
@@ -179,7 +181,7 @@ class Engine:
                     with faults_active(self.faults.check):
                         result = self._attempt(job, plan, mon, events, progress, cancel, source)
                     if not is_black_or_nan(result.image):
-                        return result
+                        return self._done(result)
                     failure = Failure("black")
                 except JobCancelled:
                     free_memory()
@@ -204,12 +206,17 @@ class Engine:
                 if isinstance(decision, str):
                     if failure.cause == "black":
                         events.append(decision)
-                        return replace(result, events=tuple(events))
+                        return self._done(replace(result, events=tuple(events)))
                     raise OutOfMemory(decision)
                 assert isinstance(decision, Retry)
                 events.append(decision.event)
                 log.warning(decision.event)
                 plan = decision.plan
+
+    def _done(self, result: Result) -> Result:
+        if "fast" in result.report:
+            self.fast_jobs += 1
+        return result
 
     def _classify(self, err: Exception, mon: MemoryMonitor) -> Failure | None:
         where = mon.phases[-1].name if mon.phases else "?"
@@ -248,8 +255,12 @@ class Engine:
             self.state.place(plan, job.loras)
             if self.state.last_repack:
                 events.append("LoRAs changed: {} of {} units packed again in {} s".format(*self.state.last_repack))
-            speed = self.state.apply_fast(self.fast_in_use, job, plan, events, progress)
-        compiled_before = fast.compile_seconds()
+            cfg = self.fast_in_use
+            compile_ = compile_policy.compiles(cfg.compile, job.compile, self.fast_jobs)
+            speed = self.state.apply_fast(cfg, job, plan, events, progress, compile_)
+            if speed is not None and compile_policy.deferred(cfg.compile, job.compile, self.fast_jobs):
+                events.append(compile_policy.DEFERRED)
+        compiled_before = compile_policy.compile_seconds()
         rt = Runtime(
             self.pipe,
             torch.device(plan.device),
@@ -304,7 +315,7 @@ class Engine:
                     rt.note(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
         report = mon.report()
         if speed is not None:
-            compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
+            compile_s = round(max(0.0, compile_policy.compile_seconds() - compiled_before), 1)
             report["fast"] = dict(speed.describe(), compile_s=compile_s)
             if compile_s >= 0.5:
                 events.append(
