@@ -260,7 +260,7 @@ class Engine:
             speed = self.state.apply_fast(cfg, job, plan, events, progress, compile_)
             if speed is not None and compile_policy.deferred(cfg.compile, job.compile, self.fast_jobs):
                 events.append(compile_policy.DEFERRED)
-        compiled_before = compile_policy.compile_seconds()
+        compiled_before = compile_policy.Counters.now()
         rt = Runtime(
             self.pipe,
             torch.device(plan.device),
@@ -315,11 +315,8 @@ class Engine:
                     rt.note(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
         report = mon.report()
         if speed is not None:
-            compile_s = round(max(0.0, compile_policy.compile_seconds() - compiled_before), 1)
-            report["fast"] = dict(speed.describe(), compile_s=compile_s)
-            if compile_s >= 0.5:
-                events.append(
-                    f"compiled the denoiser blocks in {compile_s:.0f} s (once per process, dtype and "
-                    f"image size; included in the denoise time)"
-                )
+            done = compile_policy.Counters.now() - compiled_before
+            report["fast"] = dict(speed.describe(), compile_s=round(done.seconds, 1), compile_cache=done.cache)
+            if speed.compiled and (event := compile_policy.compiled_event(done)):
+                events.append(event)
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)

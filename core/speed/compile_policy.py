@@ -14,6 +14,7 @@ A job's own choice (Job.compile, core.limits.COMPILES) overrides it: "auto" foll
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from core.limits import COMPILES
@@ -59,3 +60,59 @@ def compile_seconds() -> float:
         return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
     except Exception:  # noqa: BLE001 - a private metric: never let it break a job
         return 0.0
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What torch.compile has done in this process, from torch's own counters: seconds, graphs
+    compiled, and entries of Inductor's on-disk caches (FX graphs, AOTAutograd) found or not found.
+    `Counters.now() - before` is what happened in between."""
+
+    seconds: float = 0.0
+    graphs: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    @classmethod
+    def now(cls) -> Counters:
+        try:
+            from torch._dynamo.utils import counters
+        except Exception:  # noqa: BLE001 - private counters: never let them break a job
+            return cls(compile_seconds())
+        ind, aot = counters["inductor"], counters["aot_autograd"]
+        return cls(
+            compile_seconds(),
+            counters["stats"]["unique_graphs"],
+            ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
+            ind["fxgraph_cache_miss"] + aot["autograd_cache_miss"],
+        )
+
+    def __sub__(self, before: Counters) -> Counters:
+        return Counters(
+            max(0.0, self.seconds - before.seconds),
+            self.graphs - before.graphs,
+            self.hits - before.hits,
+            self.misses - before.misses,
+        )
+
+    @property
+    def cache(self) -> str | None:
+        """Inductor's on-disk cache over these counts: "hit" (it served every graph), "miss" (some
+        were compiled afresh) or None (not asked: nothing compiled, or another backend)."""
+        return "miss" if self.misses > 0 else "hit" if self.hits > 0 else None
+
+
+def compiled_event(done: Counters) -> str | None:
+    """The job's sentence about what it compiled (`done`: the counters' change over the job), or
+    None where it compiled nothing."""
+    if done.graphs <= 0 and done.seconds < 0.5:
+        return None
+    if done.cache == "hit":
+        return (
+            f"compiled the denoiser blocks (cache hit, {done.seconds:.1f} s: Inductor's on-disk cache had the "
+            f"kernels; included in the denoise time)"
+        )
+    return (
+        f"compiled the denoiser blocks in {done.seconds:.1f} s (once per process and dtype, kept on disk for "
+        f"the next process; included in the denoise time)"
+    )

@@ -119,3 +119,48 @@ def test_a_job_choice_overrides_the_policy(later_engine, job):
     assert always.report["fast"]["compiled"] and compile_policy.DEFERRED not in always.events
     never = later_engine.run(job.with_(compile="never"))
     assert not never.report["fast"]["compiled"] and compile_policy.DEFERRED not in never.events
+
+
+# -- what the compiling job says: from torch's own counters -------------------------------------------
+def test_the_wording_says_cache_hit_only_when_the_disk_cache_served_every_graph():
+    C = compile_policy.Counters
+    hit = compile_policy.compiled_event(C(seconds=2.4, graphs=2, hits=4))
+    assert hit.startswith("compiled the denoiser blocks (cache hit, 2.4 s"), hit
+    for cold in (C(seconds=21.0, graphs=2, misses=4), C(seconds=12.0, graphs=2, hits=2, misses=2)):
+        assert compile_policy.compiled_event(cold).startswith("compiled the denoiser blocks in "), cold
+    assert compile_policy.compiled_event(C(seconds=0.6, graphs=2)).startswith("compiled the denoiser blocks in 0.6 s")
+    assert compile_policy.compiled_event(C()) is None  # nothing compiled: nothing to say
+    assert (C(seconds=3.0, graphs=2, hits=5) - C(seconds=1.0, hits=1)) == C(2.0, 2, 4, 0)
+
+
+def test_the_counters_are_read_from_torch(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    before = compile_policy.Counters.now()
+    for group, key, n in (("inductor", "fxgraph_cache_hit", 2), ("aot_autograd", "autograd_cache_hit", 2)):
+        monkeypatch.setitem(counters[group], key, counters[group][key] + n)
+    monkeypatch.setitem(counters["stats"], "unique_graphs", counters["stats"]["unique_graphs"] + 2)
+    done = compile_policy.Counters.now() - before
+    assert (done.graphs, done.hits, done.misses, done.cache) == (2, 4, 0, "hit")
+    monkeypatch.setitem(counters["inductor"], "fxgraph_cache_miss", counters["inductor"]["fxgraph_cache_miss"] + 1)
+    assert (compile_policy.Counters.now() - before).cache == "miss"
+
+
+def test_the_compiling_job_says_cache_hit_when_inductor_found_its_graphs(monkeypatch, later_engine, job):
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    def cached(gm, example_inputs):  # Inductor's disk cache answering, as torch counts it
+        counters["inductor"]["fxgraph_cache_hit"] += 1
+        return gm.forward
+
+    monkeypatch.setitem(counters["inductor"], "fxgraph_cache_hit", counters["inductor"]["fxgraph_cache_hit"])
+    later_engine.fast = replace(later_engine.fast, backend=cached)
+    later_engine.run(job)
+    second = later_engine.run(job)
+    assert second.report["fast"]["compile_cache"] == "hit"
+    said = compiled_events(second)
+    assert len(said) == 1 and said[0].startswith("compiled the denoiser blocks (cache hit, "), second.events
+    plain = later_engine.run(job.with_(width=112))  # nothing new compiled: no sentence
+    assert not compiled_events(plain) and plain.report["fast"]["compile_cache"] is None
