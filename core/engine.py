@@ -26,7 +26,7 @@ from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_mem
 from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
 from core.result import Result, is_black_or_nan
-from core.speed import compile_policy, fast, graphs
+from core.speed import compile_cache, compile_policy, fast, graphs
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,23 @@ class Engine:
         `dtype` forces the compute dtype (float32 after a black result)."""
         self.load()
         shape = shape_of(job)
-        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype, precision=self.precision(job))
+        new = plan_for(
+            tier or job.tier,
+            shape,
+            self.sizes,
+            self.device,
+            dtype=dtype,
+            precision=self.precision(job),
+            **self.compile_args(job.compile),
+        )
         return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
+
+    def compile_args(self, choice: str = "auto") -> dict:
+        """plan_for's compile arguments for a first job of this process with this compile choice
+        (Job.compile): the plan's predicted_first_job_s counts the compile where that job would pay it."""
+        cfg = self.fast_in_use
+        compiles = cfg.enabled and "cuda" in cfg.devices and compile_policy.compiles(cfg.compile, choice, 0)
+        return dict(compiles=compiles, compile_cache_warm=compiles and compile_cache.has_kernels())
 
     def precision(self, job: Job) -> str:
         """The precision the job runs at (PlacedPipeline.precision)."""
