@@ -358,7 +358,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         **PRIVATE,
     )
 
-    def preview_plan(image, tier, precision, upscale, max_side, steps, *kinds):
+    def preview_plan(image, tier, precision, upscale, max_side, steps, compile, *kinds):
         size = (1024, 1024)
         if image is not None:
             try:
@@ -367,13 +367,13 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
             except (ValueError, OSError):
                 return ""  # the image's own error is shown under it
         n = sum(k not in (None, "", H.NONE) for k in kinds)
-        return plan_preview(engine, tier, precision, size, n, upscale, steps)
+        return plan_preview(engine, tier, precision, size, n, upscale, steps, compile)
 
     kinds = [c for c, _, _, _ in u["rows"]]
-    preview_inputs = [u["image"], u["tier"], u["precision"], u["upscale"], u["max_side"], u["steps"], *kinds]
+    preview_inputs = [u[n] for n in ("image", "tier", "precision", "upscale", "max_side", "steps", "compile")] + kinds
     gr.on(
         [demo.load, u["image"].change, u["tier"].change, u["precision"].change, u["upscale"].change]
-        + [u["max_side"].release, u["steps"].release]
+        + [u["compile"].change, u["max_side"].release, u["steps"].release]
         + [c.change for c in kinds],
         preview_plan,
         preview_inputs,
