@@ -101,7 +101,7 @@ def cmd_generate(a) -> dict:
     from core.speed.fast import FastConfig
 
     # one image per process: a compile it cannot earn back is not paid unless asked for
-    engine = Engine(spec, fast_config=FastConfig(compile=a.compile))
+    engine = Engine(spec, fast_config=FastConfig(compile="on" if a.compile else "off"))
     result = engine.run(job)
     summary = result.summary()
     save_png(result.image, out, result.png_params())

@@ -26,7 +26,7 @@ from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_mem
 from core.placed import PlacedPipeline, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
 from core.result import Result, is_black_or_nan
-from core.speed import fast, graphs
+from core.speed import compile_cache, compile_policy, fast, graphs
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,14 @@ class Engine:
         self.cache = PromptCache()
         self._lock = threading.Lock()
         self.faults = Faults()
-        # all-resident plans: fused QKV, compiled blocks, attention kernel (core.speed). On ZeroGPU
-        # a call may run in a fresh process, where compiling would be paid by every job. `fast` is
-        # the caller's setting; what failed in this process is taken out of it in `fast_in_use`.
-        self.fast = fast_config or fast.FastConfig(compile=not os.environ.get("SPACES_ZERO_GPU"))
+        # all-resident plans: fused QKV, compiled blocks, attention kernel (core.speed). A long-lived
+        # engine compiles from its second fast job ("later": the first image does not wait for it);
+        # on ZeroGPU a call may run in a fresh process, where every job would pay the compile. `fast`
+        # is the caller's setting; what failed in this process is taken out of it in `fast_in_use`.
+        self.fast = fast_config or fast.FastConfig(compile="off" if os.environ.get("SPACES_ZERO_GPU") else "later")
         self._fast_failed: fast.FastConfig | None = None  # `fast` less what failed, while `fast` is unchanged
         self._fast_failed_for: fast.FastConfig | None = None
+        self.fast_jobs = 0  # jobs that ran to their image on the fast path (compile_policy counts them)
 
     # -- views of the placed pipeline -----------------------------------------------------------
     @property
@@ -138,8 +140,23 @@ class Engine:
         `dtype` forces the compute dtype (float32 after a black result)."""
         self.load()
         shape = shape_of(job)
-        new = plan_for(tier or job.tier, shape, self.sizes, self.device, dtype=dtype, precision=self.precision(job))
+        new = plan_for(
+            tier or job.tier,
+            shape,
+            self.sizes,
+            self.device,
+            dtype=dtype,
+            precision=self.precision(job),
+            **self.compile_args(job.compile),
+        )
         return keep_placement(self.state.placed, new, shape, self.sizes, self.device)
+
+    def compile_args(self, choice: str = "auto") -> dict:
+        """plan_for's compile arguments for a first job of this process with this compile choice
+        (Job.compile): the plan's predicted_first_job_s counts the compile where that job would pay it."""
+        cfg = self.fast_in_use
+        compiles = cfg.enabled and "cuda" in cfg.devices and compile_policy.compiles(cfg.compile, choice, 0)
+        return dict(compiles=compiles, compile_cache_warm=compiles and compile_cache.has_kernels())
 
     def precision(self, job: Job) -> str:
         """The precision the job runs at (PlacedPipeline.precision)."""
@@ -179,7 +196,7 @@ class Engine:
                     with faults_active(self.faults.check):
                         result = self._attempt(job, plan, mon, events, progress, cancel, source)
                     if not is_black_or_nan(result.image):
-                        return result
+                        return self._done(result)
                     failure = Failure("black")
                 except JobCancelled:
                     free_memory()
@@ -204,12 +221,17 @@ class Engine:
                 if isinstance(decision, str):
                     if failure.cause == "black":
                         events.append(decision)
-                        return replace(result, events=tuple(events))
+                        return self._done(replace(result, events=tuple(events)))
                     raise OutOfMemory(decision)
                 assert isinstance(decision, Retry)
                 events.append(decision.event)
                 log.warning(decision.event)
                 plan = decision.plan
+
+    def _done(self, result: Result) -> Result:
+        if "fast" in result.report:
+            self.fast_jobs += 1
+        return result
 
     def _classify(self, err: Exception, mon: MemoryMonitor) -> Failure | None:
         where = mon.phases[-1].name if mon.phases else "?"
@@ -248,8 +270,12 @@ class Engine:
             self.state.place(plan, job.loras)
             if self.state.last_repack:
                 events.append("LoRAs changed: {} of {} units packed again in {} s".format(*self.state.last_repack))
-            speed = self.state.apply_fast(self.fast_in_use, job, plan, events, progress)
-        compiled_before = fast.compile_seconds()
+            cfg = self.fast_in_use
+            compile_ = compile_policy.compiles(cfg.compile, job.compile, self.fast_jobs)
+            speed = self.state.apply_fast(cfg, job, plan, events, progress, compile_)
+            if speed is not None and compile_policy.deferred(cfg.compile, job.compile, self.fast_jobs):
+                events.append(compile_policy.DEFERRED)
+        compiled_before = compile_policy.Counters.now()
         rt = Runtime(
             self.pipe,
             torch.device(plan.device),
@@ -304,11 +330,8 @@ class Engine:
                     rt.note(f"CUDA graphs off for the {name} (capture failed: {gc.disabled}): ran it without")
         report = mon.report()
         if speed is not None:
-            compile_s = round(max(0.0, fast.compile_seconds() - compiled_before), 1)
-            report["fast"] = dict(speed.describe(), compile_s=compile_s)
-            if compile_s >= 0.5:
-                events.append(
-                    f"compiled the denoiser blocks in {compile_s:.0f} s (once per process, dtype and "
-                    f"image size; included in the denoise time)"
-                )
+            done = compile_policy.Counters.now() - compiled_before
+            report["fast"] = dict(speed.describe(), compile_s=round(done.seconds, 1), compile_cache=done.cache)
+            if speed.compiled and (event := compile_policy.compiled_event(done)):
+                events.append(event)
         return Result(out, job, plan, report, tuple(events), tuple(controls), self.demo)

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from core.limits import MAX_CONTROLS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_UPSCALE, PRECISIONS, check
+from core.limits import (
+    COMPILES,
+    MAX_CONTROLS,
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    MAX_SIDE,
+    MAX_UPSCALE,
+    PRECISIONS,
+    check,
+)
 from core.lora import LoraSpec
 from preprocessors.registry import CONTROLS, check_params
 
@@ -82,6 +91,9 @@ class Job:
     fp8_compute: bool = False  # fp8 matmuls when the whole model is resident on an fp8 GPU (core/speed/fast.py)
     loras: tuple[LoraSpec, ...] = ()  # merged into the denoiser's weights, in this order (core/lora.py)
     precision: str = "auto"  # weight formats: auto | exact (bf16/fp8) | 4bit (core/plan/placement.py)
+    # torch.compile where the whole model is resident: auto (the engine's policy) | always | never
+    # (core/speed/compile_policy.py). How fast, not what is drawn: left out of describe() and the PNG.
+    compile: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -116,6 +128,8 @@ class Job:
         object.__setattr__(self, "loras", tuple(self.loras))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.compile not in COMPILES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {self.compile!r}.")
 
     @property
     def out_size(self) -> tuple[int, int]:

@@ -26,6 +26,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_CONTROLS = 4
 MAX_LORAS = 8
 PRECISIONS = ("auto", "exact", "4bit")  # weight formats a job allows (core.plan.placement.allowed_codes)
+COMPILES = ("auto", "always", "never")  # a job's compile choice (core.speed.compile_policy)
 SEED_MAX = 2**63 - 1
 
 LIMITS: dict[str, Limit] = {

@@ -248,8 +248,11 @@ class PlacedPipeline:
         return changed
 
     # -- the fast path (core.speed): only while the whole denoiser is resident --------------------
-    def apply_fast(self, cfg: fast.FastConfig, job: Job, plan: Plan, events: list[str], progress=None):
-        """Bring the modules to the fast path `cfg` allows for this plan; returns what is applied
+    def apply_fast(
+        self, cfg: fast.FastConfig, job: Job, plan: Plan, events: list[str], progress=None, compile_: bool = True
+    ):
+        """Bring the modules to the fast path `cfg` allows for this plan, the blocks compiled if
+        `compile_` (the engine's decision, core.speed.compile_policy); returns what is applied
         (None: plain diffusers modules)."""
         use_fp8, why = fast.fp8_decision(plan, cfg, job.fp8_compute)
         if why:
@@ -257,8 +260,8 @@ class PlacedPipeline:
         if not fast.eligible(plan, cfg):
             self.undo_fast()
             return None
-        compile_ = cfg.compile and fast.can_compile(cfg.backend, plan.device)
-        if cfg.compile and not compile_:
+        wanted, compile_ = compile_, compile_ and fast.can_compile(cfg.backend, plan.device)
+        if wanted and not compile_:
             events.append("torch.compile needs Triton on the GPU (pip install triton): ran without compiling")
         want = (use_fp8, compile_, cfg)
         if want != self._fast_want:  # walking the modules costs ~70 ms: once
@@ -266,7 +269,7 @@ class PlacedPipeline:
             self.fast = fast.apply_fast(self.pipe, fp8=use_fp8, compile=compile_, cfg=cfg)
             self._fast_want = want
             if progress is not None and compile_ and self.fast != before:
-                progress("compiling for this GPU (first job only)", 0, job.steps)
+                progress("compiling for this GPU (once per process)", 0, job.steps)
         if use_fp8:
             events.append(f"fp8 compute: {self.fast.fp8_layers} block matmuls in fp8 (row-wise scales)")
         return self.fast
@@ -285,5 +288,5 @@ def without_failed_part(cfg: fast.FastConfig, applied: fast.Fast | None, err: Ba
         return None
     what = str(err).strip().split("\n")[0][:120]
     if applied.compiled and fast.is_compile_error(err):
-        return replace(cfg, compile=False), f"torch.compile failed ({what}): ran without compiling"
+        return replace(cfg, compile="off"), f"torch.compile failed ({what}): ran without compiling"
     return replace(cfg, enabled=False), f"the fast path failed ({what}): ran without it"

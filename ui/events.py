@@ -28,7 +28,8 @@ def inputs_of(u: dict, tier) -> list:
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low", "canny_high")
     lora = loras.inputs(u)
-    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), u["fp8_compute"], u["precision"], *lora]
+    advanced = [u["fp8_compute"], u["precision"]]
+    return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), *advanced, *lora, u["compile"]]
 
 
 def settings_outputs(u: dict) -> list:
@@ -114,6 +115,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         lora_scale_1=1.0,
         lora_2=loras.NONE,
         lora_scale_2=1.0,
+        compile="auto",
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
     ):
@@ -129,6 +131,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
             lora_scale_1,
             lora_2,
             lora_scale_2,
+            compile,
         ]
         return await runner.generate(values, request, progress)
 
@@ -174,6 +177,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         lora_scale_1,
         lora_2,
         lora_scale_2,
+        compile,
         history,
         request: gr.Request = None,
     ):
@@ -189,6 +193,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
             lora_scale_1,
             lora_2,
             lora_scale_2,
+            compile,
         ]
         async for out in runner.run_page(values, history, request):
             yield out
@@ -353,7 +358,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         **PRIVATE,
     )
 
-    def preview_plan(image, tier, precision, upscale, max_side, steps, *kinds):
+    def preview_plan(image, tier, precision, upscale, max_side, steps, compile, *kinds):
         size = (1024, 1024)
         if image is not None:
             try:
@@ -362,13 +367,13 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
             except (ValueError, OSError):
                 return ""  # the image's own error is shown under it
         n = sum(k not in (None, "", H.NONE) for k in kinds)
-        return plan_preview(engine, tier, precision, size, n, upscale, steps)
+        return plan_preview(engine, tier, precision, size, n, upscale, steps, compile)
 
     kinds = [c for c, _, _, _ in u["rows"]]
-    preview_inputs = [u["image"], u["tier"], u["precision"], u["upscale"], u["max_side"], u["steps"], *kinds]
+    preview_inputs = [u[n] for n in ("image", "tier", "precision", "upscale", "max_side", "steps", "compile")] + kinds
     gr.on(
         [demo.load, u["image"].change, u["tier"].change, u["precision"].change, u["upscale"].change]
-        + [u["max_side"].release, u["steps"].release]
+        + [u["compile"].change, u["max_side"].release, u["steps"].release]
         + [c.change for c in kinds],
         preview_plan,
         preview_inputs,

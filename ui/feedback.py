@@ -25,7 +25,7 @@ def field_of(error) -> str | None:
         return "prompt"
     if m.startswith("seed"):
         return "seed"
-    if m.startswith(("steps", "guidance", "max side", "fp8_compute")):
+    if m.startswith(("steps", "guidance", "max side", "fp8_compute", "compile")):
         return "advanced"
     if "tier" in m:
         return "tier"

@@ -94,6 +94,18 @@ def upscale_choices() -> list[tuple[str, str]]:
     return [(f"{u}×", u) for u in UPSCALES]
 
 
+AUTO_COMPILE = {  # what Auto does under the engine's policy (core.speed.compile_policy)
+    "later": "Auto (compile from the second job)",
+    "on": "Auto (compile from the first job)",
+    "off": "Auto (never compile here)",
+}
+
+
+def compile_choices(policy: str) -> list[tuple[str, str]]:
+    """The compile control's choices: Auto names what the engine's policy does."""
+    return [(AUTO_COMPILE.get(policy, "Auto"), "auto"), ("Always", "always"), ("Never", "never")]
+
+
 @dataclass(frozen=True)
 class Defaults:
     steps: int = 28
@@ -169,6 +181,7 @@ def build_job(
     fp8_compute=False,
     precision="auto",
     loras=(),
+    compile="auto",
 ) -> Job:
     """A validated Job from the UI's values (image: path, PIL or array). The seed is drawn here when
     `randomize` is set, so the Job (and the PNG) hold the seed that was used."""
@@ -193,6 +206,7 @@ def build_job(
         fp8_compute=bool(fp8_compute) if fp8_compute in (None, False, True) else fp8_compute,
         precision=precision or "auto",  # an API call leaving it out
         loras=tuple(loras),
+        compile=compile or "auto",  # an API call leaving it out
     )
 
 

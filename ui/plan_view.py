@@ -90,9 +90,10 @@ def _fast_label(fast: dict | None) -> str:
     return Fast(**known).label()
 
 
-def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, upscale, steps) -> str:
+def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, upscale, steps, compile="auto") -> str:
     """One line under the tier, before any run: what the plan for these settings will use (formats,
-    GPU peak, pinned host RAM against what this machine allows, seconds), or the planner's sentence."""
+    GPU peak, pinned host RAM against what this machine allows, seconds; while nothing is placed, the
+    first image's seconds with the compile where it pays it), or the planner's sentence."""
     from core.plan import JobShape, plan_for
     from core.plan.search import host_cap_bytes
 
@@ -102,7 +103,7 @@ def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, 
     prec = engine.state.precision(precision or "auto")
     try:
         shape = JobShape(size[0], size[1], max(int(controls), 1), float(upscale or 1), int(steps or 28))
-        p = plan_for(tier or "auto", shape, sizes, engine.device, precision=prec)
+        p = plan_for(tier or "auto", shape, sizes, engine.device, precision=prec, **engine.compile_args(compile))
     except ValueError as e:
         return f"⚠️ {e}"
     if p.device == "cpu":
@@ -114,5 +115,16 @@ def plan_preview(engine, tier, precision, size: tuple[int, int], controls: int, 
         f"**Plan:** denoiser {_words(f['denoiser'])}, T5 {_words(f['t5'].partition(' ')[0])}"
         f"{tile} · GPU peak {p.predicted_peak_gb:.1f} of {p.budget_gb:.1f} GiB · pinned RAM "
         f"{p.host_ram_gb:.1f} of {cap:.1f} GiB allowed · ~{p.predicted_step_s:.2f} s/step, "
-        f"~{p.predicted_job_s:.0f} s denoising"
+        f"~{p.predicted_job_s:.0f} s denoising{_first_image(p) if engine.state.placed is None else ''}"
     )
+
+
+def _first_image(p) -> str:
+    """' · first image ~34 s (weights read and placed ~20 s, compiling ~20 s)': what the first job adds."""
+    parts = dict(p.first_job_parts)
+    if not parts:
+        return ""
+    why = f"weights read and placed ~{parts['read'] + parts['place']:.0f} s"
+    if parts["compile"]:
+        why += f", compiling ~{parts['compile']:.0f} s"
+    return f" · first image ~{p.predicted_first_job_s:.0f} s ({why})"

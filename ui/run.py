@@ -45,6 +45,7 @@ class Runner:
         rows = [tuple(rest[i : i + 3]) for i in (0, 3, 6)]
         tier, upscale, seed, randomize, steps, guidance, max_side, canny_auto, low, high, fp8, precision = rest[9:21]
         lora_values = rest[21 : 21 + 2 * loras.ROWS]
+        compile_choice = (rest[21 + 2 * loras.ROWS :] or ["auto"])[0]  # the last input (added last to the API)
         return H.build_job(
             image,
             prompt,
@@ -60,6 +61,7 @@ class Runner:
             fp8_compute=fp8,
             precision=precision,
             loras=loras.specs(lora_values, self.ui.get("lora_dir")),
+            compile=compile_choice,
         )
 
     def _save(self, job, result, started: float):

@@ -3,8 +3,9 @@
 `plan_for(tier, shape, sizes, device)` is a pure function. It picks the compute dtype, the placement
 of every denoiser unit (core.plan.placement), where the text encoders run, VAE tiling and the
 generation tile, the devices of the helpers (depth), and predicts the peak GPU memory, the time per
-denoising step and the whole job's seconds. The memory model is core.plan.memory, the time model
-core.plan.timing (within 8 % of the H100 runs), the search core.plan.search.
+denoising step, the whole job's seconds and those of a process's first job (core.plan.first_job).
+The memory model is core.plan.memory, the time model core.plan.timing (within 8 % of the H100
+runs), the search core.plan.search.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
+from core.plan.first_job import compile_seconds, first_job_parts
 from core.plan.memory import CAL, PassShape, host_ram_bytes, phase_peak_bytes, predict_peak_bytes
 from core.plan.placement import RESIDENT, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
 from core.plan.search import choose, host_cap_bytes
@@ -59,6 +61,10 @@ class Plan:
     precision: str = "exact"  # "exact" (compute dtype and fp8 weights only) or "4bit" (some 4-bit)
     phase_peaks_gb: tuple[tuple[str, float], ...] = ()  # predicted peak of each phase (text, denoise, ...)
     vae_tile_px: int = VAE_TILE_PX  # the VAE's tile side when vae_tiling (256 where 512 does not fit)
+    # the job as the first of a process: weights read and placed, compiled if it compiles, encode,
+    # denoise, VAE (core.plan.first_job); 0 and () on the CPU, which has no time model
+    predicted_first_job_s: float = 0.0
+    first_job_parts: tuple[tuple[str, float], ...] = ()  # (part, seconds): what the total is made of
 
     @property
     def dtype(self) -> str:
@@ -72,6 +78,7 @@ class Plan:
         """The plan as JSON: its own fields, the placement as counts per storage code and its buffers."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
         d["phase_peaks_gb"] = dict(self.phase_peaks_gb)
+        d["first_job_parts"] = dict(self.first_job_parts)
         p = self.placement
         d.update(dtype=p.dtype, placement=p.counts(), slots=p.slots, text_encoders=p.text_encoders, ring=p.ring)
         d.update(formats=p.formats())
@@ -130,12 +137,17 @@ def plan_for(
     dtype: str | None = None,
     host_cap_gb: float | None = None,
     precision: str = "auto",
+    compiles: bool = False,
+    compile_cache_warm: bool = False,
 ) -> Plan:
     """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
     budget and the host RAM. `tile` forces a generation tile (used when stepping down), `dtype` the
     compute dtype (float32 after a NaN/black result), `host_cap_gb` the pinned host RAM (after a
     failure to pin), `precision` the weight formats (core.plan.placement.PRECISIONS): "auto" is
-    the most exact that fits, 4-bit only where exact weights do not."""
+    the most exact that fits, 4-bit only where exact weights do not. `compiles`: a first job of
+    this process would compile the blocks where the whole denoiser is resident (the engine's
+    policy), `compile_cache_warm`: Inductor's disk cache has kernels; both only for
+    predicted_first_job_s."""
     tier = str(tier).lower()
     allowed_codes(precision)  # a bad value is one sentence before anything else
     if tier == "auto" and device.kind == "cpu":
@@ -170,7 +182,7 @@ def plan_for(
                         f"(denoiser {fmts['denoiser']}, T5 {fmts['t5']})",
                     ),
                 )
-            return plan
+            return with_first_job(plan, shape, sizes, device, compile_seconds(compiles, compile_cache_warm))
     raise ValueError(_refusal(tier, shape, sizes, device, dtype, budget, host_cap, precision))
 
 
@@ -246,6 +258,24 @@ def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, 
     )
 
 
+def with_first_job(plan: Plan, shape: JobShape, sizes: ModelSizes, device: DeviceInfo, compile_s: float) -> Plan:
+    """`plan` with its first job's seconds; `compile_s` counts only where the fast path compiles (the
+    whole denoiser resident)."""
+    compile_s = compile_s if plan.placement.all_resident else 0.0
+    parts = first_job_parts(
+        shape.width,
+        shape.height,
+        shape.controls,
+        shape.upscale,
+        sizes,
+        plan.placement,
+        device,
+        plan.predicted_job_s,
+        compile_s,
+    )
+    return replace(plan, predicted_first_job_s=round(sum(s for _, s in parts), 1), first_job_parts=parts)
+
+
 def _phase_peaks(sizes: ModelSizes, p: Placement, ps: PassShape) -> tuple[tuple[str, float], ...]:
     return tuple((k, round(v / GiB, 2)) for k, v in phase_peak_bytes(sizes, p, ps).items())
 
@@ -272,7 +302,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
     step = predict_step_s(sizes, prev.placement, ps, device) * n_tiles(shape.width, shape.height, new.tile)
     if step > 1.15 * new.predicted_step_s:
         return new
-    return replace(
+    kept = replace(
         new,
         placement=prev.placement,
         predicted_peak_gb=round(peak / GiB, 2),
@@ -281,6 +311,8 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
         host_ram_gb=prev.host_ram_gb,
         predicted_job_s=job_seconds(shape, round(step, 3), new.upscale_tile, new.overlap),
     )
+    # `new`'s compile seconds: the kept placement compiles too if it is all-resident
+    return with_first_job(kept, shape, sizes, device, dict(new.first_job_parts).get("compile", 0.0))
 
 
 def step_down(

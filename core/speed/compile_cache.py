@@ -11,11 +11,25 @@ import os
 from pathlib import Path
 
 
-def use_persistent_cache() -> Path:
-    """Point Inductor's on-disk caches at the cache root (once; an explicit setting wins)."""
+def cache_dir() -> Path:
+    """Where Inductor's on-disk caches are (or will be, once use_persistent_cache has run)."""
     from core.demo_model import cache_root
 
-    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torch-compile")))
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "torch-compile")
+
+
+def use_persistent_cache() -> Path:
+    """Point Inductor's on-disk caches at the cache root (once; an explicit setting wins)."""
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir())))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return path
+
+
+def has_kernels(path: Path | None = None) -> bool:
+    """Inductor has stored compiled graphs there before: a guess that compiling will mostly hit the
+    cache (graphs of another torch, GPU or block code still miss)."""
+    try:
+        return any(((path or cache_dir()) / "fxgraph").iterdir())
+    except OSError:
+        return False

@@ -30,6 +30,7 @@ from torch import nn
 
 from core.speed import fp8_compute, fused_blocks, graphs
 from core.speed.compile_cache import use_persistent_cache
+from core.speed.compile_policy import CompilePolicy, as_policy
 from core.speed.fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -228,16 +229,6 @@ def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
-def compile_seconds() -> float:
-    """Seconds torch.compile has spent in this process so far (dynamo's own metric; 0 if absent)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-
-        return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
-    except Exception:  # noqa: BLE001 - a private metric: never let it break a job
-        return 0.0
-
-
 def can_compile(backend: str, device: torch.device | str) -> bool:
     """Inductor on a GPU needs Triton."""
     if backend != "inductor" or torch.device(device).type != "cuda":
@@ -261,11 +252,12 @@ def is_compile_error(err: BaseException) -> bool:
 # -- all together ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FastConfig:
-    """How the engine runs all-resident plans. `devices`: where the fast path applies (the CPU only
-    in tests); `backend`: torch.compile's ("eager" in tests)."""
+    """How the engine runs all-resident plans. `compile`: when the blocks are compiled
+    (core.speed.compile_policy; True and False read as "on" and "off"); `devices`: where the fast
+    path applies (the CPU only in tests); `backend`: torch.compile's ("eager" in tests)."""
 
     enabled: bool = True
-    compile: bool = True
+    compile: CompilePolicy = "on"
     attention: str = "auto"
     backend: str | Callable = "inductor"
     mode: str | None = None
@@ -274,6 +266,9 @@ class FastConfig:
     fuse_blocks: bool = True  # core.speed.fused_blocks: GELU in the matmul, no concatenation before proj_out
     cuda_graphs: bool = False  # core.speed.graphs: replay whole denoiser calls (opt-in until measured at full size)
     devices: tuple[str, ...] = ("cuda",)
+
+    def __post_init__(self):
+        object.__setattr__(self, "compile", as_policy(self.compile))
 
 
 @dataclass(frozen=True)
@@ -310,7 +305,7 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | 
     """Bring the transformer and ControlNet of a resident pipeline to the state `cfg` (with `changes`
     to its fields) describes. Idempotent: every step looks at the modules, so a second call changes
     only what differs (fp8 on or off, the attention kernel); compiled blocks stay compiled and keep
-    their cache. `compile` overrides cfg.compile (the engine turns it off where Triton is missing)."""
+    their cache. `compile`: whether the blocks are compiled (the engine decides it by cfg.compile)."""
     cfg = replace(cfg or FastConfig(), **changes)
     fuse = cfg.fuse_blocks
     models = denoisers(pipe)

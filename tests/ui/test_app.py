@@ -27,6 +27,8 @@ def test_create_demo_builds_without_launching(demo_engine):
     params = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     assert params[:5] == ["image", "prompt", "control_1", "scale_1", "end_1"]
     assert params[11:18] == ["tier", "upscale", "seed", "randomize_seed", "steps", "guidance", "max_side"]
+    compile_ = info["named_endpoints"]["/generate"]["parameters"][-1]  # added last: positional callers keep working
+    assert compile_["parameter_name"] == "compile" and compile_["parameter_default"] == "auto", compile_
     assert demo._queue.max_size == 8
     gen = next(f for f in demo.fns.values() if f.api_name == "generate")
     assert gen.concurrency_limit == 1 and gen.concurrency_id == "gpu"

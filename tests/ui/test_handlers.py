@@ -299,3 +299,25 @@ def test_pose_and_soft_edge_rows_and_previews(photo_path):
     for kind in ("pose", "softedge"):
         prev = H.preview_control(photo_path, kind, demo=True)
         assert prev.mode == "RGB" and max(prev.size) == H.PREVIEW_SIDE, kind
+
+
+def test_the_compile_choice_travels_from_the_page_to_the_job(photo_path, tmp_path):
+    from ui.run import Runner
+
+    assert job_from(photo_path).compile == "auto" and job_from(photo_path, compile=None).compile == "auto"
+    assert job_from(photo_path, compile="never").compile == "never"
+    with pytest.raises(ValueError, match="compile must be one of auto, always, never") as err:
+        job_from(photo_path, compile="sometimes")
+    assert H.field_of(err.value) == "advanced"
+    runner = Runner(None, H.CancelFlags(), tmp_path, None, dict(lora_dir=str(tmp_path)))
+    values = [photo_path, "a photo", "canny", 0.7, 0.8, "none", 0.7, 0.8, "none", 0.7, 0.8]
+    values += ["auto", "1", 3, False, 8, 3.5, 256, True, 100, 200, False, "auto", "None", 1.0, "None", 1.0]
+    assert runner._job(values + ["always"]).compile == "always"
+    assert runner._job(values).compile == "auto"  # a caller that does not send it yet
+    assert "compile" not in runner._job(values + ["never"]).describe()  # speed, not the picture: not in the PNG
+
+
+def test_auto_compile_says_what_the_engine_does():
+    assert H.compile_choices("later")[0] == ("Auto (compile from the second job)", "auto")
+    assert H.compile_choices("off")[0][0] == "Auto (never compile here)"
+    assert [v for _, v in H.compile_choices("on")] == ["auto", "always", "never"]

@@ -38,7 +38,7 @@ def test_the_api_takes_a_lora_per_row(demo_engine, lora_dir):
 
     demo = create_demo(demo_engine, examples=False, lora_dir=lora_dir)
     params = [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
-    assert params[-6:] == ["fp8_compute", "precision", "lora_1", "lora_scale_1", "lora_2", "lora_scale_2"]
+    assert params[-7:-1] == ["fp8_compute", "precision", "lora_1", "lora_scale_1", "lora_2", "lora_scale_2"]
 
 
 def test_a_job_from_the_page_carries_its_loras_into_the_png_and_back(lora_dir, tmp_path, example_photo):
