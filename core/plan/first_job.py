@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from core.device import DeviceInfo, GiB
 from core.plan.memory import cast_scratch_bytes, esize, host_ram_bytes, resident_bytes, slot_bytes, t5_host_bytes
-from core.plan.placement import Placement
+from core.plan.placement import Placement, store
 from core.plan.sizes import ModelSizes
 from core.plan.stages import stage_sizes
 from core.plan.timing import BUS_EFF, MODEL_EFF
@@ -61,7 +61,7 @@ def first_job_parts(
     rate = _rate(device, p.dtype)
     encode = ENCODE_S + 2.0 * (sizes.t5_params + sizes.clip_params) * sizes.max_seq / (rate * MODEL_EFF)
     if p.text_encoders == "stream":  # T5's layers cross the bus for every prompt
-        encode += t5_host_bytes(sizes, p.t5, esize(p.dtype)) / (device.h2d_gbps * GiB * BUS_EFF)
+        encode += t5_host_bytes(sizes, p.t5, esize(p.dtype)) / (device.h2d_gbps * GiB * BUS_EFF[store(p.t5).fmt])
     px = width * height
     vae_px = px * (1 + VAE_ENCODE_SHARE * controls)  # the control images in, the image out
     vae_px += sum(w * h * (1 + VAE_ENCODE_SHARE) for w, h in stage_sizes(width, height, upscale))
