@@ -28,7 +28,10 @@ class Calibration:
     vae_small_tile_px: int = 256  # where even 512 px VAE tiles do not fit (the 4 GB tier)
     frag: float = 1.02  # reserved / allocated of the transients (weights sit in whole blocks: 1.0)
     margin_gb: float = 0.18
-    fast_path_gb: float = 1.0  # all-resident plans: workspaces of the fast path (fused and compiled blocks)
+    # all-resident plans: workspaces of the fast path's compiled blocks in the denoising phase. Not
+    # measured since the residency fix: a compiled 48 GB CLI run peaked at 46.7 GiB, 2.2 above an
+    # eager one's denoising (44.5), both with the 5.1 GiB that fix removed (bench/ram/ANY_RAM.md)
+    fast_path_gb: float = 2.4
 
 
 CAL = Calibration()
