@@ -172,6 +172,14 @@ def deferred(p: torch.Tensor) -> QuantSource | None:
     return src if src is not None and p.dim() and all(s == 0 for s in p.stride()) else None
 
 
+def retype_deferred(model: nn.Module, dtype: torch.dtype) -> None:
+    """Placeholders in `dtype` before `model.to(dtype)`: converting one would make it a full tensor
+    of NaN (strided, so no longer deferred) and drop its source."""
+    for p in model.parameters():
+        if deferred(p) is not None and p.dtype != dtype:
+            p.data = placeholder(p.shape, dtype)
+
+
 def has_deferred(model: nn.Module) -> bool:
     return any(deferred(p) is not None for p in model.parameters())
 

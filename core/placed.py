@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from core.checkpoints import deferred, has_deferred, materialize
+from core.checkpoints import deferred, has_deferred, materialize, retype_deferred
 from core.device import DeviceInfo
 from core.job import Job
 from core.lora import Merger, model_sources
@@ -152,6 +152,7 @@ class PlacedPipeline:
             log.warning("units return to bf16 from rounded fp8/4-bit weights (pipeline given by the caller)")
         self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
         dtype = getattr(torch, plan.dtype)
+        retype_deferred(pipe.transformer, dtype)  # before .to(dtype), which would fill placeholders with NaN
         if pipe.transformer.dtype != dtype:
             from diffusers.utils import logging as dlogging
 
