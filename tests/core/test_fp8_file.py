@@ -1,0 +1,172 @@
+"""fp8 single-file transformers (ComfyUI / Forge layouts) written from the demo transformer: their
+block weights stay the file's fp8 bytes, and malformed files are one sentence each."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from core.checkpoints import CheckpointError, deferred, load_transformer, materialize, native_fp8
+from core.demo_model import ensure_demo_model
+from core.fp8_file import original_parts
+from core.stream.packs import _mapped, file_mappings
+from tests.core.byom_files import demo_transformer, fp8_file, fp8_state_dict
+
+BASE = str(ensure_demo_model() / "flux")
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+LAYOUTS = {  # name: (key layout, scale key)
+    "plain.safetensors": ("diffusers", ""),
+    "scaled.safetensors": ("diffusers", "weight_scale"),
+    "comfy.safetensors": ("original", "scale_weight"),
+    "comfy-plain.safetensors": ("original", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp8")
+    out = {name: fp8_file(d / name, layout, scales) for name, (layout, scales) in LAYOUTS.items()}
+    out["e5m2.safetensors"] = fp8_file(d / "e5m2.safetensors", dtype=E5M2)
+    return dict(out, dir=d)
+
+
+def block_linears(model):
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    return [(n, m) for b in blocks for n, m in b.named_modules() if isinstance(m, nn.Linear)]
+
+
+def file_values(path, layout: str, scales: str) -> dict[str, tuple[torch.Tensor, float]]:
+    """{diffusers weight name: (the file's fp8 tensor for it, its scale)}, read independently of the loader."""
+    prefix = "model.diffusion_model." if layout == "original" else ""
+    parts = original_parts(2, 2, 32) if layout == "original" else {}
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for name in demo_transformer().state_dict():
+            part = parts.get(name)
+            key = prefix + (part.key if part else name)
+            t = f.get_tensor(key)
+            if t.dtype not in (E4M3, E5M2):
+                continue
+            t = part.take(t) if part else t
+            skey = key[: -len("weight")] + scales
+            out[name] = (t, float(f.get_tensor(skey)) if scales and skey in keys else 1.0)
+    return out
+
+
+def reference(path, layout, scales) -> nn.Module:
+    """The demo transformer with the file's weights dequantized by hand (fp8 → float32, × scale), resident."""
+    tr = load_transformer(str(path), BASE, torch.float32)
+    materialize(tr, "cpu", torch.float32)
+    with torch.no_grad():
+        for name, (t, s) in file_values(path, layout, scales).items():
+            p = tr.get_parameter(name)
+            if p.dim() == 2 and name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+                assert torch.equal(p, t.float() * s), name  # materialize agrees with the hand-made values
+    return tr
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_block_weights_stay_the_files_fp8_bytes_with_no_compute_dtype_copy(files, name):
+    layout, scales = LAYOUTS[name]
+    model = load_transformer(str(files[name]), BASE, torch.float32)
+    want = file_values(files[name], layout, scales)
+    maps = file_mappings()
+    linears = block_linears(model)
+    assert len(linears) == 40
+    for n, m in linears:
+        src = native_fp8(m.weight)
+        assert src is not None and src.data.dtype == E4M3, n
+        assert all(s == 0 for s in m.weight.stride()), "a placeholder: no memory of its own"
+        assert _mapped(src.data, maps), "the file's memory-mapped pages, not a copy"
+    for n, p in model.named_parameters():
+        src = deferred(p)
+        if src is not None:  # the very bytes of the file (row slices of the fused tensors), and its scale
+            t, s = want[n]
+            assert torch.equal(src.data.view(torch.uint8), t.view(torch.uint8)) and src.scale == s, n
+    ref = demo_transformer().state_dict()
+    materialize(model, "cpu", torch.float32)
+    err = max((model.state_dict()[k] - v).abs().max().item() / (v.abs().max().item() + 1e-6) for k, v in ref.items())
+    assert 0 < err < 0.07, "the file's values are the demo's, rounded to fp8 (and bf16)"
+
+
+def test_a_checkpoint_bundling_the_vae_and_text_encoders_is_read_for_its_transformer(files, tmp_path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(files["comfy.safetensors"]))
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]  # I64
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
+    save_file(sd, str(tmp_path / "bundle.safetensors"))
+    tr = load_transformer(str(tmp_path / "bundle.safetensors"), BASE, torch.float32)
+    assert all(native_fp8(m.weight) is not None for _, m in block_linears(tr))
+
+
+def test_the_original_layout_is_read_as_diffusers_converts_it():
+    """original_parts against diffusers' own conversion, on a full-width state dict of one block each
+    (diffusers' conversion assumes FLUX's width; only the rows matter, so each row is 2 wide)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    inner = 3072
+    parts = original_parts(1, 1, inner)
+    rows = {"double_blocks.0.img_attn.qkv": 3 * inner, "double_blocks.0.txt_attn.qkv": 3 * inner}
+    rows["single_blocks.0.linear1"] = 7 * inner  # q, k, v and the MLP's 4x
+    sd, n = {}, 0
+    for key in dict.fromkeys(part.key for part in parts.values()):
+        r = rows.get(key.rsplit(".", 1)[0], 6)
+        shape = (r, 2) if key.endswith(".weight") else (r,)
+        sd[key] = torch.arange(n, n + np.prod(shape), dtype=torch.float32).reshape(shape)  # every value distinct
+        n += int(np.prod(shape))
+    converted = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
+    assert set(converted) == set(parts)
+    for name, part in parts.items():
+        assert torch.equal(part.take(sd[part.key]), converted[name]), name
+
+
+def test_malformed_fp8_files_are_one_sentence_each(files, tmp_path):
+    def refused(sd, match, name="bad.safetensors"):
+        save_file(sd, str(tmp_path / name))
+        with pytest.raises(CheckpointError, match=match) as e:
+            load_transformer(str(tmp_path / name), BASE, torch.float32)
+        assert str(e.value).count(". ") == 0 and str(e.value).endswith("."), str(e.value)
+
+    data = files["comfy.safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"'cut.safetensors' is truncated \("):
+        load_transformer(str(tmp_path / "cut.safetensors"), BASE, torch.float32)
+    controlnet = next((ensure_demo_model() / "controlnet-union").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    refused(fp8_state_dict(load_file(str(controlnet))), "is not a FLUX transformer matching")
+
+    sd = fp8_state_dict(demo_transformer().state_dict(), "weight_scale")
+    q = "transformer_blocks.0.attn.to_q."
+    bad = {**sd, q + "weight_scale": torch.ones(96)}
+    refused(bad, r"per-channel or block-wise fp8 scales \(transformer_blocks.0.attn.to_q.weight_scale, shape \[96\]\)")
+    refused({**sd, q + "weight_scale_inv": torch.ones(1, 1)}, "per-channel or block-wise fp8 scales")
+    refused(
+        {**sd, "transformer_blocks.0.attn.to_r.weight_scale": torch.ones(1)}, "to_r.weight_scale belongs to no weight"
+    )
+    refused({**sd, "proj_out.bias.weight_scale": torch.ones(1)}, "belongs to no weight")
+    refused(
+        {**sd, "norm_out.linear.weight_scale": torch.ones(1), "norm_out.linear.weight": torch.ones(64, 32)},
+        "scales a F32 weight, not an fp8 one",
+    )
+    refused(
+        {**sd, q + "scale_weight": torch.ones(())},
+        r"to_q.(scale_weight|weight_scale) is the second scale of transformer_blocks.0.attn.to_q.weight",
+    )
+    refused(
+        {**sd, q + "weight_scale": torch.ones(1, dtype=E4M3)},
+        "to_q.weight_scale is stored as F8_E4M3; scales are read as bf16, fp16 or fp32",
+    )
+    for value in (0.0, float("nan"), -1.0):
+        refused(
+            {**sd, q + "weight_scale": torch.full((1,), value)},
+            r"to_q.weight_scale is .*, not a positive finite number",
+        )
+    refused(
+        {**sd, q + "weight": sd[q + "weight"].view(torch.uint8)},
+        r"stores transformer_blocks.0.attn.to_q.weight as U8, a format that is not read",
+    )
