@@ -12,8 +12,8 @@ plain Linear whose weight is a placeholder (one NaN, broadcast to the weight's s
 no memory, poison if ever computed with) with its source beside it (`QuantSource`: GGUF blocks;
 `Fp8Source`: the file's float8 values, memory-mapped), and the placement dequantizes them unit by
 unit on the device (core.stream.packs.weight_of), so the 24 GB of bf16 are never made on the host.
-A Q4_0 weight whose unit the plan stores as 4-bit is packed as the file's own bytes. The few Linears
-outside the blocks are dequantized at load.
+A Q4_0 weight whose unit the plan stores as 4-bit is packed as the file's own bytes, a float8_e4m3fn
+weight whose unit it stores as fp8 likewise. The few Linears outside the blocks are dequantized at load.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """fp8 single-file transformers (ComfyUI / Forge layouts) written from the demo transformer: their
-block weights stay the file's fp8 bytes, and malformed files are one sentence each."""
+block weights stay the file's fp8 bytes, fp8 packs are those bytes, every store computes what the
+dequantized weights compute, and malformed files are one sentence each."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -122,6 +125,66 @@ def test_the_original_layout_is_read_as_diffusers_converts_it():
     assert set(converted) == set(parts)
     for name, part in parts.items():
         assert torch.equal(part.take(sd[part.key]), converted[name]), name
+
+
+def _units(tr):
+    from core.plan.units import denoiser_units
+    from core.stream.packs import file_backed
+    from tests.core.test_residency import tiny_denoiser
+
+    _, cn = tiny_denoiser()
+    units = denoiser_units(tr, cn)
+    maps = file_mappings()
+    return cn, units, [file_backed(m, maps) for _, m in units]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("name", ["plain.safetensors", "comfy.safetensors"])
+def test_fp8_packs_are_the_files_bytes_and_every_store_computes_the_dequantized_weights(files, name, device):
+    from core.stream.residency import Residency
+    from tests.core.test_residency import run
+
+    layout, scales = LAYOUTS[name]
+    tr = load_transformer(str(files[name]), BASE, torch.float32)
+    cn, units, keep = _units(tr)
+    ref = run(reference(files[name], layout, scales).to(device), copy.deepcopy(cn).to(device), device)
+    for m in (tr, cn):  # what is not in a unit stays resident, as the placement keeps it
+        for child_name, child in m.named_children():
+            if child_name not in ("transformer_blocks", "single_transformer_blocks"):
+                child.to(device)
+    file_bytes = {id(p): deferred(p).data.view(torch.uint8).reshape(-1) for p in tr.parameters() if deferred(p)}
+    for pattern in ("F", "Q", "FQ", "B", "S", "BQSF"):
+        # the ControlNet (bf16 from the base) resident, so that only the file's weights are stored this way
+        tr_codes = iter((pattern * len(units))[: len(units)])
+        codes = "".join(next(tr_codes) if n.startswith("transformer.") else "B" for n, _ in units)
+        assert all(k for k, (n, _) in zip(keep, units) if n.startswith("transformer."))
+        res = Residency(units, codes, torch.device(device), torch.float32, slots=2, ring=4, keep=keep)
+        for i, pack in res.packs.items():
+            if pack.fmt == "fp8":  # the compressed part is the file's bytes, weight after weight
+                comp = pack.params[: pack._n_comp()]
+                got = pack.buf[: pack.n8].cpu()
+                assert torch.equal(got, torch.cat([file_bytes[id(p)] for p in comp])), units[i][0]
+                assert len(pack.scales) == (len(comp) if scales else 0)
+        got = run(tr, cn, device)
+        res.remove()
+        assert torch.equal(got, ref), f"{pattern}: not what the dequantized weights compute, resident"
+        assert all(deferred(m.weight) is not None for _, m in block_linears(tr)), "released: deferred again"
+
+
+def test_an_e5m2_file_is_read_but_its_fp8_stores_round_it_again(files):
+    from core.stream.residency import Residency
+    from tests.core.test_residency import run
+
+    tr = load_transformer(str(files["e5m2.safetensors"]), BASE, torch.float32)
+    assert all(deferred(m.weight).data.dtype == E5M2 and native_fp8(m.weight) is None for _, m in block_linears(tr))
+    cn, units, keep = _units(tr)
+    ref = run(reference(files["e5m2.safetensors"], "diffusers", ""), cn, "cpu")
+    for pattern, exact in (("B", True), ("S", True), ("Q", False)):
+        codes = "".join(pattern if n.startswith("transformer.") else "B" for n, _ in units)
+        res = Residency(units, codes, torch.device("cpu"), torch.float32, slots=2, ring=4, keep=keep)
+        got = run(tr, cn, "cpu")
+        res.remove()
+        assert torch.equal(got, ref) if exact else (got - ref).norm() / ref.norm() < 0.1, pattern
 
 
 def test_malformed_fp8_files_are_one_sentence_each(files, tmp_path):
