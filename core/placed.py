@@ -85,7 +85,10 @@ class PlacedPipeline:
 
     def precision(self, asked: str) -> str:
         """The precision a job asking `asked` runs at: "auto" on a Q4_0 GGUF transformer is 4-bit (its
-        own blocks, streamed as they are, beat widening them to bf16 or rounding them again to fp8)."""
+        own blocks, streamed as they are, beat widening them to bf16 or rounding them again to fp8).
+        An fp8 file needs no rule here: "exact" allows fp8 stores, and the planner counts them as exact
+        for the file's units (UnitSize.fp8_file: no premium for bf16, never streamed widened), while the
+        ControlNet and T5 from the base keep the usual preference for bf16."""
         return "4bit" if asked == "auto" and self.q4_file else asked
 
     # -- what is held ---------------------------------------------------------------------------

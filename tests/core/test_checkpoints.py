@@ -218,16 +218,21 @@ def test_the_app_takes_a_transformer_file(files, job):
     assert model_name(replace(engine.spec, demo=False)).endswith("transformer q4_0.gguf")
 
 
-def test_a_float32_plan_keeps_the_deferred_weights_of_a_file_loaded_in_bf16(files):
+@pytest.mark.parametrize("name", ["q8_0.gguf", "fp8.safetensors"])
+def test_a_float32_plan_keeps_the_deferred_weights_of_a_file_loaded_in_bf16(files, name):
     """The retry after a black result computes in float32: converting the pipeline must not turn the
     placeholders into tensors of NaN (which would also drop their sources)."""
     from core.device import DeviceInfo
     from core.placed import PlacedPipeline
     from core.plan.planner import JobShape, plan_for
 
-    spec = replace(ModelSpec.demo_spec(), transformer=str(files["q8_0.gguf"]))
+    spec = replace(ModelSpec.demo_spec(), transformer=str(files[name]))
     cpu = DeviceInfo("cpu", "CPU", 0.0, 0.0, True, 32.0)
     state = PlacedPipeline(spec, cpu, pipe=load_pipeline(spec, torch.bfloat16))
     state.place(plan_for("cpu", JobShape(64, 64), state.sizes, cpu, dtype="float32"))
     tr = state.pipe.transformer
     assert all(p.dtype == torch.float32 and not p.isnan().any() for p in tr.parameters() if deferred(p) is None)
+    state.release()
+    if name == "fp8.safetensors":  # placed as fp8 on the CPU (a GGUF is dequantized there for good)
+        weights = [m.weight for b in tr.transformer_blocks for m in b.modules() if isinstance(m, nn.Linear)]
+        assert all(deferred(w) is not None and w.dtype == torch.float32 for w in weights)

@@ -1,8 +1,9 @@
 """fp8 single-file transformers (ComfyUI / Forge layouts) written from the demo transformer: their
 block weights stay the file's fp8 bytes, fp8 packs are those bytes, every store computes what the
-dequantized weights compute, and malformed files are one sentence each."""
+dequantized weights compute, the planner stores them as fp8, and malformed files are one sentence each."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,12 +173,14 @@ def test_fp8_packs_are_the_files_bytes_and_every_store_computes_the_dequantized_
 
 
 def test_an_e5m2_file_is_read_but_its_fp8_stores_round_it_again(files):
+    from core.plan.units import unit_sizes
     from core.stream.residency import Residency
     from tests.core.test_residency import run
 
     tr = load_transformer(str(files["e5m2.safetensors"]), BASE, torch.float32)
     assert all(deferred(m.weight).data.dtype == E5M2 and native_fp8(m.weight) is None for _, m in block_linears(tr))
     cn, units, keep = _units(tr)
+    assert not any(u.fp8_file for u in unit_sizes(units)), "as fp8 (e4m3) its weights are rounded: not exact"
     ref = run(reference(files["e5m2.safetensors"], "diffusers", ""), cn, "cpu")
     for pattern, exact in (("B", True), ("S", True), ("Q", False)):
         codes = "".join(pattern if n.startswith("transformer.") else "B" for n, _ in units)
@@ -185,6 +188,54 @@ def test_an_e5m2_file_is_read_but_its_fp8_stores_round_it_again(files):
         got = run(tr, cn, "cpu")
         res.remove()
         assert torch.equal(got, ref) if exact else (got - ref).norm() / ref.norm() < 0.1, pattern
+
+
+def test_the_planner_stores_a_files_fp8_units_as_fp8(files):
+    from core.device import DeviceInfo
+    from core.plan.planner import JobShape, plan_for
+    from core.plan.sizes import sizes_from_config
+    from core.plan.units import unit_sizes
+
+    tr = load_transformer(str(files["plain.safetensors"]), BASE, torch.float32)
+    _, units, _ = _units(tr)
+    assert [u.fp8_file for u in unit_sizes(units)] == [n.startswith("transformer.") for n, _ in units]
+    full = sizes_from_config("full")
+    fp8 = replace(full, units=tuple(replace(u, fp8_file=u.name.startswith("transformer.")) for u in full.units))
+    gpu = DeviceInfo("cuda", "test", 80, 80, True, 128.0, 25.0, 150.0)
+    shape = JobShape(1024, 1024, 1)
+    for tier in ("24", "16", "12", "8"):
+        bf, f8 = (plan_for(tier, shape, s, gpu, precision="exact") for s in (full, fp8))
+        codes = [c for u, c in zip(fp8.units, f8.placement.units) if u.fp8_file]
+        assert "S" not in codes and {"F", "Q"} & set(codes), tier  # the file's bytes, never widened to stream
+        assert f8.precision == "exact" and bf.precision == "exact", tier
+        assert any("file's own float8" in n for n in f8.notes), tier
+    cpu = plan_for("cpu", shape, fp8, DeviceInfo("cpu", "CPU", 0.0, 0.0, True, 32.0))
+    assert [c == "F" for c in cpu.placement.units] == [u.fp8_file for u in fp8.units] and cpu.placement.slots
+    assert plan_for("cpu", shape, full, gpu).placement.all_resident  # a bf16 file: as before
+
+
+@pytest.fixture(scope="module")
+def job(astronaut):
+    from core.job import ControlSpec, Job
+
+    return Job("an astronaut portrait", astronaut, (ControlSpec("canny"),), 64, 64, steps=2, seed=5, tier="cpu")
+
+
+def _image(engine, job):
+    return np.asarray(engine.run(job).image, dtype=np.int16)
+
+
+def test_a_pipeline_with_an_fp8_file_generates_what_its_dequantized_weights_generate(files, job):
+    from core.engine import Engine
+    from core.models import ModelSpec, load_pipeline
+
+    spec = replace(ModelSpec.demo_spec(), transformer=str(files["comfy.safetensors"]))
+    engine = Engine(spec)
+    out = _image(engine, job)
+    assert "F" in engine.state.placed.placement.units, "the CPU plan keeps the file's units as fp8"
+    pipe = load_pipeline(spec, torch.float32)
+    materialize(pipe.transformer, "cpu", torch.float32)
+    assert np.array_equal(out, _image(Engine(spec, pipe=pipe), job)) and out.std() > 1
 
 
 def test_malformed_fp8_files_are_one_sentence_each(files, tmp_path):
