@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from core.checkpoints import deferred, has_deferred, materialize, retype_deferred
+from core.checkpoints import QuantSource, deferred, materialize, retype_deferred
 from core.device import DeviceInfo
 from core.job import Job
 from core.lora import Merger, model_sources
@@ -242,7 +242,7 @@ class PlacedPipeline:
     def _apply_loras(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
         Returns the names of the parameters whose weights changed."""
-        if loras and has_deferred(self.pipe.transformer):
+        if loras and any(isinstance(deferred(p), QuantSource) for p in self.pipe.transformer.parameters()):
             raise ValueError(
                 "LoRAs cannot be merged into a GGUF transformer yet (its blocks stay quantized until placed); "
                 "use a .safetensors transformer with LoRAs."

@@ -86,6 +86,8 @@ class Pack:
         tmp[self.off : self.nbytes].view(self.dtype).copy_(scratch[self.n8 : self.numel])
         if tmp is not buf:
             buf.copy_(tmp[: self.nbytes])
+        if self.sources is not None:  # what it was filled from (a LoRA may have changed it since)
+            self.sources = [p.data for p in self.params]
         self.buf = buf
 
     def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:

@@ -1,6 +1,7 @@
 """fp8 single-file transformers (ComfyUI / Forge layouts) written from the demo transformer: their
 block weights stay the file's fp8 bytes, fp8 packs are those bytes, every store computes what the
-dequantized weights compute, the planner stores them as fp8, and malformed files are one sentence each."""
+dequantized weights compute, the planner stores them as fp8, LoRAs merge and unmerge exactly, and
+malformed files are one sentence each."""
 
 import copy
 from dataclasses import replace
@@ -236,6 +237,37 @@ def test_a_pipeline_with_an_fp8_file_generates_what_its_dequantized_weights_gene
     pipe = load_pipeline(spec, torch.float32)
     materialize(pipe.transformer, "cpu", torch.float32)
     assert np.array_equal(out, _image(Engine(spec, pipe=pipe), job)) and out.std() > 1
+
+
+def test_loras_on_an_fp8_file_merge_into_widened_weights_and_unmerge_to_the_file(files, job, tmp_path):
+    from core.engine import Engine
+    from core.lora import LoraSpec, Merger
+    from core.models import ModelSpec
+    from core.speed import fast
+    from tests.core.byom_files import peft_lora
+
+    lora = (LoraSpec(str(peft_lora(tmp_path / "style.safetensors")), 0.8),)
+    tr = load_transformer(str(files["plain.safetensors"]), BASE, torch.float32)
+    ref = reference(files["plain.safetensors"], "diffusers", "")
+    m, m_ref = Merger(dict(transformer=tr)), Merger(dict(transformer=ref))
+    touched = m.set(lora)
+    m_ref.set(lora)
+    assert touched and all(torch.equal(tr.get_parameter(n[12:]), ref.get_parameter(n[12:])) for n in touched)
+    m.set(())
+    assert all(deferred(tr.get_parameter(n[12:])) is not None for n in touched if "blocks." in n), "the file again"
+    m.set(lora)
+    fast.fuse_qkv(tr)  # what the all-resident fast path does (and undoes) while a LoRA is merged
+    fast.unfuse_qkv(tr)
+    m.set(())
+    assert all(deferred(tr.get_parameter(n[12:])) is not None for n in touched if "blocks." in n)
+
+    engine = Engine(replace(ModelSpec.demo_spec(), transformer=str(files["plain.safetensors"])))
+    plain, styled = _image(engine, job), _image(engine, job.with_(loras=lora))
+    assert engine.state.last_repack is not None, "the placement was kept: only touched units packed again"
+    assert not np.array_equal(plain, styled)
+    assert np.array_equal(_image(engine, job), plain) and np.array_equal(_image(engine, job.with_(loras=lora)), styled)
+    engine.state.release()  # what a failed attempt does: the merged weights come back, not the file's
+    assert np.array_equal(_image(engine, job.with_(loras=lora)), styled)
 
 
 def test_malformed_fp8_files_are_one_sentence_each(files, tmp_path):
