@@ -1,17 +1,19 @@
-"""A FLUX transformer from one file: a single .safetensors (bf16 or float8_e4m3fn) or a GGUF
-quantization (Q8_0 … Q2_K), while the rest of the pipeline comes from the base model.
+"""A FLUX transformer from one file: a single .safetensors (bf16, or float8 as ComfyUI and Forge
+write them) or a GGUF quantization (Q8_0 … Q2_K), while the rest of the pipeline comes from the base model.
 
-diffusers' `from_single_file` reads both (converting the original BFL key layout, or taking
-diffusers' own), with the base model's config so nothing is fetched. The file is looked at first
-(its header only) so that a truncated file, another architecture or an unsupported quant type is
-one sentence instead of a traceback from deep inside the loader.
+diffusers' `from_single_file` reads bf16 files and GGUF (converting the original BFL key layout, or
+taking diffusers' own), with the base model's config so nothing is fetched; fp8 files are read by
+core.fp8_file. The file is looked at first (its header only) so that a truncated file, another
+architecture or an unsupported quant type is one sentence instead of a traceback from deep inside
+the loader.
 
-A GGUF file's Linear weights inside the transformer blocks stay quantized in host RAM: each becomes
-a plain Linear whose weight is a placeholder (one NaN, broadcast to the weight's shape: right shape,
-no memory, poison if ever computed with) with its GGUF blocks beside it (`QuantSource`),
-and the placement dequantizes them unit by unit on the device (core.stream.packs.weight_of), so
-the 24 GB of bf16 are never made on the host. A Q4_0 weight whose unit the plan stores as 4-bit is
-packed as the file's own bytes. The few Linears outside the blocks are dequantized at load.
+Quantized Linear weights inside the transformer blocks stay as the file has them: each becomes a
+plain Linear whose weight is a placeholder (one NaN, broadcast to the weight's shape: right shape,
+no memory, poison if ever computed with) with its source beside it (`QuantSource`: GGUF blocks;
+`Fp8Source`: the file's float8 values, memory-mapped), and the placement dequantizes them unit by
+unit on the device (core.stream.packs.weight_of), so the 24 GB of bf16 are never made on the host.
+A Q4_0 weight whose unit the plan stores as 4-bit is packed as the file's own bytes, a float8_e4m3fn
+weight whose unit it stores as fp8 likewise. The few Linears outside the blocks are dequantized at load.
 """
 
 from __future__ import annotations
@@ -161,15 +163,52 @@ class QuantSource:
         return getattr(self.quant_type, "name", "") == "Q4_0"
 
 
+@dataclass(frozen=True)
+class Fp8Source:
+    """A Linear weight kept as a file's float8 values until a placement needs them: `data × scale`."""
+
+    data: torch.Tensor  # float8_e4m3fn (or e5m2) in the weight's shape: a view of the memory-mapped file
+    scale: float = 1.0  # the file's per-tensor scale (1: it has none)
+    is_q4_0 = False  # as QuantSource answers it
+
+    def dequantize(self, device, dtype: torch.dtype) -> torch.Tensor:
+        return scaled(self.data.to(device).to(dtype), self.scale)
+
+    @property
+    def native(self) -> bool:
+        """fp8 packs hold its bytes as they are (float8_e4m3fn is their format): no second rounding."""
+        return self.data.dtype == torch.float8_e4m3fn
+
+
+def scaled(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp8 values (already widened, exactly) times their scale, in place: the one way both a pack's
+    cast and a dequantized reference apply it, so that the two agree bit for bit."""
+    return values if scale == 1.0 else values.mul_(scale)
+
+
 def placeholder(shape, dtype: torch.dtype) -> torch.Tensor:
     """A weight's stand-in until it is dequantized: its shape, one element of memory, NaN."""
     return torch.full((1,) * len(shape), float("nan"), dtype=dtype).expand(*shape)
 
 
-def deferred(p: torch.Tensor) -> QuantSource | None:
-    """The GGUF blocks behind a weight that still holds its placeholder, if it is one."""
+def deferred(p: torch.Tensor) -> QuantSource | Fp8Source | None:
+    """The source (GGUF blocks, a file's fp8 values) behind a weight that still holds its placeholder."""
     src = getattr(p, "quant_source", None)
     return src if src is not None and p.dim() and all(s == 0 for s in p.stride()) else None
+
+
+def retype_deferred(model: nn.Module, dtype: torch.dtype) -> None:
+    """Placeholders in `dtype` before `model.to(dtype)`: converting one would make it a full tensor
+    of NaN (strided, so no longer deferred) and drop its source."""
+    for p in model.parameters():
+        if deferred(p) is not None and p.dtype != dtype:
+            p.data = placeholder(p.shape, dtype)
+
+
+def native_fp8(p: torch.Tensor) -> Fp8Source | None:
+    """A deferred float8_e4m3fn file weight: fp8 stores take its bytes as they are, exactly."""
+    src = deferred(p)
+    return src if isinstance(src, Fp8Source) and src.native else None
 
 
 def has_deferred(model: nn.Module) -> bool:
@@ -238,12 +277,21 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
 
 def load_transformer(path: str, base: str, dtype: torch.dtype):
     """FluxTransformer2DModel from `path` (.safetensors or .gguf) with `base`'s config, on the CPU in
-    `dtype`. Raises CheckpointError (one sentence) for a file that cannot be this transformer."""
+    `dtype` (quantized block weights deferred). Raises CheckpointError (one sentence) for a file
+    that cannot be this transformer."""
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
     p = Path(path).expanduser()
-    check_architecture(header(p), base, p.name)
+    keys = header(p)
+    check_architecture(keys, base, p.name)
     gguf_file = p.suffix.lower() == ".gguf"
+    if not gguf_file:
+        from core import fp8_file
+
+        keys = fp8_file.transformer_keys(keys)
+        fp8_file.check_dtypes(keys, p.name)
+        if fp8_file.is_fp8(keys):  # kept as the file's bytes: diffusers would widen it (and drop its scales)
+            return fp8_file.load(p, keys, base, dtype)
     kwargs = dict(config=base, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
     if gguf_file:
         kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)

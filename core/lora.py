@@ -7,7 +7,9 @@ streamed packs are made from the merged weights, and a step costs what it costs 
 Files are read by diffusers' Flux LoRA reader (`lora_state_dict`), which converts the kohya,
 ComfyUI, xlabs and BFL layouts to diffusers' module names; keys prefixed `controlnet.` target the
 Union ControlNet. Unmerging is exact: a touched weight is read again from the model's source file
-when there is one, or restored from the copy taken before its first merge.
+when there is one, or restored from the copy taken before its first merge. A weight an fp8 file's
+transformer keeps deferred (core.checkpoints.Fp8Source) is widened to the compute dtype to be
+merged, and deferred to the file again when unmerged; fp8 stores then round the merged weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.checkpoints import deferred, placeholder
 from core.limits import check
 
 log = logging.getLogger(__name__)
@@ -206,9 +209,13 @@ class Merger:
         with torch.no_grad():
             for name in self.touched:
                 target, _, pname = name.partition(".")
+                p = self._param(name)
+                if getattr(p, "quant_source", None) is not None:  # a file's fp8 weight: deferred to it again
+                    p.data = placeholder(p.shape, p.dtype)
+                    continue
                 src = self.sources.get(target)
                 w = src(pname) if src is not None else None
-                self._param(name).copy_(w if w is not None else self._saved[name])
+                p.copy_(w if w is not None else self._saved[name])
         done, self.loras, self.touched = self.touched, (), frozenset()
         return done
 
@@ -240,7 +247,12 @@ class Merger:
             for spec, matches in zip(loras, plan):
                 for pname, delta, is_bias in matches:
                     p = self._param(pname)
-                    if pname not in self._saved and self.sources.get(pname.partition(".")[0]) is None:
+                    src = deferred(p)
+                    if src is not None:  # a file's fp8 weight, widened to take the LoRA (the file restores it)
+                        p.data = src.dequantize("cpu", p.dtype)
+                    elif getattr(p, "quant_source", None) is not None:
+                        pass  # widened by an earlier LoRA of this merge
+                    elif pname not in self._saved and self.sources.get(pname.partition(".")[0]) is None:
                         self._saved[pname] = p.detach().clone()
                     if is_bias:
                         d = delta.bias.float() * delta.factor * spec.scale

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from core.checkpoints import deferred, has_deferred, materialize
+from core.checkpoints import QuantSource, deferred, materialize, retype_deferred
 from core.device import DeviceInfo
 from core.job import Job
 from core.lora import Merger, model_sources
@@ -85,7 +85,10 @@ class PlacedPipeline:
 
     def precision(self, asked: str) -> str:
         """The precision a job asking `asked` runs at: "auto" on a Q4_0 GGUF transformer is 4-bit (its
-        own blocks, streamed as they are, beat widening them to bf16 or rounding them again to fp8)."""
+        own blocks, streamed as they are, beat widening them to bf16 or rounding them again to fp8).
+        An fp8 file needs no rule here: "exact" allows fp8 stores, and the planner counts them as exact
+        for the file's units (UnitSize.fp8_file: no premium for bf16, never streamed widened), while the
+        ControlNet and T5 from the base keep the usual preference for bf16."""
         return "4bit" if asked == "auto" and self.q4_file else asked
 
     # -- what is held ---------------------------------------------------------------------------
@@ -152,6 +155,7 @@ class PlacedPipeline:
             log.warning("units return to bf16 from rounded fp8/4-bit weights (pipeline given by the caller)")
         self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
         dtype = getattr(torch, plan.dtype)
+        retype_deferred(pipe.transformer, dtype)  # before .to(dtype), which would fill placeholders with NaN
         if pipe.transformer.dtype != dtype:
             from diffusers.utils import logging as dlogging
 
@@ -238,7 +242,7 @@ class PlacedPipeline:
     def _apply_loras(self, loras) -> frozenset[str]:
         """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
         Returns the names of the parameters whose weights changed."""
-        if loras and has_deferred(self.pipe.transformer):
+        if loras and any(isinstance(deferred(p), QuantSource) for p in self.pipe.transformer.parameters()):
             raise ValueError(
                 "LoRAs cannot be merged into a GGUF transformer yet (its blocks stay quantized until placed); "
                 "use a .safetensors transformer with LoRAs."

@@ -170,5 +170,5 @@ class Placement:
 
     def with_text_encoders(self, n_t5: int) -> str:
         """Codes for T5's streamable layers followed by the denoiser's: what the residency places."""
-        t5 = RESIDENT.code if self.text_encoders == "gpu" else self.t5
+        t5 = self.t5 if self.text_encoders == "stream" else RESIDENT.code  # on the GPU or the CPU: as they are
         return t5 * n_t5 + self.units

@@ -17,8 +17,8 @@ from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
 from core.plan.first_job import compile_seconds, first_job_parts
 from core.plan.memory import CAL, PassShape, host_ram_bytes, phase_peak_bytes, predict_peak_bytes
-from core.plan.placement import RESIDENT, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
-from core.plan.search import choose, host_cap_bytes
+from core.plan.placement import RESIDENT, RESIDENT_FP8, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
+from core.plan.search import choose, host_cap_bytes, placement_of
 from core.plan.sizes import ModelSizes
 from core.plan.stages import stage_sizes, stage_steps
 from core.plan.timing import predict_step_s
@@ -122,10 +122,19 @@ def job_seconds(shape: JobShape, step_s: float, upscale_tile: int, overlap: int)
 
 
 def _cpu_plan(shape: JobShape, sizes: ModelSizes, dtype: str | None) -> Plan:
+    """Everything resident on the CPU; units of a file's fp8 weights as fp8 (F), cast per use: widening
+    them all would double the transformer's host RAM."""
     dtype = dtype or ("float32" if sum(u.numel for u in sizes.units) < 1e9 else "bfloat16")
-    p = Placement.uniform(len(sizes.units), RESIDENT.code, dtype=dtype, text_encoders="cpu")
-    note = "everything runs on the CPU: expect minutes per image with the full-size model"
-    return Plan("cpu", "cpu", 0.0, p, False, 0, 128, 0.0, 0.0, 0.0, (note,), UPSCALE_TILE if shape.upscale > 1 else 0)
+    codes = "".join(RESIDENT_FP8.code if u.fp8_file else RESIDENT.code for u in sizes.units)
+    p = placement_of(codes, dtype, "cpu")
+    notes = ("everything runs on the CPU: expect minutes per image with the full-size model", *_fp8_note(p, sizes))
+    return Plan("cpu", "cpu", 0.0, p, False, 0, 128, 0.0, 0.0, 0.0, notes, UPSCALE_TILE if shape.upscale > 1 else 0)
+
+
+def _fp8_note(p: Placement, sizes: ModelSizes) -> tuple[str, ...]:
+    if any(s.fp8 and u.fp8_file for s, u in zip(p.stores, sizes.units)):
+        return ("fp8 units hold the transformer file's own float8 weights (no second rounding)",)
+    return ()
 
 
 def plan_for(
@@ -182,6 +191,7 @@ def plan_for(
                         f"(denoiser {fmts['denoiser']}, T5 {fmts['t5']})",
                     ),
                 )
+            plan = replace(plan, notes=(*plan.notes, *_fp8_note(plan.placement, sizes)))
             return with_first_job(plan, shape, sizes, device, compile_seconds(compiles, compile_cache_warm))
     raise ValueError(_refusal(tier, shape, sizes, device, dtype, budget, host_cap, precision))
 

@@ -16,6 +16,7 @@ from core.plan.placement import (
     Placement,
     Store,
     allowed_codes,
+    store,
 )
 from core.plan.sizes import ModelSizes
 from core.plan.timing import predict_step_s
@@ -67,6 +68,19 @@ def candidates(sizes: ModelSizes, es: int, avail: int, allowed: str, tail: Store
     return list(dict.fromkeys(out))
 
 
+def file_fp8(codes: str, sizes: ModelSizes) -> str:
+    """Units whose weights are a file's own fp8 stream as fp8 (Q), never in the compute dtype (S): the
+    same values in half the pinned host RAM and half the bus bytes."""
+    return "".join(STREAMED_FP8.code if c == STREAMED.code and u.fp8_file else c for c, u in zip(codes, sizes.units))
+
+
+def rounds(p: Placement, sizes: ModelSizes) -> bool:
+    """Some weights are rounded where this placement stores them: a compressed unit whose weights are
+    not already the file's fp8 values, or T5 streamed compressed."""
+    units = any(s.cast and not (s.fp8 and u.fp8_file) for s, u in zip(p.stores, sizes.units))
+    return units or (p.text_encoders == "stream" and store(p.t5).cast)
+
+
 def placement_of(codes: str, dtype: str, text_encoders: str, t5: str = STREAMED.code) -> Placement:
     """A placement with the buffers its codes need: work slots if anything is cast, a ring if
     anything streams."""
@@ -101,18 +115,18 @@ def _choose(sizes, dtype, text_encoders, t5, ps, budget, device, host_cap, allow
     best = None
     for tail in (s for s in (STREAMED, STREAMED_FP8, STREAMED_Q4) if s.code in allowed):
         # memory left for weights once the buffers of streaming every unit as `tail` are paid for
-        base = predict_peak_bytes(sizes, placement_of(tail.code * n, dtype, text_encoders, t5), ps)
+        base = predict_peak_bytes(sizes, placement_of(file_fp8(tail.code * n, sizes), dtype, text_encoders, t5), ps)
         avail = int(budget - base)
         if avail < 0:
             continue
-        for codes in candidates(sizes, es, avail, allowed, tail):
+        for codes in dict.fromkeys(file_fp8(c, sizes) for c in candidates(sizes, es, avail, allowed, tail)):
             p = placement_of(codes, dtype, text_encoders, t5)
             peak = predict_peak_bytes(sizes, p, ps)
             if peak > budget or host_ram_bytes(sizes, p) > host_cap:
                 continue
             t = predict_step_s(sizes, p, ps, device)
-            if p.any_cast:
-                t *= FP8_MARGIN  # prefer exact compute-dtype weights unless compressed ones are clearly faster
+            if rounds(p, sizes):
+                t *= FP8_MARGIN  # prefer exact weights unless rounded ones are clearly faster
             if best is None or t < best[2]:
                 best = (p, peak, t)
     return best

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from core.checkpoints import native_fp8
 from core.plan.placement import Store, store
 
 Q4_BLOCK, Q4_BLOCK_BYTES = 32, 18  # GGUF Q4_0 (core.stream.q4)
@@ -23,6 +24,7 @@ class UnitSize:
     numel: int  # all parameters of the unit
     fp8_numel: int  # the part stored as fp8 when the unit is F or Q (Linear weights)
     q4_numel: int = -1  # the part stored as 4-bit when R or N (Linear weights of rows of 32k); -1: as fp8
+    fp8_file: bool = False  # its Linear weights are a file's float8_e4m3fn values: as fp8 they are exact
 
     @property
     def q4_part(self) -> int:
@@ -89,7 +91,8 @@ def unit_sizes(units) -> list[UnitSize]:
         f8, q4 = fp8_params(m), q4_params(m)
         n8 = sum(p.numel() for p in params if id(p) in f8)
         n4 = sum(p.numel() for p in params if id(p) in q4)
-        out.append(UnitSize(name, sum(p.numel() for p in params), n8, n4))
+        native = bool(f8) and all(native_fp8(p) is not None for p in params if id(p) in f8)
+        out.append(UnitSize(name, sum(p.numel() for p in params), n8, n4, native))
     return out
 
 

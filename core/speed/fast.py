@@ -1,10 +1,10 @@
-"""Top speed when the whole denoiser is resident: fused QKV, regional compilation, the attention
-kernel, and (opt-in) fp8 compute. Only for plans whose every denoiser unit is resident in the compute dtype on a CUDA GPU: the residency
-hooks the children of the blocks, and fused or compiled blocks would hide them. Every change here
-has an exact inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
+"""Top speed when the whole denoiser is resident in the compute dtype on a CUDA GPU: fused QKV,
+regional compilation, the attention kernel, and (opt-in) fp8 compute (the residency hooks the
+children of the blocks, which fused or compiled blocks would hide). Every change has an exact
+inverse (`undo_fast`), so the engine can return to a streamed plan without reloading.
 
 - fused QKV: one matmul instead of three per attention input (q, k, v concatenated); the unfused
-  Linears are deleted so that fusing costs no memory, and recreated exactly on undo.
+  Linears are set aside emptied, so that fusing costs no memory, and filled again exactly on undo.
 - regional compilation: torch.compile on each repeated block (FluxTransformerBlock,
   FluxSingleTransformerBlock) of the transformer *and* the ControlNet, with a symbolic sequence
   length: blocks of one class share one graph (the ControlNet's text is one token longer), so this
@@ -75,7 +75,10 @@ def fuse_qkv(model: nn.Module) -> int:
         attn.fuse_projections()
         for fused, parts in _UNFUSED.items():
             if hasattr(attn, fused):
-                for name in parts:
+                for name in parts:  # set aside, emptied: unfusing gives these very Parameters back
+                    lin = attn.__dict__.setdefault("_unfused", {})[name] = getattr(attn, name)
+                    for p in lin.parameters():
+                        p.data = p.data.new_empty(0)
                     delattr(attn, name)
         n += 1
     return n
@@ -83,7 +86,7 @@ def fuse_qkv(model: nn.Module) -> int:
 
 @torch.no_grad()
 def unfuse_qkv(model: nn.Module) -> int:
-    """Exact inverse of fuse_qkv: the fused weights are split back into the original Linears."""
+    """Exact inverse of fuse_qkv: the fused weights split back into the very Parameters set aside."""
     n = 0
     for attn in attentions(model):
         if not getattr(attn, "fused_projections", False):
@@ -96,11 +99,12 @@ def unfuse_qkv(model: nn.Module) -> int:
                 raise RuntimeError(f"{fused} is a {type(lin).__name__}: dequantize before unfusing")
             ws = lin.weight.chunk(3, dim=0)
             bs = lin.bias.chunk(3) if lin.bias is not None else (None,) * 3
+            kept = attn.__dict__.get("_unfused", {})
             for name, w, b in zip(parts, ws, bs):
-                new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-                new.weight = nn.Parameter(w.clone(), requires_grad=lin.weight.requires_grad)
+                new = kept.pop(name, None) or nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="cpu")
+                new.weight.data = w.clone()
                 if b is not None:
-                    new.bias = nn.Parameter(b.clone(), requires_grad=lin.bias.requires_grad)
+                    new.bias.data = b.clone()
                 setattr(attn, name, new)
         attn.unfuse_projections()  # deletes the fused Linears, clears the flag
         n += 1
@@ -174,17 +178,10 @@ def compile_blocks(
     as (name, value) pairs (torch.compile takes them or a mode, not both)."""
     _raise_recompile_limit()
     use_persistent_cache()
-    n = 0
+    n, how = 0, dict(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic, options=dict(options) or None)
     for block in repeated_blocks(model):
         if not is_compiled(block):
-            compiled = torch.compile(
-                block._call_impl,
-                backend=backend,
-                mode=mode,
-                fullgraph=fullgraph,
-                dynamic=dynamic,
-                options=dict(options) or None,
-            )
+            compiled = torch.compile(block._call_impl, **how)
             block._compiled_call_impl = functools.partial(_same_form, compiled)
             n += 1
     return n

@@ -7,7 +7,7 @@ import bisect
 import torch
 from torch import nn
 
-from core.checkpoints import deferred
+from core.checkpoints import deferred, native_fp8, scaled
 from core.monitor import HostOutOfMemory, fault_point
 from core.plan.units import align, compressed_params, packed_bytes, part_bytes
 from core.stream import q4
@@ -34,6 +34,7 @@ class Pack:
         self.off = align(part_bytes(self.n8, fmt, dtype.itemsize)) if self.n8 else 0  # compute-dtype part
         self.nbytes = packed_bytes(self.numel, self.n8, dtype.itemsize, fmt)
         self.sources = [p.data for p in params] if keep_source else None
+        self.scales: list[tuple[int, int, float]] = []  # (start, end, scale) of scaled fp8 file weights
         self.buf: torch.Tensor | None = None
 
     def _n_comp(self) -> int:
@@ -55,16 +56,25 @@ class Pack:
     def fill(self, buf: torch.Tensor, scratch: torch.Tensor, stage: torch.Tensor | None) -> None:
         """Write the module's current weights into `buf` (nbytes), casting on scratch's device
         (through `stage`, a GPU byte buffer, when buf is host memory). Deferred GGUF weights are
-        dequantized on that device; a 4-bit part made only of Q4_0 weights is their bytes as they are."""
+        dequantized on that device; a 4-bit part made only of Q4_0 weights is their bytes as they are,
+        and so is an fp8 part's float8_e4m3fn file weight (its scale applied when cast)."""
         comp = self.params[: self._n_comp()]
         raw = self.fmt == "q4" and self.n8 and all(_q4_0(p) for p in comp)
+        tmp = buf if buf.device == scratch.device else stage
+        self.scales = []
         off = 0
         for p in self.params:  # flatten in pack order into the scratch buffer
-            n = p.numel()
-            if not (raw and off < self.n8):
+            n, fp8 = p.numel(), self.fmt == "fp8" and off < self.n8
+            src = native_fp8(p) if fp8 else None
+            if src is not None:  # the file's bytes: no compute-dtype intermediate, no second rounding
+                tmp[off : off + n].copy_(src.data.view(torch.uint8).reshape(-1))
+                if src.scale != 1.0:
+                    self.scales.append((off, off + n, src.scale))
+            elif not (raw and off < self.n8):
                 scratch[off : off + n].copy_(weight_of(p, scratch.device, scratch.dtype).reshape(-1))
+                if fp8:
+                    tmp[off : off + n].view(FP8).copy_(scratch[off : off + n])
             off += n
-        tmp = buf if buf.device == scratch.device else stage
         if raw:
             at = 0
             for p in comp:
@@ -73,11 +83,11 @@ class Pack:
                 at += b.numel()
         elif self.fmt == "q4" and self.n8:
             q4.quantize_into(tmp[: q4.q4_bytes(self.n8)], scratch[: self.n8])
-        elif self.n8:
-            tmp[: self.n8].view(FP8).copy_(scratch[: self.n8])
         tmp[self.off : self.nbytes].view(self.dtype).copy_(scratch[self.n8 : self.numel])
         if tmp is not buf:
             buf.copy_(tmp[: self.nbytes])
+        if self.sources is not None:  # what it was filled from (a LoRA may have changed it since)
+            self.sources = [p.data for p in self.params]
         self.buf = buf
 
     def unpack_into(self, dst: torch.Tensor, src: torch.Tensor | None = None) -> None:
@@ -87,6 +97,8 @@ class Pack:
             q4.dequantize_into(dst[: self.n8], src[: q4.q4_bytes(self.n8)])
         elif self.n8:
             dst[: self.n8].copy_(src[: self.n8].view(FP8), non_blocking=True)
+            for a, b, scale in self.scales:  # a scaled fp8 file's weights, as Fp8Source.dequantize computes them
+                scaled(dst[a:b], scale)
         dst[self.n8 : self.numel].copy_(src[self.off : self.nbytes].view(self.dtype), non_blocking=True)
 
     def point_params(self, flat: torch.Tensor) -> None:
@@ -98,7 +110,8 @@ class Pack:
 
 
 def weight_of(p: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    """A parameter's values: its data, or its GGUF blocks dequantized on `device` when it is deferred."""
+    """A parameter's values: its data, or its source (GGUF blocks, fp8 file values) dequantized on
+    `device` when it is deferred."""
     src = deferred(p)
     return src.dequantize(device, dtype) if src is not None else p.data
 
@@ -129,8 +142,8 @@ def file_mappings() -> list[tuple[int, int]]:
 
 def file_backed(module: nn.Module, maps: list[tuple[int, int]]) -> bool:
     """Keeping `module`'s parameters costs (almost) no anonymous RAM of their own: they live in memory
-    mapped from a file (a safetensors checkpoint as diffusers loads it) or are deferred GGUF weights
-    (whose blocks are held anyway), but for small ones (a GGUF layer's bias)."""
+    mapped from a file (a safetensors checkpoint as diffusers loads it) or are deferred GGUF or fp8
+    file weights (whose sources are held anyway), but for small ones (a GGUF layer's bias)."""
     own = 0
     for p in module.parameters():
         if deferred(p) is not None or _mapped(p, maps):

@@ -65,3 +65,51 @@ def gguf_file(path: Path, qtype: str) -> Path:
     from core.checkpoints import write_gguf
 
     return write_gguf(demo_transformer().state_dict(), path, qtype)
+
+
+def fp8_state_dict(sd: dict, scales: str = "", dtype: torch.dtype = torch.float8_e4m3fn) -> dict:
+    """`sd` as ComfyUI / Forge write an fp8 checkpoint: 2-D Linear weights in `dtype`, unscaled (a plain
+    cast) or with a per-tensor scale (absmax / 448) under the key `scales` ("scale_weight": ComfyUI's
+    scaled fp8, its marker and unused input scales; "weight_scale": the newer layout); the rest bf16."""
+    out = {}
+    for k, v in sd.items():
+        stem = k[: -len("weight")]
+        if not (v.dim() == 2 and k.endswith(".weight")):
+            out[k] = v.to(torch.bfloat16).contiguous()
+        elif not scales:
+            out[k] = v.to(dtype).contiguous()
+        else:
+            s = v.float().abs().max() / 448
+            out[k] = (v.float() / s).to(dtype).contiguous()
+            out[stem + scales] = s.reshape(()) if scales == "scale_weight" else s.reshape(1)
+            if scales == "scale_weight":
+                out[stem + "scale_input"] = torch.ones(())
+    if scales == "scale_weight":
+        out["scaled_fp8"] = torch.empty(0, dtype=dtype)
+    return out
+
+
+def original_layout(sd: dict, prefix: str = "model.diffusion_model.") -> dict:
+    """The demo transformer's diffusers state dict in the original (BFL / ComfyUI) key layout: fused
+    q/k/v rows, [shift, scale] final modulation."""
+    from core.fp8_file import original_parts
+
+    by_key: dict[str, list] = {}
+    for dst, part in original_parts(2, 2, 32).items():
+        if dst in sd:
+            by_key.setdefault(part.key, []).append((part.rows[0] if part.rows else 0, dst, part.swap))
+    out = {}
+    for key, items in by_key.items():
+        t = torch.cat([sd[dst] for _, dst, _ in sorted(items)])
+        if items[0][2]:
+            t = torch.cat(t.chunk(2)[::-1])
+        out[prefix + key] = t.contiguous()
+    return out
+
+
+def fp8_file(path: Path, layout: str = "diffusers", scales: str = "", dtype: torch.dtype = torch.float8_e4m3fn) -> Path:
+    sd = demo_transformer().state_dict()
+    if layout == "original":
+        sd = original_layout(sd)
+    save_file(fp8_state_dict(sd, scales, dtype), str(path))
+    return path

@@ -1,5 +1,6 @@
 """A transformer from one file: bf16 / fp8 single-file safetensors and Q8_0 / Q4_0 GGUF written from
-the demo transformer, loaded through load_pipeline and generating; bad files are one sentence."""
+the demo transformer, loaded through load_pipeline and generating; bad files are one sentence.
+fp8 files in their own layouts: tests/core/test_fp8_file.py."""
 
 from dataclasses import replace
 
@@ -41,7 +42,7 @@ def test_each_file_loads_as_plain_modules_close_to_the_weights_it_was_written_fr
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is nn.Linear for m in linears)  # plain Linears: packable
     kept = [p for p in model.parameters() if deferred(p) is not None]
-    if name.endswith(".gguf"):  # block weights stay quantized (no compute-dtype copy) until placed
+    if name != "bf16.safetensors":  # block weights stay as the file has them until placed (no compute-dtype copy)
         blocks = [b for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
         in_blocks = {id(m.weight) for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
         assert kept and {id(p) for p in kept} == in_blocks
@@ -215,3 +216,23 @@ def test_the_app_takes_a_transformer_file(files, job):
     from ui.handlers import model_name
 
     assert model_name(replace(engine.spec, demo=False)).endswith("transformer q4_0.gguf")
+
+
+@pytest.mark.parametrize("name", ["q8_0.gguf", "fp8.safetensors"])
+def test_a_float32_plan_keeps_the_deferred_weights_of_a_file_loaded_in_bf16(files, name):
+    """The retry after a black result computes in float32: converting the pipeline must not turn the
+    placeholders into tensors of NaN (which would also drop their sources)."""
+    from core.device import DeviceInfo
+    from core.placed import PlacedPipeline
+    from core.plan.planner import JobShape, plan_for
+
+    spec = replace(ModelSpec.demo_spec(), transformer=str(files[name]))
+    cpu = DeviceInfo("cpu", "CPU", 0.0, 0.0, True, 32.0)
+    state = PlacedPipeline(spec, cpu, pipe=load_pipeline(spec, torch.bfloat16))
+    state.place(plan_for("cpu", JobShape(64, 64), state.sizes, cpu, dtype="float32"))
+    tr = state.pipe.transformer
+    assert all(p.dtype == torch.float32 and not p.isnan().any() for p in tr.parameters() if deferred(p) is None)
+    state.release()
+    if name == "fp8.safetensors":  # placed as fp8 on the CPU (a GGUF is dequantized there for good)
+        weights = [m.weight for b in tr.transformer_blocks for m in b.modules() if isinstance(m, nn.Linear)]
+        assert all(deferred(w) is not None and w.dtype == torch.float32 for w in weights)

@@ -148,6 +148,7 @@ def test_fused_qkv_matches_unfused_costs_no_memory_and_unfuses_exactly(parts):
     tr = parts.transformer
     kw = transformer_inputs()
     before, n_params = state(tr), sum(p.numel() for p in tr.parameters())
+    objects = {n: p for n, p in tr.named_parameters()}
     with torch.no_grad():
         ref = tr(**kw)[0]
         assert fast.fuse_qkv(tr) == 4 and fast.fuse_qkv(tr) == 0  # 2 double + 2 single blocks; idempotent
@@ -159,6 +160,32 @@ def test_fused_qkv_matches_unfused_costs_no_memory_and_unfuses_exactly(parts):
     assert fast.unfuse_qkv(tr) == 4
     assert not attn.fused_projections and not hasattr(attn, "to_qkv")
     assert same_state(state(tr), before)
+    # the very Parameters again: what refers to them (a placement's kept sources, a file's fp8 source) still holds
+    assert all(p is objects[n] for n, p in tr.named_parameters())
+
+
+def test_fusing_frees_the_weights_a_placement_keeps_and_unfusing_gives_them_back():
+    """Fusing empties the unfused q/k/v Parameters it sets aside (whoever still holds them holds no
+    weights: on the GPU that was twice their memory), and unfusing puts those very Parameters back in
+    the model (a LoRA merged into them unmerges by name); the placement's file-backed sources stay."""
+    from core.plan.units import denoiser_units
+    from core.stream.packs import file_backed, file_mappings
+    from core.stream.residency import Residency
+    from tests.core.byom_files import demo_transformer
+
+    tr = demo_transformer()  # memory-mapped from its safetensors: file-backed
+    units = denoiser_units(tr, None)
+    maps = file_mappings()
+    keep = [file_backed(m, maps) for _, m in units]
+    assert all(keep)
+    res = Residency(units, "B" * len(units), torch.device("cpu"), torch.float32, slots=0, ring=0, keep=keep)
+    held = [p for _, m in units for p in m.parameters()]
+    fast.fuse_qkv(tr)
+    fused_away = [p for p in held if all(p is not q for q in tr.parameters())]
+    assert len(fused_away) == 2 * 12 + 2 * 6 and all(p.numel() == 0 for p in fused_away)
+    fast.unfuse_qkv(tr)
+    assert all(any(p is q for q in tr.parameters()) for p in held)
+    res.remove()
 
 
 def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):

@@ -70,10 +70,10 @@ def folder(tmp_path_factory):
     return out
 
 
-def child(code: str, folder) -> dict:
+def child(code: str, folder, *args) -> dict:
     """Run `code` in a fresh Python on the folder's pipeline; its last line of output, as JSON."""
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(folder / "flux"), str(folder / "controlnet")],
+        [sys.executable, "-c", code, str(folder / "flux"), str(folder / "controlnet"), *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -141,3 +141,75 @@ def test_a_4_bit_placement_holds_its_packs_only_and_releases_without_copies(fold
     assert extra < 0.2 * n, f"placing copied {extra / 2**20:.0f} MiB more than its packs and buffers"
     # a copy back would be n; what stays is the C allocator's slack from packing's temporaries
     assert r["after"] - r["before"] < 0.25 * n, "releasing copied the weights back into anonymous RAM"
+
+
+FP8 = r"""
+import ctypes, gc, json, sys, torch
+from diffusers import FluxControlNetPipeline  # noqa: F401 - imported before measuring
+from core.checkpoints import deferred, native_fp8
+from core.models import ModelSpec, load_pipeline
+from core.plan.units import denoiser_units
+from core.stream.packs import _mapped, file_backed, file_mappings
+from core.stream.residency import Residency
+
+def anon():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) * 1024
+
+start = anon()
+pipe = load_pipeline(ModelSpec(sys.argv[1], sys.argv[2], transformer=sys.argv[3]), torch.bfloat16)
+loaded = anon()
+tr = pipe.transformer
+maps = file_mappings()
+weights = [p for p in tr.parameters() if deferred(p) is not None]
+fp8 = sum(p.numel() for p in weights)
+file_fp8 = all(native_fp8(p) is not None and _mapped(native_fp8(p).data, maps) for p in weights)
+widened = sum(p.numel() for p in tr.parameters() if deferred(p) is None and p.dtype == torch.bfloat16)
+units = denoiser_units(tr, None)
+keep = [file_backed(m, maps) for _, m in units]
+before = anon()
+res = Residency(units, "Q" * len(units), torch.device("cpu"), torch.bfloat16, slots=2, ring=4, keep=keep)
+placed = anon()
+same = all(
+    torch.equal(pack.buf[: pack.n8], torch.cat([p.quant_source.data.view(torch.uint8).reshape(-1)
+                                                for p in pack.params[: pack._n_comp()]]))
+    for pack in res.packs.values()
+)
+arena, buffers = res.host_arena.numel(), res.gpu_bytes_buffers
+res.remove()
+del res
+after = anon()
+print(json.dumps(dict(start=start, loaded=loaded, before=before, placed=placed, after=after, fp8=fp8,
+                      file_fp8=file_fp8, widened=widened, kept=sum(keep), units=len(units), same=same,
+                      arena=arena, buffers=buffers, deferred=all(deferred(p) is not None for p in weights))))
+"""
+
+
+def test_an_fp8_file_is_loaded_and_streamed_as_its_own_bytes_without_a_bf16_copy(folder):
+    """A float8 single file: its block weights stay the file's memory-mapped fp8 tensors, the fp8
+    packs are their bytes, and neither loading, placing nor releasing makes a bf16 copy of them."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.core.byom_files import fp8_state_dict
+
+    path = folder / "transformer-fp8.safetensors"
+    if not path.exists():
+        sd = load_file(str(next((folder / "flux" / "transformer").glob("*.safetensors"))))
+        save_file(fp8_state_dict(sd, "scale_weight"), str(path))
+    r = child(FP8, folder, path)
+    bf16 = 2 * r["fp8"]  # what a widened copy of the block weights would take
+    assert r["fp8"] > 150 * 2**20 and r["file_fp8"] and r["kept"] == r["units"]
+    assert r["widened"] < 0.05 * r["fp8"], "only the few layers outside the blocks are widened at load"
+    load = r["loaded"] - r["start"]
+    assert load < 0.1 * bf16, f"loading took {load / 2**20:.0f} MiB of anonymous RAM ({bf16 / 2**20:.0f} MiB in bf16)"
+    assert r["same"], "the fp8 packs are the file's bytes"
+    assert r["arena"] < 0.6 * bf16, "fp8 packs: one byte per Linear weight"
+    extra = r["placed"] - r["before"] - r["arena"] - r["buffers"]
+    assert extra < 0.1 * bf16, f"placing copied {extra / 2**20:.0f} MiB more than its packs and buffers"
+    assert r["deferred"] and r["after"] - r["before"] < 0.1 * bf16, "releasing copied the weights back"
