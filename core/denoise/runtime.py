@@ -68,7 +68,7 @@ class Runtime:
     cache: PromptCache = field(default_factory=PromptCache)
     demo: bool = False
     depth_device: str | None = None  # where the depth preprocessor runs (the plan says)
-    encoders: str = ""  # where T5 runs and its storage code (part of the prompt cache's key)
+    encoders: str = ""  # where T5 runs and how it is stored (the plan's T5 format; the prompt cache's key)
 
     def note(self, event: str) -> None:
         if event not in self.events:
