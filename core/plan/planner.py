@@ -4,8 +4,8 @@
 of every denoiser unit (core.plan.placement), where the text encoders run, VAE tiling and the
 generation tile, the devices of the helpers (depth), and predicts the peak GPU memory, the time per
 denoising step, the whole job's seconds and those of a process's first job (core.plan.first_job).
-The memory model is core.plan.memory, the time model core.plan.timing (within 8 % of the H100
-runs), the search core.plan.search.
+The memory model is core.plan.memory, the time model core.plan.timing (both fitted on the H200's
+runs: bench/ram/ANY_RAM.md), the search core.plan.search.
 """
 
 from __future__ import annotations
