@@ -30,7 +30,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 from bench.bench_recovery import CAPPED  # a CLI process with its allocator capped
-from bench.env import md_table, write
+from bench.env import child_environment, ensure_model, md_table, write
 
 GiB = 2**30
 ROOT = Path("/sys/fs/cgroup")
@@ -228,17 +228,8 @@ def main(argv=None) -> int:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     data_file = a.out_dir / "ram.json"
     data = json.loads(data_file.read_text()) if data_file.exists() else dict(runs=[])
-    # the environment from a child: this process must hold no CUDA context (the driver's figure)
-    env = subprocess.run(
-        [sys.executable, "-c", "import json; from bench.env import environment; print(json.dumps(environment()))"],
-        capture_output=True,
-        text=True,
-    )
-    data.update(env=json.loads(env.stdout.strip().splitlines()[-1]) if env.returncode == 0 else {})
-    data.update(command="python -m bench.bench_ram " + " ".join(argv or sys.argv[1:]))
-    if not (a.model / "flux" / "model_index.json").exists():
-        code = f"from pathlib import Path; from bench.bench_recovery import write_model; write_model(Path('{a.model}'))"
-        subprocess.run([sys.executable, "-c", code], check=True)
+    data.update(env=child_environment(), command="python -m bench.bench_ram " + " ".join(argv or sys.argv[1:]))
+    ensure_model(a.model)
     from bench.random_model import photo
 
     photo(a.size).save(a.out_dir / "input.png")

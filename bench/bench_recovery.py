@@ -25,16 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.env import environment, md_table, write
+from bench.env import capped, environment, md_table, write
 from bench.random_model import PROMPT, build_random_pipeline, photo
 
 GiB = 2**30
 SMALLER = {"48": "24", "24": "16", "16": "12", "12": "8", "8": "6", "6": "4"}
-CAPPED = (
-    "import sys, core, torch; cap = float(sys.argv[1]); total = torch.cuda.get_device_properties(0).total_memory; "
-    "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
-    "from core.__main__ import main; sys.exit(main(sys.argv[2:]))"
-)
+CAPPED = capped("core.__main__")  # a CLI process with its allocator capped
 
 
 def write_model(folder: Path) -> float:

@@ -7,7 +7,7 @@ the 24 GB tier under 23.5 GiB. Each trains `--steps` steps on photos from scikit
 validating in the run (one image through the app's engine, on the modules being trained) every
 `--validate-every` steps. Recorded: exit code, the run's JSON summary (first and last loss, peak
 reserved, placement and predicted peaks, validation), seconds per step, the driver's figure for the
-process (NVML by pid, polled every 50 ms).
+process (NVML by pid, bench.bench_ram.Poller).
 
 usage: python -m bench.bench_train --model /tmp/flux-random [--runs ft@512,lora@512,ft@1024,lora@1024]
                                    [--steps 12] [--validate-every 6] [--budget-s 540] [--out-dir bench/train]
@@ -20,19 +20,15 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.env import md_table, write
+from bench.bench_ram import Poller
+from bench.env import capped, child_environment, ensure_model, md_table, write
 
 GiB = 2**30
 KINDS = {"ft": dict(tier="48", cap=47.5, args=[]), "lora": dict(tier="24", cap=23.5, args=["--lora-rank", "16"])}
-CAPPED_TRAIN = (
-    "import sys, torch; cap = float(sys.argv[1]); total = torch.cuda.get_device_properties(0).total_memory; "
-    "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
-    "from train.__main__ import main; sys.exit(main(sys.argv[2:]))"
-)
+CAPPED_TRAIN = capped("train.__main__")  # a training process with its allocator capped
 
 
 def write_data(folder: Path, n: int = 8) -> Path:
@@ -48,31 +44,6 @@ def write_data(folder: Path, n: int = 8) -> Path:
         Image.fromarray(img).convert("RGB").resize((1024, 1024)).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text(f"a photo: {name.replace('_', ' ')}")
     return folder
-
-
-class DriverPeak:
-    """The child's own device memory as NVML counts it (by pid), polled while it runs."""
-
-    def __init__(self, pid: int):
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nv, self.h, self.pid, self.peak = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), pid, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            for pr in self.nv.nvmlDeviceGetComputeRunningProcesses(self.h):
-                if pr.pid == self.pid:
-                    self.peak = max(self.peak, pr.usedGpuMemory or 0)
-            time.sleep(0.05)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._t.join()
-        return round(self.peak / GiB, 3)
 
 
 def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
@@ -92,10 +63,12 @@ def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
         stderr=subprocess.PIPE,
         text=True,
     )
-    drv = DriverPeak(p.pid)
+    poll = Poller([])  # the driver's figure of this process, by pid
     stdout, stderr = p.communicate()
+    poll.stop()
     row = dict(spec=spec, kind=kind, resolution=int(res), cap_gb=k["cap"], rc=p.returncode)
-    row.update(wall_s=round(time.time() - t0, 1), driver_gb=drv.stop(), traceback="Traceback" in stderr)
+    driver_gb = round(poll.pid_peak.get(p.pid, 0) / GiB, 3)
+    row.update(wall_s=round(time.time() - t0, 1), driver_gb=driver_gb, traceback="Traceback" in stderr)
     row["stderr_tail"] = stderr.strip().splitlines()[-3:] if p.returncode else []
     if p.returncode == 0:
         s = json.loads(stdout.strip().splitlines()[-1])
@@ -117,16 +90,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     deadline = time.time() + a.budget_s
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    env = subprocess.run(
-        [sys.executable, "-c", "import json; from bench.env import environment; print(json.dumps(environment()))"],
-        capture_output=True,
-        text=True,
+    data = dict(
+        env=child_environment(), runs=[], command="python -m bench.bench_train " + " ".join(argv or sys.argv[1:])
     )
-    data = dict(env=json.loads(env.stdout.strip().splitlines()[-1]) if env.returncode == 0 else {}, runs=[])
-    data["command"] = "python -m bench.bench_train " + " ".join(argv or sys.argv[1:])
-    if not (a.model / "flux" / "model_index.json").exists():
-        code = f"from pathlib import Path; from bench.bench_recovery import write_model; write_model(Path('{a.model}'))"
-        subprocess.run([sys.executable, "-c", code], check=True)
+    ensure_model(a.model)
     photos = write_data(a.out_dir / "data")
     for spec in filter(None, a.runs.split(",")):
         if time.time() > deadline:

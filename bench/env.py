@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,31 @@ def environment() -> dict:
     else:
         env.update(device="cpu")
     return env
+
+
+def child_environment() -> dict:
+    """environment() as a child process sees it: a benchmark that reads the driver's figure for its
+    children must hold no CUDA context itself."""
+    code = "import json; from bench.env import environment; print(json.dumps(environment()))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+
+
+def ensure_model(folder: Path) -> None:
+    """The full-size random-weight model as diffusers folders (bench.bench_recovery.write_model),
+    written in a child process if missing (it builds on the GPU and must not leave a context here)."""
+    if not (folder / "flux" / "model_index.json").exists():
+        code = f"from pathlib import Path; from bench.bench_recovery import write_model; write_model(Path('{folder}'))"
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def capped(entry: str) -> str:
+    """`python -c` code running `entry`'s main(argv) with the allocator capped at argv[1] GiB."""
+    return (
+        "import sys, torch; cap = float(sys.argv[1]); total = torch.cuda.get_device_properties(0).total_memory; "
+        "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
+        f"from {entry} import main; sys.exit(main(sys.argv[2:]))"
+    )
 
 
 def write(path: Path, data: dict) -> None:
