@@ -94,12 +94,9 @@ def test_loaded_weights_stay_in_file_backed_pages(folder):
     assert file > 0.8 * n, f"only {file / 2**20:.0f} MiB of {n / 2**20:.0f} MiB came from the files"
 
 
-PLACE = r"""
-import ctypes, gc, json, sys, torch
-from core.models import ModelSpec, load_pipeline
-from core.plan.units import denoiser_units
-from core.stream.packs import file_backed, file_mappings
-from core.stream.residency import Residency
+# what the child scripts count: live anonymous memory (malloc_trim first: freed heap back to the OS)
+ANON = r"""
+import ctypes, gc
 
 def anon():
     gc.collect()
@@ -110,6 +107,19 @@ def anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon"):
             return int(line.split()[1]) * 1024
+"""
+
+PLACE = (
+    r"""
+import ctypes, gc, json, sys, torch
+from core.models import ModelSpec, load_pipeline
+from core.plan.units import denoiser_units
+from core.stream.packs import file_backed, file_mappings
+from core.stream.residency import Residency
+
+"""
+    + ANON
+    + r"""
 
 pipe = load_pipeline(ModelSpec(sys.argv[1], sys.argv[2]), torch.bfloat16)
 units = denoiser_units(pipe.transformer, None)
@@ -128,6 +138,7 @@ after = anon()
 print(json.dumps(dict(before=before, placed=placed, after=after, nbytes=nbytes, kept=sum(keep), units=len(units),
                       arena=arena, buffers=buffers)))
 """
+)
 
 
 def test_a_4_bit_placement_holds_its_packs_only_and_releases_without_copies(folder):
@@ -143,7 +154,8 @@ def test_a_4_bit_placement_holds_its_packs_only_and_releases_without_copies(fold
     assert r["after"] - r["before"] < 0.25 * n, "releasing copied the weights back into anonymous RAM"
 
 
-FP8 = r"""
+FP8 = (
+    r"""
 import ctypes, gc, json, sys, torch
 from diffusers import FluxControlNetPipeline  # noqa: F401 - imported before measuring
 from core.checkpoints import deferred, native_fp8
@@ -152,15 +164,9 @@ from core.plan.units import denoiser_units
 from core.stream.packs import _mapped, file_backed, file_mappings
 from core.stream.residency import Residency
 
-def anon():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
+"""
+    + ANON
+    + r"""
 
 start = anon()
 pipe = load_pipeline(ModelSpec(sys.argv[1], sys.argv[2], transformer=sys.argv[3]), torch.bfloat16)
@@ -189,6 +195,7 @@ print(json.dumps(dict(start=start, loaded=loaded, before=before, placed=placed, 
                       file_fp8=file_fp8, widened=widened, kept=sum(keep), units=len(units), same=same,
                       arena=arena, buffers=buffers, deferred=all(deferred(p) is not None for p in weights))))
 """
+)
 
 
 def test_an_fp8_file_is_loaded_and_streamed_as_its_own_bytes_without_a_bf16_copy(folder):
