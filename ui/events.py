@@ -32,6 +32,20 @@ def inputs_of(u: dict, tier) -> list:
     return [u["image"], u["prompt"], *controls, tier, *(u[n] for n in names), *advanced, *lora, u["compile"]]
 
 
+# generate's parameters in the API's order (the order of inputs_of); Gradio needs them spelled out in
+# each handler's signature, the handlers collect them by these names
+API_PARAMS = (
+    "image", "prompt", "control_1", "scale_1", "end_1", "control_2", "scale_2", "end_2", "control_3", "scale_3",
+    "end_3", "tier", "upscale", "seed", "randomize_seed", "steps", "guidance", "max_side", "canny_auto", "canny_low",
+    "canny_high", "fp8_compute", "precision", "lora_1", "lora_scale_1", "lora_2", "lora_scale_2", "compile",
+)  # fmt: skip
+
+
+def job_values(params: dict) -> list:
+    """A handler's parameters (its locals() on entry) as the list ui.run takes."""
+    return [params[n] for n in API_PARAMS]
+
+
 def settings_outputs(u: dict) -> list:
     controls = [x for c, s, e, _ in u["rows"] for x in (c, s, e)]
     names = ("tier", "upscale", "seed", "randomize", "steps", "guidance", "max_side", "canny_auto", "canny_low")
@@ -119,20 +133,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
     ):
-        values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
-        values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [
-            canny_auto,
-            canny_low,
-            canny_high,
-            fp8_compute,
-            precision,
-            lora_1,
-            lora_scale_1,
-            lora_2,
-            lora_scale_2,
-            compile,
-        ]
+        values = job_values(locals())
         return await runner.generate(values, request, progress)
 
     u["api_run"].click(
@@ -181,20 +182,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         history,
         request: gr.Request = None,
     ):
-        values = [image, prompt, control_1, scale_1, end_1, control_2, scale_2, end_2, control_3, scale_3, end_3]
-        values += [tier, upscale, seed, randomize_seed, steps, guidance, max_side]
-        values += [
-            canny_auto,
-            canny_low,
-            canny_high,
-            fp8_compute,
-            precision,
-            lora_1,
-            lora_scale_1,
-            lora_2,
-            lora_scale_2,
-            compile,
-        ]
+        values = job_values(locals())
         async for out in runner.run_page(values, history, request):
             yield out
 
