@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench.env import environment
+from bench.env import environment, fast_path_features
 from bench.random_model import PROMPT
 from bench.speed_report import mean_abs_diff, report
 from bench.speed_variants import DIFFUSERS, MODS, VARIANTS, is_variant, parse_variant, recompiles
@@ -243,39 +243,6 @@ class Bench:
             torch._dynamo.reset()
 
 
-def device_info() -> dict:
-    """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
-    import importlib.metadata as md
-
-    from core.speed import fast, fp8_compute
-
-    items = dict(
-        capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
-        fp8_supported=fp8_compute.fp8_supported,
-        cudnn_attention=lambda: fast.attention_available("cudnn"),
-        flash_attention=lambda: fast.attention_available("flash"),
-        auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
-        can_compile=lambda: fast.can_compile("inductor", "cuda"),
-        triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton") if _installed(md, n)), None),
-        cudnn=lambda: torch.backends.cudnn.version(),
-    )
-    out = {}
-    for k, f in items.items():
-        try:
-            out[k] = f()
-        except Exception as e:  # noqa: BLE001
-            out[k] = f"error: {type(e).__name__}: {str(e)[:100]}"
-    return out
-
-
-def _installed(md, name: str) -> bool:
-    try:
-        md.version(name)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=28)
@@ -338,7 +305,7 @@ def main(argv=None):
     bench = None
     try:
         if torch.cuda.is_available() and not a.cpu_smoke:
-            data["device"] = device_info()
+            data["device"] = fast_path_features()
         log("device", data["device"])
         if a.cap_gb and not a.cpu_smoke:
             from bench.bench_tiers import cap

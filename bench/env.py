@@ -1,4 +1,5 @@
-"""Where a benchmark ran: device, versions, command; and writing JSON + a Markdown table."""
+"""Where a benchmark ran: device, versions, command, what the fast path finds on the GPU; the
+children the GPU benchmarks share; writing JSON + a Markdown table."""
 
 from __future__ import annotations
 
@@ -52,6 +53,41 @@ def capped(entry: str) -> str:
         "torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total); "
         f"from {entry} import main; sys.exit(main(sys.argv[2:]))"
     )
+
+
+def fast_path_features() -> dict:
+    """What the fast path finds on this GPU; each item on its own, so one failure costs only itself."""
+    import importlib.metadata as md
+
+    import torch
+
+    from core.speed import fast, fp8_compute
+
+    items = dict(
+        capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
+        fp8_supported=fp8_compute.fp8_supported,
+        cudnn_attention=lambda: fast.attention_available("cudnn"),
+        flash_attention=lambda: fast.attention_available("flash"),
+        auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
+        can_compile=lambda: fast.can_compile("inductor", "cuda"),
+        triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton") if _installed(md, n)), None),
+        cudnn=lambda: torch.backends.cudnn.version(),
+    )
+    out = {}
+    for k, f in items.items():
+        try:
+            out[k] = f()
+        except Exception as e:  # noqa: BLE001
+            out[k] = f"error: {type(e).__name__}: {str(e)[:100]}"
+    return out
+
+
+def _installed(md, name: str) -> bool:
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 def write(path: Path, data: dict) -> None:
