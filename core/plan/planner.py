@@ -223,7 +223,7 @@ def _plan_at(tier, shape, sizes, device, t, dtype, budget, host_cap, precision, 
     out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
     pw, ph = pass_size(shape, t)
     vae_needed = out_w * out_h > pw * ph  # decoding the upscaled image needs tiles
-    out_px = max(out_w * out_h, shape.width * shape.height)
+    out_px = out_w * out_h  # the VAE decodes (and encodes) whole images, not tiles
     # the VAE whole, in 512 px tiles, or (only where nothing else fits) in 256 px tiles
     vae_tiles = [(True, VAE_TILE_PX)] if vae_needed else [(False, VAE_TILE_PX), (True, VAE_TILE_PX)]
     vae_tiles.append((True, CAL.vae_small_tile_px))
@@ -304,8 +304,7 @@ def keep_placement(prev: Plan | None, new: Plan, shape: JobShape, sizes: ModelSi
         return new
     w, h = pass_size(shape, new.tile)
     out_w, out_h = out_size(shape.width, shape.height, shape.upscale)
-    out_px = max(out_w * out_h, shape.width * shape.height)
-    ps = PassShape(w, h, shape.controls, new.vae_tiling, new.vae_tile_px, out_px)
+    ps = PassShape(w, h, shape.controls, new.vae_tiling, new.vae_tile_px, out_w * out_h)
     peak = predict_peak_bytes(sizes, prev.placement, ps)
     if peak > new.budget_gb * GiB:
         return new
