@@ -6,6 +6,8 @@ Plans are pure functions of a DeviceInfo, so tests build DeviceInfo by hand.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +73,44 @@ def _measure_tflops(n: int = 4096, rounds: int = 3, reps: int = 8) -> float:
     return best
 
 
+PROBE_VERSION = 1  # bump when a probe measures differently: older files are ignored
+
+
+def probe_file(name: str, total_bytes: int) -> Path:
+    """Where this machine's probe figures are kept: one file per GPU model and software stack."""
+    from core.demo_model import cache_root
+
+    stack = f"{name}-{total_bytes // 2**20}MiB-torch{torch.__version__}-cuda{torch.version.cuda}-v{PROBE_VERSION}"
+    return cache_root() / "device" / ("".join(c if c.isalnum() or c in "-._" else "_" for c in stack) + ".json")
+
+
+def _probes(path: Path) -> tuple[float, float, float]:
+    """(h2d GiB/s, TFLOP/s, context GiB) measured once per machine and kept under the cache root.
+    Plans depend on them (the time model picks exact or fp8 units, the context sets the budget), and
+    a probe run while other programs use the GPU reads lower: measured anew in every process, the
+    same job on the same machine could get another placement, and another image for the same seed."""
+    try:
+        d = json.loads(path.read_text())
+        return float(d["h2d_gbps"]), float(d["tflops"]), float(d["context_gb"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h2d, tflops = round(_measure_h2d(), 1), round(_measure_tflops(), 0)  # cuBLAS is initialised now
+    context = _measure_context_gb()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(h2d_gbps=h2d, tflops=tflops, context_gb=context)))
+        tmp.replace(path)  # atomic: a process starting beside this one reads all of it or nothing
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return h2d, tflops, context
+
+
 @functools.lru_cache(maxsize=1)
 def _static_cuda_info() -> tuple[str, float, bool, float, float, float]:
     props = torch.cuda.get_device_properties(0)
-    h2d, tflops = round(_measure_h2d(), 1), round(_measure_tflops(), 0)  # cuBLAS is initialised now
-    return props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(), h2d, tflops, _measure_context_gb()
+    h2d, tflops, context = _probes(probe_file(props.name, props.total_memory))
+    return props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(), h2d, tflops, context
 
 
 LATER_GB = 0.25  # device memory a job adds outside the allocator after start-up: kernel modules
@@ -90,8 +125,6 @@ def _measure_context_gb(cap_gb: float = 1.5) -> float:
     torch.cuda.synchronize()
     reserved = torch.cuda.memory_reserved()
     try:
-        import os
-
         import pynvml
 
         pynvml.nvmlInit()

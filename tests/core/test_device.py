@@ -36,3 +36,23 @@ def test_the_limit_is_the_smaller_of_ram_and_cgroup_and_ignores_free_memory(monk
     # another program taking memory changes nothing: `available` is not read
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), dict(total=total, available=1))())
     assert host_ram_limit_gb() == 8.0
+
+
+def test_probes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """A second process reads the first one's figures: the same job gets the same placement (and the
+    same image for a seed) whatever ran on the GPU while a probe measured."""
+    calls = []
+    monkeypatch.setattr(device, "_measure_h2d", lambda: calls.append("h2d") or 50.93)
+    monkeypatch.setattr(device, "_measure_tflops", lambda: calls.append("mm") or 781.4)
+    monkeypatch.setattr(device, "_measure_context_gb", lambda: calls.append("ctx") or 0.82)
+    monkeypatch.setenv("FLUX_ANYVRAM_CACHE", str(tmp_path))
+    path = device.probe_file("NVIDIA H200", 143771 * 2**20)
+    assert path.parent == tmp_path / "device" and "H200" in path.name and " " not in path.name
+    assert device._probes(path) == (50.9, 781.0, 0.82)
+    assert len(calls) == 3
+    monkeypatch.setattr(device, "_measure_tflops", lambda: 300.0)  # a later, noisy probe is not run
+    assert device._probes(path) == (50.9, 781.0, 0.82) and len(calls) == 3
+    path.write_text("{not json")  # a corrupt file is measured again and replaced
+    assert device._probes(path) == (50.9, 300.0, 0.82)
+    assert device._probes(path) == (50.9, 300.0, 0.82)
+    assert device.probe_file("NVIDIA H100", 81559 * 2**20) != path  # another GPU: its own figures
