@@ -65,12 +65,14 @@ def cli(model: Path, tier: str, cap_gb: float, out: Path, a) -> dict:
             ran_tier=s["plan"]["tier"],
             tile=s["plan"]["tile"],
             peak_reserved_gb=s["measured_peak_reserved_gb"],
+            placement=s["plan"].get("placement"),  # two runs of one tier may differ only here
             events=[e for e in s["events"] if "memory" in e or "RAM" in e],
         )
     return row
 
 
 def run_cli(a, model: Path, out_dir: Path, deadline: float) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     photo(a.size).save(out_dir / "input.png")
     rows = []
     for tier in a.cli.split(","):
@@ -85,7 +87,7 @@ def run_cli(a, model: Path, out_dir: Path, deadline: float) -> list[dict]:
             x = np.asarray(Image.open(out_dir / f"over_{tier}.png"))
             y = np.asarray(Image.open(out_dir / f"ref_{tier}.png"))
             over["equal_to_fresh_run"] = bool(x.shape == y.shape and np.array_equal(x, y))
-        over["reference"] = {k: ref.get(k) for k in ("rc", "ran_tier", "peak_reserved_gb", "wall_s")}
+        over["reference"] = {k: ref.get(k) for k in ("rc", "ran_tier", "placement", "peak_reserved_gb", "wall_s")}
         print(json.dumps(over), flush=True)
         rows.append(over)
     return rows
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--out-dir", type=Path, default=Path("bench"))
+    ap.add_argument("--images", type=Path, help="where the CLI runs' images go (default: --out-dir)")
     a = ap.parse_args(argv)
     deadline = time.time() + a.budget_s
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     if a.cli:
         if not (a.write / "flux" / "model_index.json").exists():
             data["write_s"] = write_model(a.write)
-        data["cli"] = run_cli(a, a.write, a.out_dir, deadline)
+        data["cli"] = run_cli(a, a.write, a.images or a.out_dir, deadline)
     if a.longrun:
         data["longrun"] = run_longrun(a, deadline)
     cols = ["tier", "cap_gb", "rc", "ran_tier", "tile", "equal_to_fresh_run", "traceback", "peak_reserved_gb", "wall_s"]
