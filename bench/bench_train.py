@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,8 @@ def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
         row.update(placement=s.get("placement"), validation=s.get("validation"), seconds=s.get("seconds"))
         row["under_cap"] = row["driver_gb"] <= k["cap"] and (s.get("peak_memory_gb") or 0) <= k["cap"]
     print(json.dumps(row), flush=True)
+    if not a.keep:  # a full fine-tune's checkpoint and result are ~20 GB: the next run needs the disk
+        shutil.rmtree(out, ignore_errors=True)
     return row
 
 
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--validate-every", type=int, default=6)
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--out-dir", type=Path, default=Path("bench/train"))
+    ap.add_argument("--keep", action="store_true", help="keep each run's output folder (checkpoints, result)")
     a = ap.parse_args(argv)
     deadline = time.time() + a.budget_s
     a.out_dir.mkdir(parents=True, exist_ok=True)
