@@ -1,8 +1,9 @@
 """The memory model: GPU bytes a placement holds and the transients of each phase of a pass.
 
 Its constants were fitted on the H200 with the full-size architecture, from the per-phase peaks of
-fresh CLI processes at every tier (bench/ram/ANY_RAM.md): the resident bytes are exact within
-0.06 GiB; the transients are the measured ones rounded up, so that no tier is under-predicted and
+fresh CLI processes at every tier and of one-step jobs over pass sizes 512-1536 px, one and two
+controls (bench/ram/ANY_RAM.md, bench/probes/transients.json): the resident bytes are exact within
+0.07 GiB; the transients are the measured ones rounded up, so that no tier is under-predicted and
 none is more than 8 % over.
 """
 
@@ -20,18 +21,28 @@ from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes, store
 class Calibration:
     """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
 
-    act_per_token: float = 28.0 * 3072 * 2  # denoiser transients per (image + text) token
-    res_per_img_token: float = 23.5 * 3072 * 2  # ControlNet residuals kept for the transformer
-    vae_dec_per_px: float = 2810.0  # untiled VAE decode, bytes per output pixel
+    # denoiser transients of a pass, linear in its image tokens. All-resident plans (the fast path's
+    # fused blocks): 0.31-3.40 GiB from 1024 to 9216 tokens (512-1536 px). Plans that stream: 1.46-1.51
+    # GiB at 4096 tokens as well, but 0.15-0.25 at 1024 (the 4 GB tier's 512 px tiles)
+    act_per_img_token: float = 64.4 * 3072 * 2
+    act_offset: float = -0.05 * 2**30
+    act_per_img_token_streamed: float = 72.25 * 3072 * 2
+    act_offset_streamed: float = -0.173 * 2**30
+    # a second control of the Union net adds nothing measurable (its residuals are summed in place)
+    act_per_extra_control: float = 0.0
+    vae_dec_per_px: float = 2830.0  # untiled VAE decode, bytes per output pixel (2826 at 1536²)
     vae_enc_per_px: float = 1300.0  # untiled VAE encode (control image, img2img)
     vae_tile_px: int = 512  # tile side when VAE tiling is on (the engine sets the VAE to it)
     vae_small_tile_px: int = 256  # where even 512 px VAE tiles do not fit (the 4 GB tier)
+    text_gb: float = 0.24  # T5 and CLIP on a 512-token prompt: 0.238-0.239 GiB at every tier
     frag: float = 1.02  # reserved / allocated of the transients (weights sit in whole blocks: 1.0)
+    # headroom over the sum: 0.18 GiB, or 3 % of the resident bytes where that is less (a fixed
+    # 0.18 GiB is 8 % of the 4 GB tier by itself)
     margin_gb: float = 0.18
-    # all-resident plans: workspaces of the fast path's compiled blocks in the denoising phase. Not
-    # measured since the residency fix: a compiled 48 GB CLI run peaked at 46.7 GiB, 2.2 above an
-    # eager one's denoising (44.5), both with the 5.1 GiB that fix removed (bench/ram/ANY_RAM.md)
-    fast_path_gb: float = 2.4
+    margin_frac: float = 0.03
+    # all-resident plans: workspaces of the compiled blocks in the denoising phase. Measured: a
+    # compiled 48 GB CLI run peaked at 39.48 GiB in denoise, as the eager one (bench/ram/ram.json)
+    fast_path_gb: float = 0.1
 
 
 CAL = Calibration()
@@ -96,18 +107,24 @@ def cast_scratch_bytes(sizes: ModelSizes, p: Placement) -> int:
     return 64 * 2**20 if p.any_q4 else 0
 
 
-def phase_bytes(sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CAL) -> dict[str, float]:
+def phase_bytes(
+    sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bool = False
+) -> dict[str, float]:
     """Transient GPU bytes of each phase on top of the resident weights, for one pass."""
     n_img = tokens(ps.width, ps.height)
-    n_tot = n_img + sizes.max_seq + 1
     scale = es / 2
-    denoise = (cal.act_per_token * n_tot + cal.res_per_img_token * n_img * min(ps.controls, 2)) * scale
+    per_token, offset = (
+        (cal.act_per_img_token, cal.act_offset)
+        if all_resident
+        else (cal.act_per_img_token_streamed, cal.act_offset_streamed)
+    )
+    per_token += cal.act_per_extra_control * max(ps.controls - 1, 0)
+    denoise = max(per_token * n_img + offset, 0.0) * scale
     px = max(ps.out_px, ps.width * ps.height)  # the VAE sees whole images, not generation tiles
     tpx = min(px, ps.vae_tile**2) if ps.vae_tiling else px
     encode_img = cal.vae_enc_per_px * tpx * scale
     decode = cal.vae_dec_per_px * tpx * scale + (6 * px * scale if ps.vae_tiling else 0)
-    text = 0.15 * GiB  # T5 activations for 512 tokens
-    return dict(denoise=denoise + 0.1 * GiB, encode_image=encode_img, decode=decode, text=text)
+    return dict(denoise=denoise, encode_image=encode_img, decode=decode, text=cal.text_gb * GiB)
 
 
 def resident_bytes(sizes: ModelSizes, p: Placement) -> int:
@@ -126,10 +143,16 @@ def phase_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibr
     """Peak reserved GPU bytes of each phase: the resident bytes plus that phase's transients (what
     a job's measured per-phase peaks are compared with)."""
     resident = resident_bytes(sizes, p)
-    ph = phase_bytes(sizes, ps, esize(p.dtype), cal)
+    ph = phase_bytes(sizes, ps, esize(p.dtype), cal, p.all_resident)
     if p.all_resident:
         ph["denoise"] += cal.fast_path_gb * GiB
-    return {k: resident + v * cal.frag + cal.margin_gb * GiB for k, v in ph.items()}
+    margin = margin_bytes(resident, cal)
+    return {k: resident + v * cal.frag + margin for k, v in ph.items()}
+
+
+def margin_bytes(resident: float, cal: Calibration = CAL) -> float:
+    """Headroom over a placement's predicted peak: it grows with the resident bytes, up to margin_gb."""
+    return min(cal.margin_gb * GiB, cal.margin_frac * resident)
 
 
 def predict_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibration = CAL) -> float:

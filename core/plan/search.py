@@ -4,7 +4,7 @@ the time model, filtered by the memory model and the host RAM they pin."""
 from __future__ import annotations
 
 from core.device import DeviceInfo, GiB
-from core.plan.memory import PassShape, esize, host_ram_bytes, predict_peak_bytes
+from core.plan.memory import CAL, PassShape, esize, host_ram_bytes, margin_bytes, predict_peak_bytes, resident_bytes
 from core.plan.placement import (
     RESIDENT,
     RESIDENT_FP8,
@@ -115,7 +115,11 @@ def _choose(sizes, dtype, text_encoders, t5, ps, budget, device, host_cap, allow
     best = None
     for tail in (s for s in (STREAMED, STREAMED_FP8, STREAMED_Q4) if s.code in allowed):
         # memory left for weights once the buffers of streaming every unit as `tail` are paid for
-        base = predict_peak_bytes(sizes, placement_of(file_fp8(tail.code * n, sizes), dtype, text_encoders, t5), ps)
+        streamed = placement_of(file_fp8(tail.code * n, sizes), dtype, text_encoders, t5)
+        base = predict_peak_bytes(sizes, streamed, ps)
+        # the margin grows with the resident bytes: room for its largest value, or the placements
+        # that fill `avail` would all come out over the budget
+        base += CAL.margin_gb * GiB - margin_bytes(resident_bytes(sizes, streamed))
         avail = int(budget - base)
         if avail < 0:
             continue

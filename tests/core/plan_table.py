@@ -11,6 +11,8 @@ DEVICES = {
     "h100": DeviceInfo("cuda", "H100", 79.2, 78.0, True, 120.0, 51.0, 700.0),
     "consumer": DeviceInfo("cuda", "nominal GPU", 24.0, 24.0, True, 30.0),
     "consumer_nobf16": DeviceInfo("cuda", "old GPU", 12.0, 11.5, False, 30.0),
+    # the H200 of bench/ram in a 16 GiB memory cgroup, with its measured context: 4-bit plans
+    "h200_16gb_ram": DeviceInfo("cuda", "H200", 139.8, 139.0, True, 16.0, 50.9, 780.0, context_gb=0.82),
 }
 JOBS = [
     (1024, 1024, 1, 1.0),

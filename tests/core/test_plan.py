@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from core.device import DeviceInfo, GiB
-from core.plan.memory import CAL, PassShape, phase_bytes, predict_peak_bytes, slot_bytes, tokens
+from core.plan.memory import CAL, PassShape, phase_bytes, phase_peak_bytes, predict_peak_bytes, slot_bytes, tokens
 from core.plan.placement import Placement, store
 from core.plan.planner import (
     CONTEXT_GB,
@@ -122,7 +122,8 @@ def test_budgets_shrink_and_residency_grows_with_the_tier(full):
     plans = [plan_for(t, SHAPE, full, NOMINAL) for t in GPU_TIERS]  # largest first
     budgets = [p.budget_gb for p in plans]
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == len(budgets)
-    kept = [resident_bytes(full, p) for p in plans]
+    # untiled plans: a tiled one streams every unit once per tile, so it may keep a few more resident
+    kept = [resident_bytes(full, p) for p in plans if not p.tile]
     assert all(a >= b for a, b in zip(kept, kept[1:])), [k / GiB for k in kept]
     assert kept[0] > kept[-1] * 10
 
@@ -390,7 +391,8 @@ def test_unit_and_slot_bytes_arithmetic():
 def test_predicted_peak_difference_is_the_weight_bytes():
     n = len(SMALL.units)
     ps = PassShape(256, 256, 1, False)
-    cal = replace(CAL, fast_path_gb=0.0)  # weights only: the fast path's allowance is checked below
+    # weights only: the fast path's allowance is checked below, the margin fixed (not 3 % of the weights)
+    cal = replace(CAL, fast_path_gb=0.0, margin_frac=1e9)
     b = predict_peak_bytes(SMALL, P("B" * n, 3), ps, cal)
     s = predict_peak_bytes(SMALL, P("S" * n, 3), ps, cal)
     slots = slot_bytes(SMALL, P("S" * n, 3, "bfloat16", "stream", 6)) - slot_bytes(
@@ -402,14 +404,17 @@ def test_predicted_peak_difference_is_the_weight_bytes():
     ring = slot_bytes(SMALL, P("B" * n, 3, "bfloat16", "stream", 6))
     assert g - b == pytest.approx(6000 * 2 - ring, abs=1e-3)
     # an all-resident plan counts the fast path's workspaces in its denoising phase
-    with_fast = predict_peak_bytes(SMALL, P("B" * n, 3), ps)
-    assert with_fast - b == pytest.approx(CAL.fast_path_gb * GiB * CAL.frag, abs=1e-3)
+    fast = replace(cal, fast_path_gb=CAL.fast_path_gb)
+    with_fast = phase_peak_bytes(SMALL, P("B" * n, 3), ps, fast)["denoise"]
+    assert with_fast - phase_peak_bytes(SMALL, P("B" * n, 3), ps, cal)["denoise"] == pytest.approx(
+        CAL.fast_path_gb * GiB * CAL.frag, abs=1e-3
+    )
     # float32 doubles every weight byte
-    b32 = predict_peak_bytes(SMALL, P("B" * n, 3, dtype="float32"), ps)
+    b32 = predict_peak_bytes(SMALL, P("B" * n, 3, dtype="float32"), ps, cal)
     assert b32 > b
 
 
-def test_peak_grows_with_image_size_and_controls(full):
+def test_peak_grows_with_image_size(full):
     p = plan_for("12", SHAPE, full, NOMINAL)
 
     def peak(w, h, c, tiling=False):
@@ -418,11 +423,15 @@ def test_peak_grows_with_image_size_and_controls(full):
     sizes = [(256, 256), (512, 512), (768, 1024), (1024, 1024), (1536, 1536), (2048, 2048)]
     peaks = [peak(w, h, 1) for w, h in sizes]
     assert all(a < b for a, b in zip(peaks, peaks[1:]))
-    # with VAE tiling the denoiser's activations set the peak, and a second control adds its residuals
+    # more controls of the Union net never lower the peak (measured: they add nothing, the residuals
+    # are summed in place); a calibration that counts them raises it
     by_controls = [peak(1024, 1024, c, tiling=True) for c in (1, 2, 3, 4)]
     untiled = [peak(1024, 1024, c) for c in (1, 2, 3, 4)]
     assert all(a <= b for a, b in zip(untiled, untiled[1:]))
-    assert by_controls[0] < by_controls[1] and all(a <= b for a, b in zip(by_controls, by_controls[1:]))
+    assert all(a <= b for a, b in zip(by_controls, by_controls[1:]))
+    counted = replace(CAL, act_per_extra_control=0.2 * CAL.act_per_img_token)
+    two = [predict_peak_bytes(full, p.placement, PassShape(1024, 1024, c, True), counted) for c in (1, 2)]
+    assert two[0] < two[1]
     # VAE tiling bounds the decode of a large image
     assert peak(2048, 2048, 1, tiling=True) < peak(2048, 2048, 1, tiling=False)
 
@@ -481,9 +490,9 @@ H100 = DeviceInfo("cuda", "H100", 79.2, 79.2, True, 86.5, 51.4, 740.0)
 
 
 def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
-    """One more control at the same tier: the weights stay where they are if the placement still
+    """A smaller image at the same tier: the weights stay where they are if the placement still
     fits the budget and is at most 15 % slower (moving them again costs 10-25 s)."""
-    two = plan_for("8", JobShape(1024, 1024, 2), full, H100)
+    two = plan_for("8", JobShape(1024, 1280, 1), full, H100)
     one_shape = JobShape(1024, 1024, 1)
     one = plan_for("8", one_shape, full, H100)
     assert one.placement != two.placement
@@ -505,15 +514,17 @@ def test_placement_on_the_gpu_is_kept_for_a_job_it_also_holds(full):
 
 def test_placement_is_moved_when_it_would_not_fit_or_is_much_slower(full):
     small = plan_for("24", JobShape(768, 768, 1), full, H100)  # more resident: less room for activations
-    big_shape = JobShape(1024, 1024, 3)
+    big_shape = JobShape(1280, 1280, 1)
     big = plan_for("24", big_shape, full, H100)
-    over = predict_peak_bytes(full, small.placement, PassShape(1024, 1024, 3, big.vae_tiling)) / GiB
+    over = predict_peak_bytes(full, small.placement, PassShape(1280, 1280, 1, big.vae_tiling)) / GiB
     assert small.placement != big.placement and over > big.budget_gb
     assert keep_placement(small, big, big_shape, full, H100) is big
-    large = plan_for("24", JobShape(1024, 1024, 2), full, H100)
-    small_shape = JobShape(768, 768, 2)
+    large = plan_for("24", JobShape(1536, 1536, 1), full, H100)
+    small_shape = JobShape(768, 768, 1)
     new = plan_for("24", small_shape, full, H100)
-    assert keep_placement(large, new, small_shape, full, H100) is new  # 1.5x slower per step: move
+    step = predict_step_s(full, large.placement, PassShape(768, 768, 1, new.vae_tiling), H100)
+    assert step > 1.15 * new.predicted_step_s  # the placement for 1536² is much slower at 768²
+    assert keep_placement(large, new, small_shape, full, H100) is new  # so the weights move
 
 
 def test_pass_size_is_the_larger_of_generation_and_upscale_tiles():
