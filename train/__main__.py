@@ -101,6 +101,8 @@ def config_from(a):
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     from core.models import ModelUnavailableError
 
     from .precision import TrainingStopped
@@ -115,6 +117,14 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except torch.OutOfMemoryError as e:  # the training plan's prediction was too low for this job
+        first = str(e).strip().split("\n")[0].split(". GPU")[0]
+        print(
+            f"error: the GPU ran out of memory while training at the {a.tier} tier and {a.resolution} px ({first}); "
+            "choose a larger tier, a smaller --resolution or a LoRA (--lora-rank).",
+            file=sys.stderr,
+        )
+        return 4
     if summary is not None:
         from accelerate import PartialState
 

@@ -74,6 +74,18 @@ def check_finite(loss: torch.Tensor, step: int, checkpoint: str | None) -> None:
         )
 
 
+MAX_SKIPPED = 3  # updates skipped in a row (gradient not finite) before the run stops
+
+
+def check_skips(in_a_row: int, step: int, checkpoint: str | None) -> None:
+    if in_a_row >= MAX_SKIPPED:
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        raise TrainingStopped(
+            f"The gradient was not finite for {in_a_row} steps in a row (up to step {step}), so the run stopped; "
+            f"lower --lr or check the data; {kept}."
+        )
+
+
 def check_changed(before: list[int], params, steps: int) -> None:
     if before == fingerprint(params):
         raise TrainingStopped(

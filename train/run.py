@@ -23,7 +23,7 @@ from . import checkpoint, data, modules
 from .config import TrainConfig
 from .loss import flow_matching_loss, sample_noise
 from .placement import place, sizes_from_pipeline
-from .precision import check_changed, check_finite, fingerprint
+from .precision import check_changed, check_finite, check_skips, fingerprint
 from .validate import Validator, loss_curve
 
 CHANGE_CHECK_STEPS = 2  # weights must have moved after this many optimiser steps
@@ -31,10 +31,12 @@ CHANGE_CHECK_STEPS = 2  # weights must have moved after this many optimiser step
 
 @dataclass
 class Faults:
-    """Test hooks: a NaN loss at a step; a process that dies after a step (as if killed)."""
+    """Test hooks: a NaN loss at a step; a process that dies after a step (as if killed); infinite
+    gradients at some steps."""
 
     nan_at: int = 0
     kill_after: int = 0
+    inf_grad_at: tuple[int, ...] = ()  # steps whose gradient is made infinite
 
 
 class Killed(BaseException):
@@ -212,6 +214,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
     epoch_len = len(data.batches(items, cfg.batch_size, cfg.seed, 0, rank, world))
     last_ckpt = str(last) if last else None
     t_loop, done_here = time.perf_counter(), 0
+    applied, skipped, skipped_run, checked = 0, [], 0, False  # optimiser updates made and skipped
     for step in range(start + 1, cfg.steps + 1):
         epoch, pos = divmod(step - 1, epoch_len)
         idx = data.batches(items, cfg.batch_size, cfg.seed, epoch, rank, world)[pos]
@@ -223,13 +226,23 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         mean = acc.reduce(loss.detach().clone(), reduction="mean")  # every process stops on a NaN together
         check_finite(mean, step, last_ckpt)
         acc.backward(loss)
-        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        if step in faults.inf_grad_at:
+            next(q for q in params if q.grad is not None).grad.fill_(math.inf)
+        norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        if torch.isfinite(torch.as_tensor(norm)).all():
+            optimizer.step()
+            applied, skipped_run = applied + 1, 0
+        else:  # clipping by an infinite norm would make every weight NaN: this update is skipped
+            skipped.append(step)
+            skipped_run += 1
+            _log(f"step {step}: the gradient is not finite ({float(norm)}), so its update was skipped", main)
+            check_skips(skipped_run, step, last_ckpt)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(mean))
         done_here += 1
-        if step == start + min(CHANGE_CHECK_STEPS, cfg.steps - start):
-            check_changed(before, params, step - start)
+        if applied == min(CHANGE_CHECK_STEPS, cfg.steps - start) and not checked:
+            check_changed(before, params, applied)
+            checked = True
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
             per = (time.perf_counter() - t_loop) / done_here
             _log(
@@ -264,6 +277,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         lora=str(out / "lora.safetensors") if cfg.lora_rank else None,
         checkpoint=last_ckpt,
         trainable_params=sum(p.numel() for p in params),
+        skipped_updates=skipped,  # steps whose gradient was not finite
         frozen_unused=unused,
         processes=world,
         placement=placement.summary(),

@@ -3,6 +3,7 @@ control image (a disc at a random place; the control is its Canny edges, made by
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,32 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(dataset, tmp_pa
     with pytest.raises(TrainingStopped, match=r"at step 6, .*step-000004"):
         run(cfg, Faults(nan_at=6))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
+
+
+def test_an_infinite_gradient_skips_its_update_and_three_in_a_row_stop_the_run(dataset, tmp_path):
+    """Clipping by an infinite norm would make every weight NaN (the next loss NaN, the run lost)."""
+    cfg = config(dataset, tmp_path / "one", steps=6, validation_images=0, gradient_checkpointing=False)
+    summary = run(cfg, Faults(inf_grad_at=(3,)))
+    assert summary["skipped_updates"] == [3]
+    assert all(math.isfinite(x) for x in _log(tmp_path / "one")["losses"])
+    saved = load_file(str(next((tmp_path / "one" / "controlnet").glob("*.safetensors"))))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    cfg = config(dataset, tmp_path / "three", steps=8, validation_images=0, gradient_checkpointing=False)
+    with pytest.raises(TrainingStopped, match=r"not finite for 3 steps in a row \(up to step 4\)"):
+        run(cfg, Faults(inf_grad_at=(2, 3, 4)))
+
+
+def test_out_of_gpu_memory_while_training_is_one_sentence(dataset, tmp_path, capsys, monkeypatch):
+    import train.run
+
+    def oom(cfg, faults=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 54.00 MiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train.run, "run", oom)
+    rc = main(["--data", str(dataset), "--control", "canny", "--out", str(tmp_path), "--demo", "--tier", "24"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 4 and "\n" not in err and "Traceback" not in err
+    assert "ran out of memory while training at the 24 tier" in err and "54.00 MiB" in err
 
 
 def test_weights_that_do_not_change_are_an_error(dataset, tmp_path):
