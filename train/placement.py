@@ -72,10 +72,12 @@ def place(
     batch: int = 1,
     checkpointing: bool = True,
     optimizer: str = "auto",
+    frozen_exact: int = 0,
 ) -> TrainPlacement:
     """The training placement for a tier, or ValueError in one sentence when nothing fits.
     `trainable`: trained parameters (the whole ControlNet, or a LoRA's); `base_params`: the frozen
-    transformer's and (LoRA) the frozen ControlNet's."""
+    transformer's (stored in fp8 where the tier needs it); `frozen_exact`: frozen parameters kept in
+    the compute dtype whatever the base's storage (the ControlNet's, under a LoRA)."""
     shape = JobShape(width, height, 1)
     vplan = plan_for(tier, shape, sizes, device)
     if vplan.device == "cpu":
@@ -104,7 +106,7 @@ def place(
     tried = []
     for storage, sb in storages:
         for opt in opts:
-            frozen = base_params * sb + (sizes.vae_params + sizes.clip_params) * es
+            frozen = base_params * sb + (frozen_exact + sizes.vae_params + sizes.clip_params) * es
             state = trainable * (es + OPT_BYTES[opt])
             peak = (frozen + state + trainable * es + act) / GiB + 0.3  # grads; CUDA workspaces
             val = (frozen + state) / GiB + transient + 0.3  # gradients are freed before validation

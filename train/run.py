@@ -90,6 +90,19 @@ def _place(module, dev, dtype) -> None:
         module.to(dtype)
 
 
+def place_frozen(transformer, dev, dtype, storage: str) -> None:
+    """The frozen transformer onto the device, stored as the placement says. fp8 storage is applied on
+    the CPU first: moved in bf16 and cast there, the whole bf16 copy (22 GiB at full size) would pass
+    through the GPU of a tier that holds only the fp8 one."""
+    if not storage.startswith("float8"):
+        _place(transformer, dev, dtype)
+        return
+    if transformer.dtype != dtype:
+        transformer.to(dtype)
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    transformer.to(dev)  # no dtype: it would undo the storage
+
+
 def peak_memory_gb(device: str) -> float:
     if device == "cuda":
         return round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -123,7 +136,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
     params = modules.make_trainable(pipe, cfg.lora_rank, cfg.seed)
     n_train = sum(p.numel() for p in params)
     base_n = sum(p.numel() for p in pipe.transformer.parameters())
-    base_n += sum(p.numel() for p in cn.parameters()) - n_train
+    cn_frozen = sum(p.numel() for p in cn.parameters()) - n_train  # a LoRA's ControlNet: kept as it is
     placement = place(
         cfg.tier,
         sizes_from_pipeline(pipe, max_seq),
@@ -135,6 +148,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         cfg.batch_size,
         cfg.gradient_checkpointing,
         cfg.optimizer,
+        frozen_exact=cn_frozen,
     )
     dtype = getattr(torch, placement.dtype)
     dev = acc.device
@@ -156,9 +170,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
     for m in (pipe.text_encoder, pipe.text_encoder_2):
         m.to("cpu")
 
-    _place(pipe.transformer, dev, dtype)
-    if placement.base_storage.startswith("float8"):
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    place_frozen(pipe.transformer, dev, dtype, placement.base_storage)
     _place(cn, dev, getattr(torch, placement.trainable_dtype))
     pipe.vae.to(dev)
     if cfg.gradient_checkpointing:

@@ -249,11 +249,37 @@ def test_placement_uses_the_planner_and_refuses_what_cannot_fit():
     assert full.device == "cuda" and full.optimizer in ("adamw8bit", "adafactor")
     assert full.predicted_peak_gb <= full.budget_gb == 47.5
     assert full.validation_plan["tier"] == "48"
-    lora = place("24", sizes, gpu, 20_000_000, base + cn, 512, 512)
+    lora = place("24", sizes, gpu, 20_000_000, base, 512, 512, frozen_exact=cn)
     assert lora.optimizer == "adamw" and lora.predicted_peak_gb <= 23.5
+    as_fp8 = place("24", sizes, gpu, 20_000_000, base + cn, 512, 512)  # the ControlNet counted in fp8 too
+    assert lora.predicted_peak_gb - as_fp8.predicted_peak_gb == pytest.approx(cn / 2**30, abs=0.02)
     with pytest.raises(ValueError, match=r"^Training needs at least .* the 8 tier allows 7\.5 GiB"):
         place("8", sizes, gpu, cn, base, 512, 512)
     assert place("cpu", sizes_from_config("tiny"), gpu, 1000, 1000, 64, 64).device == "cpu"
+
+
+def test_an_fp8_stored_base_reaches_the_device_in_fp8():
+    """Cast on the device, the bf16 transformer would first have to fit there whole."""
+    from diffusers import FluxTransformer2DModel
+
+    from core.configs import TINY
+    from train.run import place_frozen
+
+    tr = FluxTransformer2DModel(**TINY["transformer"]).to(torch.bfloat16)
+    moved = []
+    real = tr.to
+
+    def spy(*args, **kw):
+        if args and isinstance(args[0], (str, torch.device)):
+            moved.append(tr.transformer_blocks[0].ff.net[2].weight.dtype)
+        return real(*args, **kw)
+
+    tr.to = spy
+    place_frozen(tr, "cpu", torch.bfloat16, "float8_e4m3fn")
+    assert moved == [torch.float8_e4m3fn]
+    assert tr.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
+    place_frozen(tr2 := FluxTransformer2DModel(**TINY["transformer"]), "cpu", torch.bfloat16, "bfloat16")
+    assert tr2.transformer_blocks[0].ff.net[2].weight.dtype == torch.bfloat16
 
 
 def test_two_processes_train_with_ddp(dataset, tmp_path):
