@@ -10,6 +10,7 @@
 
 usage: python -m bench.bench_recovery --write /tmp/flux-random [--cli 24,16,12,8] [--longrun 20]
                                       [--steps 4] [--size 1024] [--budget-s 520] [--out-dir bench]
+                                      [--images DIR] [--ref-twice]
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def cli(model: Path, tier: str, cap_gb: float, out: Path, a) -> dict:
     return row
 
 
+def same_image(a: Path, b: Path) -> bool:
+    x, y = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+    return bool(x.shape == y.shape and np.array_equal(x, y))
+
+
 def run_cli(a, model: Path, out_dir: Path, deadline: float) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     photo(a.size).save(out_dir / "input.png")
@@ -84,9 +90,11 @@ def run_cli(a, model: Path, out_dir: Path, deadline: float) -> list[dict]:
         over = cli(model, tier, cap_gb, out_dir / f"over_{tier}.png", a)
         ref = cli(model, over.get("ran_tier", m), cap_gb, out_dir / f"ref_{tier}.png", a) if over["rc"] == 0 else {}
         if over["rc"] == 0 and ref.get("rc") == 0:
-            x = np.asarray(Image.open(out_dir / f"over_{tier}.png"))
-            y = np.asarray(Image.open(out_dir / f"ref_{tier}.png"))
-            over["equal_to_fresh_run"] = bool(x.shape == y.shape and np.array_equal(x, y))
+            over["equal_to_fresh_run"] = same_image(out_dir / f"over_{tier}.png", out_dir / f"ref_{tier}.png")
+            if a.ref_twice:  # is a fresh run of the plan itself the same in two processes?
+                again = cli(model, over["ran_tier"], cap_gb, out_dir / f"ref2_{tier}.png", a)
+                if again["rc"] == 0:
+                    over["fresh_runs_equal"] = same_image(out_dir / f"ref_{tier}.png", out_dir / f"ref2_{tier}.png")
         over["reference"] = {k: ref.get(k) for k in ("rc", "ran_tier", "placement", "peak_reserved_gb", "wall_s")}
         print(json.dumps(over), flush=True)
         rows.append(over)
@@ -147,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--out-dir", type=Path, default=Path("bench"))
     ap.add_argument("--images", type=Path, help="where the CLI runs' images go (default: --out-dir)")
+    ap.add_argument("--ref-twice", action="store_true", help="run each fresh reference twice and compare the two")
     a = ap.parse_args(argv)
     deadline = time.time() + a.budget_s
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +166,8 @@ def main(argv=None) -> int:
         data["cli"] = run_cli(a, a.write, a.images or a.out_dir, deadline)
     if a.longrun:
         data["longrun"] = run_longrun(a, deadline)
-    cols = ["tier", "cap_gb", "rc", "ran_tier", "tile", "equal_to_fresh_run", "traceback", "peak_reserved_gb", "wall_s"]
+    cols = ["tier", "cap_gb", "rc", "ran_tier", "tile", "equal_to_fresh_run", "fresh_runs_equal", "traceback"]
+    cols += ["peak_reserved_gb", "wall_s"]
     md = "# Recovery from real out-of-memory\n\n" + data["env"].get("device", "") + ", " + data["command"] + "\n\n"
     md += md_table(data.get("cli", []), cols)
     if "longrun" in data:
