@@ -33,21 +33,18 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import gguf
-import numpy as np
 import torch
 from diffusers import FluxControlNetPipeline
 from peft import LoraConfig
 
 from bench.env import environment, md_table, write
 from bench.random_model import PROMPT, photo, random_engine
-from core.checkpoints import load_transformer
+from core.checkpoints import load_transformer, write_gguf
 from core.denoise.runtime import PromptCache
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.lora import LoraSpec
 from core.models import ModelSpec
-from core.stream import q4
 from core.stream.packs import registered_bytes
 
 GiB = 2**30
@@ -71,52 +68,6 @@ def write_lora(path: Path, transformer, rank: int = 64, seed: int = 0, std: floa
         path.parent, transformer_lora_layers=sd, transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=path.name
     )
     return dict(file=path.name, rank=rank, modules=len(sd) // 2, file_gb=round(path.stat().st_size / GiB, 3))
-
-
-def q8_quantize_into(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Quantize flat `x` (numel a multiple of 32) into uint8 `out` as gguf.quants.quantize(x, Q8_0)
-    does, on x's device: per block of 32 an fp16 scale d = max|x| / 127, then round(x / d) as int8,
-    rounded half away from zero in float32 the way gguf's np_roundf computes it (34 bytes a block)."""
-    blocks, raw, n = x.reshape(-1, q4.BLOCK), out.view(-1, q4.BLOCK + 2), q4.CHUNK_BLOCKS
-    for s in range(0, blocks.shape[0], n):
-        b = blocks[s : s + n].float()
-        d = b.abs().amax(1, keepdim=True) / 127
-        v = b * torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        a, f = v.abs(), v.abs().floor()
-        q = (torch.sign(v) * (f + torch.floor(2 * (a - f)))).to(torch.int8)
-        r = raw[s : s + n]
-        r[:, :2].copy_(d.to(torch.float16).view(torch.uint8))
-        r[:, 2:].copy_(q.view(torch.uint8))
-
-
-def write_gguf(state_dict: dict, path: Path, qtype: str, device) -> Path:
-    """core.checkpoints.write_gguf's file (same tensors quantized, same names, arch "flux"), quantized
-    on `device` with torch and written one tensor at a time: the gguf package's numpy quantizer
-    takes many minutes for 12 B parameters, and the host never holds more than one tensor's bytes."""
-    q = gguf.GGMLQuantizationType[qtype]
-    quantize, block_bytes = {"Q8_0": (q8_quantize_into, 34), "Q4_0": (q4.quantize_into, q4.BLOCK_BYTES)}[qtype]
-    w = gguf.GGUFWriter(str(path), arch="flux")
-    items = []
-    for k, v in state_dict.items():
-        quant = v.ndim == 2 and k.endswith(".weight") and v.shape[-1] % 32 == 0
-        if quant:  # the byte shape: GGUFWriter derives the values' shape from it
-            shape = (v.shape[0], v.shape[1] // 32 * block_bytes)
-            w.add_tensor_info(k, shape, np.dtype(np.uint8), shape[0] * shape[1], raw_dtype=q)
-        else:
-            w.add_tensor_info(k, tuple(v.shape), np.dtype(np.float32), v.numel() * 4)
-        items.append((v, quant))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for v, quant in items:  # in the order of the tensor infos, as the writer requires
-        if quant:
-            out = torch.empty(v.numel() // 32 * block_bytes, dtype=torch.uint8, device=device)
-            quantize(out, v.detach().to(device).reshape(-1))
-            w.write_tensor_data(out.cpu().numpy().reshape(v.shape[0], -1))
-        else:
-            w.write_tensor_data(np.ascontiguousarray(v.detach().float().cpu().numpy()))
-    w.close()
-    return path
 
 
 # -- host memory ----------------------------------------------------------------------------------
@@ -240,7 +191,7 @@ class Bench:
 
             def write_file(qt=qt, path=self.work / f"transformer-{qt}.gguf"):
                 t0 = time.perf_counter()  # values do not matter for speed: LoRAs merged or not
-                write_gguf(self.engine.pipe.transformer.state_dict(), path, qt, "cuda" if self.cuda else "cpu")
+                write_gguf(self.engine.pipe.transformer.state_dict(), path, qt, device="cuda" if self.cuda else "cpu")
                 files[qt] = path
                 return dict(write_s=round(time.perf_counter() - t0, 1), file_gb=round(path.stat().st_size / GiB, 3))
 

@@ -317,23 +317,64 @@ def load_transformer(path: str, base: str, dtype: torch.dtype):
 
 
 # -- writing (tests and benchmarks: a GGUF of any FLUX transformer's state dict) -----------------
-def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, qtype: str = "Q8_0") -> Path:
+def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, qtype: str = "Q8_0", device=None) -> Path:
     """Write `state_dict` (diffusers' names) as GGUF: 2-D Linear weights in `qtype` (a type the
-    gguf package can quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, …), the rest as F32."""
+    gguf package can quantize: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, …), the rest as F32. With `device`
+    (Q8_0 and Q4_0 only) the weights are quantized there with torch, to the same bytes, and written one
+    tensor at a time: the gguf package's numpy quantizer takes many minutes for 12 B parameters."""
     import gguf
     import numpy as np
 
+    from core.stream import q4
+
     q = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[q][0]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[q]
+    quantize = None if device is None else {"Q8_0": q8_quantize_into, "Q4_0": q4.quantize_into}[qtype]
     w = gguf.GGUFWriter(str(path), arch="flux")
+    items = []
     for k, v in state_dict.items():
-        a = v.detach().float().cpu().numpy()
-        if a.ndim == 2 and k.endswith(".weight") and a.shape[-1] % block == 0:
-            w.add_tensor(k, gguf.quants.quantize(a, q), raw_dtype=q)
+        quant = v.ndim == 2 and k.endswith(".weight") and v.shape[-1] % block == 0
+        if quantize is None:
+            a = v.detach().float().cpu().numpy()
+            w.add_tensor(
+                k, gguf.quants.quantize(a, q) if quant else np.ascontiguousarray(a), raw_dtype=q if quant else None
+            )
+        elif quant:  # the byte shape: GGUFWriter derives the values' shape from it
+            shape = (v.shape[0], v.shape[1] // block * block_bytes)
+            w.add_tensor_info(k, shape, np.dtype(np.uint8), shape[0] * shape[1], raw_dtype=q)
         else:
-            w.add_tensor(k, np.ascontiguousarray(a, dtype=np.float32))
+            w.add_tensor_info(k, tuple(v.shape), np.dtype(np.float32), v.numel() * 4)
+        items.append((v, quant))
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    if quantize is None:
+        w.write_tensors_to_file()
+    else:
+        w.write_ti_data_to_file()
+        for v, quant in items:  # in the order of the tensor infos, as the writer requires
+            if quant:
+                out = torch.empty(v.numel() // block * block_bytes, dtype=torch.uint8, device=device)
+                quantize(out, v.detach().to(device).reshape(-1))
+                w.write_tensor_data(out.cpu().numpy().reshape(v.shape[0], -1))
+            else:
+                w.write_tensor_data(np.ascontiguousarray(v.detach().float().cpu().numpy()))
     w.close()
     return Path(path)
+
+
+def q8_quantize_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """Quantize flat `x` (numel a multiple of 32) into uint8 `out` as gguf.quants.quantize(x, Q8_0)
+    does, on x's device: per block of 32 an fp16 scale d = max|x| / 127, then round(x / d) as int8,
+    rounded half away from zero in float32 the way gguf's np_roundf computes it (34 bytes a block)."""
+    from core.stream import q4
+
+    blocks, raw, n = x.reshape(-1, q4.BLOCK), out.view(-1, q4.BLOCK + 2), q4.CHUNK_BLOCKS
+    for s in range(0, blocks.shape[0], n):
+        b = blocks[s : s + n].float()
+        d = b.abs().amax(1, keepdim=True) / 127
+        v = b * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        a, f = v.abs(), v.abs().floor()
+        q = (torch.sign(v) * (f + torch.floor(2 * (a - f)))).to(torch.int8)
+        r = raw[s : s + n]
+        r[:, :2].copy_(d.to(torch.float16).view(torch.uint8))
+        r[:, 2:].copy_(q.view(torch.uint8))

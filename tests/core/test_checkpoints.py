@@ -4,12 +4,13 @@ fp8 files in their own layouts: tests/core/test_fp8_file.py."""
 
 from dataclasses import replace
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from core.checkpoints import CheckpointError, deferred, load_transformer, materialize
+from core.checkpoints import CheckpointError, deferred, load_transformer, materialize, q8_quantize_into, write_gguf
 from core.demo_model import ensure_demo_model
 from core.engine import Engine
 from core.job import ControlSpec, Job
@@ -236,3 +237,32 @@ def test_a_float32_plan_keeps_the_deferred_weights_of_a_file_loaded_in_bf16(file
     if name == "fp8.safetensors":  # placed as fp8 on the CPU (a GGUF is dequantized there for good)
         weights = [m.weight for b in tr.transformer_blocks for m in b.modules() if isinstance(m, nn.Linear)]
         assert all(deferred(w) is not None and w.dtype == torch.float32 for w in weights)
+
+
+# -- writing GGUF with torch (the full-size benchmark's files): the gguf package's bytes --------------
+def test_q8_0_bytes_are_the_gguf_reference_quantizer_s():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 32, generator=g) * torch.rand(3000, 1, generator=g) * 3
+    x[0] = 0  # an all-zero block: scale 0
+    x[1, 7] = -x[1].abs().max() - 1  # a negative extreme
+    x[2] = torch.arange(32) - 15.5  # x / d lands on halves and near-halves: the rounding rule shows
+    x[3, 0], x[3, 1:] = 127, torch.arange(31) + 0.5  # d = 1: exact ties, rounded away from zero
+    x = x.reshape(-1).to(torch.bfloat16)
+    out = torch.empty(x.numel() // 32 * 34, dtype=torch.uint8)
+    q8_quantize_into(out, x)
+    ref = gguf.quants.quantize(x.float().numpy(), gguf.GGMLQuantizationType.Q8_0).reshape(-1)
+    assert np.array_equal(out.numpy(), ref)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_the_gguf_written_with_torch_is_the_numpy_written_one_byte_for_byte(tmp_path, qtype):
+    g = torch.Generator().manual_seed(1)
+    sd = {
+        "blocks.0.attn.to_q.weight": torch.randn(48, 64, generator=g),  # quantized
+        "blocks.0.attn.to_q.bias": torch.randn(48, generator=g),  # F32
+        "proj.weight": torch.randn(8, 40, generator=g),  # rows of 40: not whole blocks, F32
+        "x_embedder.weight": torch.randn(96, 32, generator=g).to(torch.bfloat16),
+    }
+    ours = write_gguf(sd, tmp_path / "ours.gguf", qtype, device="cpu")
+    ref = write_gguf(sd, tmp_path / "ref.gguf", qtype)
+    assert ours.read_bytes() == ref.read_bytes()
