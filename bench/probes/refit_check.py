@@ -14,29 +14,23 @@ import json
 from pathlib import Path
 
 from core.device import GiB
-from core.plan.memory import CAL
+from core.plan.memory import CAL, PassShape, margin_bytes, phase_bytes
 
 OLD_TEXT_GB, OLD_MARGIN_GB, OLD_VAE_DEC = 0.15 * 1.02, 0.18, 2810.0  # the model the runs were planned by
 
 
 def predicted(pred: dict, side: int, all_resident: bool) -> float:
     """Today's predicted peak (GiB) for a run planned by the older model."""
-    resident = pred["text"] - OLD_TEXT_GB - OLD_MARGIN_GB
-    margin = min(CAL.margin_gb, CAL.margin_frac * resident)
-    n = (side // 16) ** 2
-    k, off = (
-        (CAL.act_per_img_token, CAL.act_offset)
-        if all_resident
-        else (CAL.act_per_img_token_streamed, CAL.act_offset_streamed)
-    )
-    denoise = max(k * n + off, 0.0) / GiB + (CAL.fast_path_gb if all_resident else 0.0)
-    phases = dict(
-        denoise=resident + denoise * CAL.frag + margin,
-        decode=resident + (pred["decode"] - resident - OLD_MARGIN_GB) * CAL.vae_dec_per_px / OLD_VAE_DEC + margin,
-        encode_image=pred["encode_image"] - OLD_MARGIN_GB + margin,
-        text=resident + CAL.text_gb * CAL.frag + margin,
-    )
-    return max(phases.values())
+    resident = (pred["text"] - OLD_TEXT_GB - OLD_MARGIN_GB) * GiB
+    margin = margin_bytes(resident)
+    ph = phase_bytes(PassShape(side, side), 2, CAL, all_resident)
+    if all_resident:
+        ph["denoise"] += CAL.fast_path_gb * GiB
+    # the VAE phases: the older prediction's own transients (their pass and tiling), decode rescaled
+    ph["decode"] = (pred["decode"] - OLD_MARGIN_GB) * GiB - resident
+    ph["decode"] *= CAL.vae_dec_per_px / OLD_VAE_DEC / CAL.frag
+    ph["encode_image"] = ((pred["encode_image"] - OLD_MARGIN_GB) * GiB - resident) / CAL.frag
+    return max(resident + v * CAL.frag + margin for v in ph.values()) / GiB
 
 
 def rows(ram: Path, code: str, probe: Path) -> list[dict]:

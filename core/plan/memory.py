@@ -107,9 +107,7 @@ def cast_scratch_bytes(sizes: ModelSizes, p: Placement) -> int:
     return 64 * 2**20 if p.any_q4 else 0
 
 
-def phase_bytes(
-    sizes: ModelSizes, ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bool = False
-) -> dict[str, float]:
+def phase_bytes(ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bool = False) -> dict[str, float]:
     """Transient GPU bytes of each phase on top of the resident weights, for one pass."""
     n_img = tokens(ps.width, ps.height)
     scale = es / 2
@@ -143,7 +141,7 @@ def phase_peak_bytes(sizes: ModelSizes, p: Placement, ps: PassShape, cal: Calibr
     """Peak reserved GPU bytes of each phase: the resident bytes plus that phase's transients (what
     a job's measured per-phase peaks are compared with)."""
     resident = resident_bytes(sizes, p)
-    ph = phase_bytes(sizes, ps, esize(p.dtype), cal, p.all_resident)
+    ph = phase_bytes(ps, esize(p.dtype), cal, p.all_resident)
     if p.all_resident:
         ph["denoise"] += cal.fast_path_gb * GiB
     margin = margin_bytes(resident, cal)

@@ -438,19 +438,19 @@ def test_peak_grows_with_image_size(full):
 
 def test_phase_bytes_and_tokens():
     assert tokens(1024, 1024) == 4096 and tokens(1024, 768) == 64 * 48 and tokens(15, 1024) == 0
-    small = phase_bytes(SMALL, PassShape(512, 512, 1, False), 2)
-    big = phase_bytes(SMALL, PassShape(1024, 1024, 1, False), 2)
+    small = phase_bytes(PassShape(512, 512, 1, False), 2)
+    big = phase_bytes(PassShape(1024, 1024, 1, False), 2)
     assert set(small) == {"denoise", "encode_image", "decode", "text"}
     assert big["denoise"] > small["denoise"] and big["decode"] == pytest.approx(4 * small["decode"])
-    tiled = phase_bytes(SMALL, PassShape(2048, 2048, 1, True), 2)
-    assert tiled["decode"] < phase_bytes(SMALL, PassShape(2048, 2048, 1, False), 2)["decode"] / 4
-    f32 = phase_bytes(SMALL, PassShape(512, 512, 1, False), 4)
+    tiled = phase_bytes(PassShape(2048, 2048, 1, True), 2)
+    assert tiled["decode"] < phase_bytes(PassShape(2048, 2048, 1, False), 2)["decode"] / 4
+    f32 = phase_bytes(PassShape(512, 512, 1, False), 4)
     assert f32["denoise"] > small["denoise"]
     # the VAE decodes the whole image, not the generation tile (the 4 GB tier's 384 px tiles)
-    tile = phase_bytes(SMALL, PassShape(384, 384, 1, True, out_px=1024 * 1024), 2)
-    whole = phase_bytes(SMALL, PassShape(1024, 1024, 1, True), 2)
+    tile = phase_bytes(PassShape(384, 384, 1, True, out_px=1024 * 1024), 2)
+    whole = phase_bytes(PassShape(1024, 1024, 1, True), 2)
     assert tile["decode"] == whole["decode"] and tile["denoise"] < whole["denoise"]
-    small_tiles = phase_bytes(SMALL, PassShape(1024, 1024, 1, True, vae_tile=256), 2)
+    small_tiles = phase_bytes(PassShape(1024, 1024, 1, True, vae_tile=256), 2)
     assert small_tiles["decode"] < whole["decode"] / 3
 
 
