@@ -226,7 +226,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
     epoch_len = len(data.batches(items, cfg.batch_size, cfg.seed, 0, rank, world))
     last_ckpt = str(last) if last else None
     t_loop, done_here = time.perf_counter(), 0
-    applied, skipped, skipped_run, checked = 0, [], 0, False  # optimiser updates made and skipped
+    applied, skipped, skipped_run = 0, [], 0  # optimiser updates made and skipped
     for step in range(start + 1, cfg.steps + 1):
         epoch, pos = divmod(step - 1, epoch_len)
         idx = data.batches(items, cfg.batch_size, cfg.seed, epoch, rank, world)[pos]
@@ -244,6 +244,8 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         if torch.isfinite(torch.as_tensor(norm)).all():
             optimizer.step()
             applied, skipped_run = applied + 1, 0
+            if applied == min(CHANGE_CHECK_STEPS, cfg.steps - start):
+                check_changed(before, params, applied)
         else:  # clipping by an infinite norm would make every weight NaN: this update is skipped
             skipped.append(step)
             skipped_run += 1
@@ -252,9 +254,6 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(mean))
         done_here += 1
-        if applied == min(CHANGE_CHECK_STEPS, cfg.steps - start) and not checked:
-            check_changed(before, params, applied)
-            checked = True
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
             per = (time.perf_counter() - t_loop) / done_here
             _log(
