@@ -56,3 +56,23 @@ def test_probes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     assert device._probes(path) == (50.9, 300.0, 0.82)
     assert device._probes(path) == (50.9, 300.0, 0.82)
     assert device.probe_file("NVIDIA H100", 81559 * 2**20) != path  # another GPU: its own figures
+
+
+def test_probes_measured_beside_another_process_are_replaced_when_the_gpu_is_free(tmp_path, monkeypatch):
+    """Figures measured while another process shares the GPU are used, and kept marked, until a
+    process that has the GPU to itself measures again."""
+    rate = {"h2d": 13.9}
+    shared = {"now": True}
+    monkeypatch.setattr(device, "_measure_h2d", lambda: rate["h2d"])
+    monkeypatch.setattr(device, "_measure_tflops", lambda: 746.0)
+    monkeypatch.setattr(device, "_measure_context_gb", lambda: 0.82)
+    monkeypatch.setattr(device, "_gpu_shared", lambda: shared["now"])
+    monkeypatch.setenv("FLUX_ANYVRAM_CACHE", str(tmp_path))
+    path = device.probe_file("NVIDIA H200", 143771 * 2**20)
+    assert device._probes(path) == (13.9, 746.0, 0.82)
+    rate["h2d"] = 30.0  # still shared: the kept figures hold (the same plan for every process)
+    assert device._probes(path) == (13.9, 746.0, 0.82)
+    shared["now"], rate["h2d"] = False, 50.3  # alone: measured again and kept for good
+    assert device._probes(path) == (50.3, 746.0, 0.82)
+    shared["now"], rate["h2d"] = True, 10.0
+    assert device._probes(path) == (50.3, 746.0, 0.82)
