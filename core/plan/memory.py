@@ -2,9 +2,9 @@
 
 Its constants were fitted on the H200 with the full-size architecture, from the per-phase peaks of
 fresh CLI processes at every tier and of one-step jobs over pass sizes 512-1536 px, one and two
-controls (bench/ram/ANY_RAM.md, bench/probes/transients.json): the resident bytes are exact within
-0.07 GiB; the transients are the measured ones rounded up, so that no tier is under-predicted and
-none is more than 8 % over.
+controls (bench/ram/ANY_RAM.md, bench/probes/transients.json, transients_streamed.json): the
+resident bytes are exact within 0.07 GiB; the transients are the measured ones rounded up, so that no
+tier is under-predicted and none is more than 8 % over.
 """
 
 from __future__ import annotations
@@ -21,17 +21,30 @@ from core.plan.units import UnitSize, buffer_bytes, gpu_bytes, host_bytes, store
 class Calibration:
     """Memory-model constants (bytes), measured on the GPU machine; see bench/."""
 
-    # denoiser transients of a pass, linear in its image tokens. All-resident plans (the fast path's
-    # fused blocks): 0.31-3.40 GiB from 1024 to 9216 tokens (512-1536 px). Plans that stream: 1.46-1.51
-    # GiB at 4096 tokens as well, but 0.15-0.25 at 1024 (the 4 GB tier's 512 px tiles)
+    # denoiser transients of a pass. The control image's VAE encode runs inside the pipeline call,
+    # so the denoising phase peaks at the larger of it and the denoiser's own (the phase maximum
+    # takes both). All-resident plans, linear in image tokens: 0.25-3.40 GiB from 1024 to 9216
+    # tokens, which is the untiled encode of the control image (1535-1547 B/px at 768-1536 px): the
+    # fit holds the activations of the fused blocks under it.
     act_per_img_token: float = 64.4 * 3072 * 2
     act_offset: float = -0.05 * 2**30
-    act_per_img_token_streamed: float = 72.25 * 3072 * 2
-    act_offset_streamed: float = -0.173 * 2**30
+    # Plans that stream: 0.14-0.15 GiB at 1024 tokens, 0.42 at 2304, 1.48-1.51 at 4096 (every tier,
+    # the VAE tiled or not), then 0.81 at 6400 and 1.08 at 9216 (tiers 16, 12, 8). Why 1024² holds
+    # more than 1280² and 1536² is not known (a cuDNN workspace chosen per shape is the suspect), so
+    # the model is the measurements' upper envelope: the line through 2304 and 4096 tokens, clipped
+    # to [act_min_streamed, act_max_streamed]; 0.4-0.7 GiB over at 1280-1536 px. Past the largest
+    # pass measured it grows by the earlier fit's slope (72.25 per token and hidden unit), so larger
+    # passes keep the generation tiles they were measured with (bench/UPSCALE.md).
+    act_per_img_token_streamed: float = 107.1 * 3072 * 2
+    act_offset_streamed: float = -0.996 * 2**30
+    act_min_streamed: float = 0.16 * 2**30
+    act_max_streamed: float = 1.52 * 2**30
+    act_measured_tokens: int = 9216
+    act_per_img_token_beyond: float = 72.25 * 3072 * 2
     # a second control of the Union net adds nothing measurable (its residuals are summed in place)
     act_per_extra_control: float = 0.0
     vae_dec_per_px: float = 2830.0  # untiled VAE decode, bytes per output pixel (2826 at 1536²)
-    vae_enc_per_px: float = 1300.0  # untiled VAE encode (control image, img2img)
+    vae_enc_per_px: float = 1550.0  # untiled VAE encode (control image, img2img): 1535-1547 measured
     vae_tile_px: int = 512  # tile side when VAE tiling is on (the engine sets the VAE to it)
     vae_small_tile_px: int = 256  # where even 512 px VAE tiles do not fit (the 4 GB tier)
     text_gb: float = 0.24  # T5 and CLIP on a 512-token prompt: 0.238-0.239 GiB at every tier
@@ -117,7 +130,13 @@ def phase_bytes(ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bo
         else (cal.act_per_img_token_streamed, cal.act_offset_streamed)
     )
     per_token += cal.act_per_extra_control * max(ps.controls - 1, 0)
-    denoise = max(per_token * n_img + offset, 0.0) * scale
+    if all_resident:
+        act = max(per_token * n_img + offset, 0.0)
+    else:
+        n = min(n_img, cal.act_measured_tokens)
+        act = min(max(per_token * n + offset, cal.act_min_streamed), cal.act_max_streamed)
+        act += cal.act_per_img_token_beyond * max(n_img - cal.act_measured_tokens, 0)
+    denoise = act * scale
     px = max(ps.out_px, ps.width * ps.height)  # the VAE sees whole images, not generation tiles
     tpx = min(px, ps.vae_tile**2) if ps.vae_tiling else px
     encode_img = cal.vae_enc_per_px * tpx * scale
