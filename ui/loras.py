@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gradio as gr
-
 from core.limits import LIMITS
 from core.lora import LoraSpec, default_lora_dir, list_loras, loras_from_params, suggest
 
@@ -30,6 +28,8 @@ def choices(lora_dir) -> list[str]:
 
 def build(u: dict, lora_dir) -> None:
     """The LoRA accordion (inside the settings column)."""
+    import gradio as gr  # here: ui.settings imports this module, and handlers work without Gradio
+
     root = folder(lora_dir)
     u["lora_dir"] = str(root)
     lim = LIMITS["lora_scale"]
@@ -101,6 +101,8 @@ def preset_for(name, lora_dir) -> dict | None:
 
 def wire(u: dict) -> None:
     """Rescan the folder; a few-step LoRA's preset when one is chosen."""
+    import gradio as gr
+
     rows = u["lora_rows"]
 
     def rescan():

@@ -321,3 +321,13 @@ def test_auto_compile_says_what_the_engine_does():
     assert H.compile_choices("later")[0] == ("Auto (compile from the second job)", "auto")
     assert H.compile_choices("off")[0][0] == "Auto (never compile here)"
     assert [v for _, v in H.compile_choices("on")] == ["auto", "always", "never"]
+
+
+def test_handlers_and_app_import_without_gradio():
+    """Benchmarks and scripts build jobs the way the app does on machines without Gradio."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['gradio'] = None; import app; from ui.handlers import build_job, save_result"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
