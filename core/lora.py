@@ -10,10 +10,16 @@ Union ControlNet. Unmerging is exact: a touched weight is read again from the mo
 when there is one, or restored from the copy taken before its first merge. A weight an fp8 file's
 transformer keeps deferred (core.checkpoints.Fp8Source) is widened to the compute dtype to be
 merged, and deferred to the file again when unmerged; fp8 stores then round the merged weights.
+
+The merge runs where it is cheap: `set(..., device=)` computes each delta (B @ A, in full fp32) on
+the placement's device and adds it there, wherever the weight lives (a resident weight changes in
+place, a CPU one goes there and back). A fresh placement and a re-pack compute the same numbers on
+the same device, so a LoRA switched in gives the image a placement made with it from the start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -204,10 +210,11 @@ class Merger:
         target, _, pname = name.partition(".")
         return self.models[target].get_parameter(pname)
 
-    def unmerge(self) -> frozenset[str]:
-        """Every touched parameter back to its original weights, exactly; returns their names."""
+    def unmerge(self, restored=frozenset()) -> frozenset[str]:
+        """Every touched parameter back to its original weights, exactly; returns their names.
+        `restored`: parameters the caller already gave their source weights (not read again)."""
         with torch.no_grad():
-            for name in self.touched:
+            for name in self.touched - frozenset(restored):
                 target, _, pname = name.partition(".")
                 p = self._param(name)
                 if getattr(p, "quant_source", None) is not None:  # a file's fp8 weight: deferred to it again
@@ -234,16 +241,18 @@ class Merger:
         self._read = keep  # only the LoRAs asked for last stay in memory
         return out
 
-    def set(self, loras) -> frozenset[str]:
+    def set(self, loras, device=None, restored=frozenset()) -> frozenset[str]:
         """Merge exactly `loras` (replacing what was merged); returns the names of the parameters
-        whose weights changed, the only ones a placement has to pack again."""
+        whose weights changed, the only ones a placement has to pack again. `device`: where the
+        deltas are computed and added (default: where each weight is); `restored`: see unmerge."""
         loras = tuple(loras)
         if loras == self.loras:
             return frozenset()
         plan = self.prepare(loras)  # read and check all before changing any
-        changed = self.unmerge()
+        changed = self.unmerge(restored)
         touched = set()
-        with torch.no_grad():
+        at = torch.device(device) if device is not None else None
+        with torch.no_grad(), _full_fp32():
             for spec, matches in zip(loras, plan):
                 for pname, delta, is_bias in matches:
                     p = self._param(pname)
@@ -253,12 +262,8 @@ class Merger:
                     elif getattr(p, "quant_source", None) is not None:
                         pass  # widened by an earlier LoRA of this merge
                     elif pname not in self._saved and self.sources.get(pname.partition(".")[0]) is None:
-                        self._saved[pname] = p.detach().clone()
-                    if is_bias:
-                        d = delta.bias.float() * delta.factor * spec.scale
-                    else:
-                        d = (delta.up.float() @ delta.down.float()) * (delta.factor * spec.scale)
-                    p.copy_(p.float() + d)
+                        self._saved[pname] = p.detach().to("cpu", copy=True)  # in host RAM, wherever p is
+                    _add(p, delta, spec.scale, is_bias, at if at is not None else p.device)
                     touched.add(pname)
         self.loras, self.touched = loras, frozenset(touched)
         log.info("merged %d LoRA(s) into %d parameters", len(loras), len(touched))
@@ -296,6 +301,40 @@ class Merger:
         return out
 
 
+def _merged(p: torch.Tensor, delta: Delta, scale: float, is_bias: bool, at: torch.device) -> torch.Tensor:
+    """p + factor · scale · (B @ A) (or the bias's) on `at`, in fp32, rounded to p's dtype once; in
+    place in one fp32 buffer (a weight's size) beside p's copy on `at`."""
+    if is_bias:
+        w = delta.bias.to(at).float() * (delta.factor * scale)
+    else:
+        w = delta.up.to(at).float() @ delta.down.to(at).float()
+        w.mul_(delta.factor * scale)
+    return w.add_(p.to(at)).to(p.dtype)
+
+
+def _add(p: torch.Tensor, delta: Delta, scale: float, is_bias: bool, at: torch.device) -> None:
+    """p += delta, computed on `at` (p goes there and back if it lives elsewhere): the same numbers
+    wherever p lives. Out of memory on a GPU: on the CPU instead."""
+    try:
+        p.copy_(_merged(p, delta, scale, is_bias, at))
+    except torch.OutOfMemoryError:
+        if at.type == "cpu":
+            raise
+        log.warning("no GPU memory to merge a LoRA delta: merged on the CPU")
+        p.copy_(_merged(p, delta, scale, is_bias, torch.device("cpu")))
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """fp32 matmuls in full precision (no TF32) while deltas are computed: the merge is exact fp32."""
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(was)
+
+
 def folder_source(folder: str | Path) -> Source | None:
     """A reader of parameters from a folder's .safetensors files (lazily, one tensor at a time), or
     None where the folder has none."""
@@ -309,7 +348,7 @@ def folder_source(folder: str | Path) -> Source | None:
         with safe_open(str(f), framework="pt") as fh:
             index.update(dict.fromkeys(fh.keys(), f))
 
-    def read(name: str):
+    def read(name: str):  # a handle per read: tensors of one handle share its (writable) mapping
         f = index.get(name)
         if f is None:
             return None

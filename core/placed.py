@@ -153,7 +153,7 @@ class PlacedPipeline:
             pipe, old = self.pipe, ""
         elif needs_reload(old, full):
             log.warning("units return to bf16 from rounded fp8/4-bit weights (pipeline given by the caller)")
-        self._apply_loras(loras)  # into the CPU weights: every placement packs the merged ones
+        self._apply_loras(loras, plan.device)  # into the CPU weights: every placement packs the merged ones
         dtype = getattr(torch, plan.dtype)
         retype_deferred(pipe.transformer, dtype)  # before .to(dtype), which would fill placeholders with NaN
         if pipe.transformer.dtype != dtype:
@@ -210,9 +210,12 @@ class PlacedPipeline:
 
     def _repack_loras(self, loras: tuple) -> bool:
         """Change the merged LoRAs with the placement kept: only the units whose weights the old or
-        the new LoRAs touch go back to the CPU, take the new merge and are packed again (touched
-        weights outside the units, such as proj_out, are plain resident tensors: they move and come
-        back). False, with nothing changed, where a lossy unit has no source to be packed again from."""
+        the new LoRAs touch change. A plain resident unit takes the new merge where it is, on the
+        device; the others go back to the CPU, take it there (its deltas computed on the device) and
+        are packed again into their places. A lossy (fp8, 4-bit) unit whose pack rounded its weights
+        takes its exact weights from the model's files first. Touched weights outside the units (such
+        as proj_out) are plain resident tensors: merged in place too. False, with nothing changed,
+        where a lossy unit has nothing to be packed again from (a pipeline given by the caller)."""
         res = self.residency
         if res is None:
             return False
@@ -220,34 +223,62 @@ class PlacedPipeline:
         names = {name for matches in merger.prepare(loras) for name, _, _ in matches} | set(merger.touched)
         units = [f"{n}." for n, _ in res.units]
         idx = sorted({i for name in names for i, u in enumerate(units) if name.startswith(u)})
-        if not res.can_repack(idx):
+        exact = {}
+        for i in idx:
+            if res.stores[i].lossy() and not res.keep[i]:
+                w = self._source_weights(merger, i)
+                if w is None:
+                    return False
+                exact[i] = w
+        if not res.can_repack(idx, exact):
             return False
-        outside = [n for n in names if not any(n.startswith(u) for u in units)]
-        extra = [merger.models[n.partition(".")[0]].get_parameter(n.partition(".")[2]) for n in outside]
         t0 = time.perf_counter()
         self.undo_fast()  # fused or compiled blocks: plain modules again (apply_fast follows the place)
-        res.take_back(idx)
-        for p in extra:
-            p.data = p.data.cpu()
+        here = [i for i in idx if res.in_place(i)]
+        back = [i for i in idx if i not in here]
+        for i in here:
+            res.changed_in_place(i, [n.removeprefix(units[i]) for n in names if n.startswith(units[i])])
+        res.take_back(back, exact)
+        restored = {f"{units[i]}{local}" for i, w in exact.items() for local in w}
         try:
-            self._apply_loras(loras)
+            self._apply_loras(loras, res.device, restored)
         finally:  # merged or not, every unit is placed again
-            for p in extra:
-                p.data = p.data.to(res.device)
-            res.put_back(idx)
+            res.put_back(back)
         self.last_repack = (len(idx), len(units), round(time.perf_counter() - t0, 2))
-        log.info("LoRAs changed: %d of %d units packed again in %.2f s", *self.last_repack)
+        log.info(
+            "LoRAs changed: %d of %d units packed again in %.2f s (%d changed in place, %d from the files)",
+            *self.last_repack,
+            len(here),
+            len(exact),
+        )
         return True
 
-    def _apply_loras(self, loras) -> frozenset[str]:
-        """Merge exactly `loras` (unmerging the previous ones exactly); call with nothing placed.
-        Returns the names of the parameters whose weights changed."""
+    def _source_weights(self, merger: Merger, i: int) -> dict[str, torch.Tensor] | None:
+        """Unit i's exact weights by parameter name, read (memory-mapped) from its model's files;
+        None where any of them is not there."""
+        name, module = self.residency.units[i]
+        target, _, prefix = name.partition(".")
+        src = merger.sources.get(target)
+        if src is None:
+            return None
+        out = {}
+        for local, p in module.named_parameters():
+            w = src(f"{prefix}.{local}")
+            if w is None or w.shape != p.shape:
+                return None
+            out[local] = w
+        return out
+
+    def _apply_loras(self, loras, device=None, restored=frozenset()) -> frozenset[str]:
+        """Merge exactly `loras` (unmerging the previous ones exactly), the deltas computed on
+        `device` (the placement's); call with nothing placed, or from _repack_loras. Returns the
+        names of the parameters whose weights changed."""
         if loras and any(isinstance(deferred(p), QuantSource) for p in self.pipe.transformer.parameters()):
             raise ValueError(
                 "LoRAs cannot be merged into a GGUF transformer yet (its blocks stay quantized until placed); "
                 "use a .safetensors transformer with LoRAs."
             )
-        changed = self._merger().set(tuple(loras))
+        changed = self._merger().set(tuple(loras), device, restored)
         log.info("LoRAs %s: %d parameters changed", [s.name for s in loras] or "none", len(changed))
         return changed
 

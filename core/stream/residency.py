@@ -131,20 +131,45 @@ class Residency:
         pack.point_params(self.work[0] if s.cast else self.ring_buf.view(dtype))
 
     # -- weights that change while placed (a LoRA) ----------------------------------------------
-    def can_repack(self, idx) -> bool:
-        """Units `idx` can go back to the CPU and be packed again exactly: their sources are kept, or
-        their storage does not round (a lossy unit unpacked from its pack would be rounded twice)."""
-        return all(self.keep[i] or not self.stores[i].lossy() for i in idx)
+    def can_repack(self, idx, exact=()) -> bool:
+        """Units `idx` can go back to the CPU and be packed again exactly: their sources are kept,
+        their storage does not round (a lossy unit unpacked from its pack would be rounded twice), or
+        the caller gives their exact weights (`exact`: unit indices, see take_back)."""
+        return all(self.keep[i] or not self.stores[i].lossy() or i in exact for i in idx)
 
-    def take_back(self, idx) -> None:
+    def in_place(self, i: int) -> bool:
+        """Unit i's weights can change where they are, on the device: a plain resident unit with no
+        deferred file weight (those are merged on the CPU, where their source is)."""
+        return not self.stores[i].managed and all(
+            getattr(p, "quant_source", None) is None for p in self.units[i][1].parameters()
+        )
+
+    def changed_in_place(self, i: int, names) -> None:
+        """Parameters `names` of in-place unit i changed on the device: the CPU tensors kept to give
+        back on removal are stale, so removal copies these from the device instead."""
+        src = self.sources.get(i)
+        if src is not None:
+            for name in names:
+                src.pop(name, None)
+
+    def take_back(self, idx, exact=None) -> None:
         """Units `idx` back on the CPU as remove() leaves them, their places in the arenas kept, so
-        that their CPU weights can change; put_back(idx) packs them again. The rest stays placed."""
+        that their CPU weights can change; put_back(idx) packs them again. The rest stays placed.
+        `exact` ({unit: {parameter name: tensor}}): a lossy unit's exact weights (its model's
+        file, memory-mapped: no copy unless the dtype differs), which it takes instead of its
+        rounded pack."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for i in idx:
-            self._to_cpu(i)
+            if exact and i in exact:  # not unpacked first: its rounded weights would be thrown away
+                for name, p in self.units[i][1].named_parameters():
+                    p.data = exact[i][name].to(self.dtype)
+            else:
+                self._to_cpu(i)
 
     def put_back(self, idx) -> None:
+        """Pack units `idx` again (same format, size and place in the arena). The learned prefetch
+        order stays (the units and their sizes are the same); only what was prefetched is dropped."""
         for i in idx:
             if i in self.packs:
                 self._fill(i, self.packs[i].buf)
@@ -152,7 +177,11 @@ class Residency:
                 self._to_device(i)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        old = self.schedule
         self._new_schedule()  # nothing prefetched from the old weights survives
+        if old.nbytes == self.schedule.nbytes:  # the next step's first units, as end_step() prefetches them
+            self.schedule.order, self.schedule.stats = list(old.order), old.stats
+            self.schedule._pump()
 
     # -- the schedule's device operations (core.stream.schedule.Ops) ----------------------------
     def _on(self, stream):
