@@ -17,11 +17,22 @@ from core.device import DeviceInfo, GiB
 from core.plan import JobShape, plan_for
 from core.plan.sizes import sizes_from_pipeline  # the one import of core's size counting
 
-__all__ = ["TrainPlacement", "place", "sizes_from_pipeline", "OPT_BYTES"]
+# Modules of the frozen transformer left in the compute dtype under fp8 storage: the embedders and the
+# final norm and projection (64 M parameters). diffusers' default pattern also skips every module with
+# "norm" in its name, which keeps the blocks' adaLN modulation Linears (norm1.linear, norm1_context.linear,
+# norm.linear: 3.25 B parameters, 3.0 GiB more at full size) in bf16.
+FP8_KEEP_PATTERNS = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$")
+
+__all__ = ["TrainPlacement", "place", "sizes_from_pipeline", "OPT_BYTES", "frozen_base_bytes", "FP8_KEEP_PATTERNS"]
 
 # optimiser state bytes per trainable parameter (bf16 params on the GPU: AdamW keeps two bf16 moments)
 OPT_BYTES = {"adamw": 4.0, "adamw8bit": 2.0, "adafactor": 0.1}
-ACT_BACKWARD = 3.0  # a block's transients while it is recomputed and back-propagated, vs inference
+# One checkpointed block while it is recomputed and back-propagated, in bytes per token per hidden unit
+# (bf16). Counted on the CPU at full width (3072, 24 heads), 768 and 1536 tokens, frozen weights: the
+# tensors autograd saves are 28.5 B (double block) and 26.4 B (single block); the peak of recompute plus
+# backward, inputs included, 35-37 B (double) and 46 B (single). Twice the larger figure leaves room
+# for what the GPU's kernels add (flash attention's fp32 dq, cuBLAS workspaces); not yet measured there.
+BLOCK_BACKWARD_BYTES = 96.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +58,34 @@ def _activation_bytes(sizes, w: int, h: int, batch: int, checkpointing: bool, es
     img = (w // 16) * (h // 16)
     tokens = img + sizes.max_seq
     n_blocks = sum(1 for u in sizes.units if u.name.endswith(".attn")) or len(sizes.units) // 3
-    one_block = 36.0 * sizes.hidden * es * tokens * ACT_BACKWARD  # core.plan's act_per_token, backward
+    one_block = BLOCK_BACKWARD_BYTES * (es / 2) * sizes.hidden * tokens  # the block being back-propagated
     residuals = 30.0 * sizes.hidden * es * img  # the ControlNet's residuals, kept for the transformer
     kept = sizes.hidden * es * tokens * n_blocks * (1 if checkpointing else 12)  # block inputs (or all)
     return batch * (one_block + residuals + kept)
+
+
+def _blocks(units) -> dict[str, int]:
+    """Parameters per block ("transformer.transformer_blocks.3": its attention, feed-forwards, modulation)."""
+    out: dict[str, int] = {}
+    for u in units:
+        block = u.name.rsplit(".", 1)[0]
+        out[block] = out.get(block, 0) + u.numel
+    return out
+
+
+def frozen_base_bytes(sizes, base_params: int, storage_bytes: int, es: int) -> float:
+    """Device bytes of the frozen transformer during a training step. Stored in fp8 (`storage_bytes` 1),
+    every Linear layer of its blocks (the units: attention, feed-forwards and the adaLN modulation
+    Linears, 3.25 B of the 11.9 B at full size) holds 1 byte per parameter and the rest (embedders,
+    final norm and projection, 64 M) stays in `es`; and while a checkpointed block is recomputed and
+    back-propagated, autograd keeps the compute-dtype copies of its weights that the casts made (the
+    largest block: a double block, 340 M parameters)."""
+    if storage_bytes >= es:
+        return float(base_params * es)
+    base_units = sizes.units[sizes.n_cn_units :]
+    cast = min(base_params, sum(u.numel for u in base_units))
+    upcast = max(_blocks(base_units).values(), default=0) * es
+    return float(cast * storage_bytes + (base_params - cast) * es + upcast)
 
 
 def _weights_gb(plan, sizes) -> float:
@@ -106,7 +141,8 @@ def place(
     tried = []
     for storage, sb in storages:
         for opt in opts:
-            frozen = base_params * sb + (frozen_exact + sizes.vae_params + sizes.clip_params) * es
+            frozen = frozen_base_bytes(sizes, base_params, sb, es)
+            frozen += (frozen_exact + sizes.vae_params + sizes.clip_params) * es
             state = trainable * (es + OPT_BYTES[opt])
             peak = (frozen + state + trainable * es + act) / GiB + 0.3  # grads; CUDA workspaces
             val = (frozen + state) / GiB + transient + 0.3  # gradients are freed before validation

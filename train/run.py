@@ -22,7 +22,7 @@ from core.models import union_net
 from . import checkpoint, data, modules
 from .config import TrainConfig
 from .loss import flow_matching_loss, sample_noise
-from .placement import place, sizes_from_pipeline
+from .placement import FP8_KEEP_PATTERNS, place, sizes_from_pipeline
 from .precision import check_changed, check_finite, check_skips, fingerprint
 from .validate import Validator, loss_curve
 
@@ -93,13 +93,17 @@ def _place(module, dev, dtype) -> None:
 def place_frozen(transformer, dev, dtype, storage: str) -> None:
     """The frozen transformer onto the device, stored as the placement says. fp8 storage is applied on
     the CPU first: moved in bf16 and cast there, the whole bf16 copy (22 GiB at full size) would pass
-    through the GPU of a tier that holds only the fp8 one."""
+    through the GPU of a tier that holds only the fp8 one. Every Linear of the blocks is stored in fp8,
+    the adaLN modulation ones too (diffusers' default pattern keeps those in bf16: 3 GiB at full size
+    that the plan does not hold); the embedders and the final norm and projection stay in bf16."""
     if not storage.startswith("float8"):
         _place(transformer, dev, dtype)
         return
     if transformer.dtype != dtype:
         transformer.to(dtype)
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    from diffusers.hooks import apply_layerwise_casting  # the model's method always adds "norm" to the skips
+
+    apply_layerwise_casting(transformer, torch.float8_e4m3fn, dtype, FP8_KEEP_PATTERNS)
     transformer.to(dev)  # no dtype: it would undo the storage
 
 
