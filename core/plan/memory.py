@@ -4,7 +4,8 @@ Its constants were fitted on the H200 with the full-size architecture, from the 
 fresh CLI processes at every tier and of one-step jobs over pass sizes 512-1536 px, one and two
 controls (bench/ram/ANY_RAM.md, bench/probes/transients.json, transients_streamed.json): the
 resident bytes are exact within 0.07 GiB; the transients are the measured ones rounded up, so that no
-tier is under-predicted and none is more than 8 % over.
+tier is under-predicted and none is more than 8 % over at 1024 px (at 1280-1536 px streamed plans are
+up to 13 % over: the upper envelope below).
 """
 
 from __future__ import annotations
