@@ -177,11 +177,7 @@ class Residency:
                 self._to_device(i)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        old = self.schedule
-        self._new_schedule()  # nothing prefetched from the old weights survives
-        if old.nbytes == self.schedule.nbytes:  # the next step's first units, as end_step() prefetches them
-            self.schedule.order, self.schedule.stats = list(old.order), old.stats
-            self.schedule._pump()
+        self.schedule.restart()  # nothing prefetched from the old weights survives; the order does
 
     # -- the schedule's device operations (core.stream.schedule.Ops) ----------------------------
     def _on(self, stream):

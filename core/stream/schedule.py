@@ -162,6 +162,17 @@ class Schedule:
         if self._release():  # after a unit outside the order (text encoder), nothing is prepared:
             self._pump()  # the next ones may not be in the order either
 
+    def restart(self) -> None:
+        """The weights behind the prepared copies and casts changed (a LoRA re-packed units in place):
+        drop all of it and prepare the next step's first units again, as end_step() does; the learned
+        order and the counts stay."""
+        if self.in_use is not None:
+            self._release()
+        self._drop_ahead()
+        self.trace, self.cur = [], -1
+        self.fetch_k = self.cast_k = 0
+        self._pump()
+
     def end_step(self) -> None:
         """Called once per denoising step: the order just seen predicts the next step."""
         if self.trace:
