@@ -373,7 +373,8 @@ def q8_quantize_into(out: torch.Tensor, x: torch.Tensor) -> None:
         b = blocks[s : s + n].float()
         d = b.abs().amax(1, keepdim=True) / 127
         v = b * torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        a, f = v.abs(), v.abs().floor()
+        a = v.abs()
+        f = a.floor()
         q = (torch.sign(v) * (f + torch.floor(2 * (a - f)))).to(torch.int8)
         r = raw[s : s + n]
         r[:, :2].copy_(d.to(torch.float16).view(torch.uint8))
