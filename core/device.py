@@ -84,19 +84,24 @@ def probe_file(name: str, total_bytes: int) -> Path:
     return cache_root() / "device" / ("".join(c if c.isalnum() or c in "-._" else "_" for c in stack) + ".json")
 
 
-def _gpu_shared() -> bool:
-    """Another process runs on this GPU (NVML's list of compute processes): a probe measured now
-    reads low. Four CLI processes started together on an H200 kept 13.9 GiB/s of host-to-device
-    copy where 50.3 was measured alone, and every later plan streamed as if the bus were that slow.
-    False where NVML cannot tell (no driver library, no per-process list)."""
+def _nvml_processes() -> list | None:
+    """NVML's compute processes on this process's GPU (pid, usedGpuMemory); None where NVML cannot
+    tell (no driver library, no per-process list)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return any(p.pid != os.getpid() for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
-    except Exception:  # noqa: BLE001 - no NVML: measured as if alone
-        return False
+        return list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    except Exception:  # noqa: BLE001 - no NVML
+        return None
+
+
+def _gpu_shared() -> bool:
+    """Another process runs on this GPU: a probe measured now reads low. Four CLI processes started
+    together on an H200 kept 13.9 GiB/s of host-to-device copy where 50.3 was measured alone, and
+    every later plan streamed as if the bus were that slow. False where NVML cannot tell."""
+    return any(p.pid != os.getpid() for p in _nvml_processes() or ())
 
 
 def _probes(path: Path) -> tuple[float, float, float]:
@@ -144,15 +149,8 @@ def _measure_context_gb(cap_gb: float = 1.5) -> float:
     would count other processes too). Plus LATER_GB for what a job loads later."""
     torch.cuda.synchronize()
     reserved = torch.cuda.memory_reserved()
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        used = next(
-            p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()
-        )
-    except Exception:  # noqa: BLE001 - no NVML (or no per-process figure): the device-wide estimate
+    used = next((p.usedGpuMemory for p in _nvml_processes() or () if p.pid == os.getpid()), None)
+    if used is None:  # no NVML (or no per-process figure): the device-wide estimate
         free, total = torch.cuda.mem_get_info()
         used = min(total - free, reserved + cap_gb * GiB)
     return round(max(0.0, (used - reserved) / GiB) + LATER_GB, 2)
