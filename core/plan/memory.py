@@ -125,17 +125,13 @@ def phase_bytes(ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bo
     """Transient GPU bytes of each phase on top of the resident weights, for one pass."""
     n_img = tokens(ps.width, ps.height)
     scale = es / 2
-    per_token, offset = (
-        (cal.act_per_img_token, cal.act_offset)
-        if all_resident
-        else (cal.act_per_img_token_streamed, cal.act_offset_streamed)
-    )
-    per_token += cal.act_per_extra_control * max(ps.controls - 1, 0)
+    extra = cal.act_per_extra_control * max(ps.controls - 1, 0)
     if all_resident:
-        act = max(per_token * n_img + offset, 0.0)
+        act = max((cal.act_per_img_token + extra) * n_img + cal.act_offset, 0.0)
     else:
         n = min(n_img, cal.act_measured_tokens)
-        act = min(max(per_token * n + offset, cal.act_min_streamed), cal.act_max_streamed)
+        act = (cal.act_per_img_token_streamed + extra) * n + cal.act_offset_streamed
+        act = min(max(act, cal.act_min_streamed), cal.act_max_streamed)
         act += cal.act_per_img_token_beyond * max(n_img - cal.act_measured_tokens, 0)
     denoise = act * scale
     px = max(ps.out_px, ps.width * ps.height)  # the VAE sees whole images, not generation tiles
