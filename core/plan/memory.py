@@ -4,8 +4,7 @@ Its constants were fitted on the H200 with the full-size architecture, from the 
 fresh CLI processes at every tier and of one-step jobs over pass sizes 512-1536 px, one and two
 controls (bench/ram/ANY_RAM.md, bench/probes/transients.json, transients_streamed.json): the
 resident bytes are exact within 0.07 GiB; the transients are the measured ones rounded up, so that no
-tier is under-predicted and none is more than 8 % over at 1024 px (at 1280-1536 px streamed plans are
-up to 13 % over: the upper envelope below).
+tier is under-predicted and none is more than 8 % over at 1024 px.
 """
 
 from __future__ import annotations
@@ -29,18 +28,22 @@ class Calibration:
     # fit holds the activations of the fused blocks under it.
     act_per_img_token: float = 64.4 * 3072 * 2
     act_offset: float = -0.05 * 2**30
-    # Plans that stream: 0.14-0.15 GiB at 1024 tokens, 0.42 at 2304, 1.48-1.51 at 4096 (every tier,
-    # the VAE tiled or not), then 0.81 at 6400 and 1.08 at 9216 (tiers 16, 12, 8). Why 1024² holds
-    # more than 1280² and 1536² is not known (a cuDNN workspace chosen per shape is the suspect), so
-    # the model is the measurements' upper envelope: the line through 2304 and 4096 tokens, clipped
-    # to [act_min_streamed, act_max_streamed]; 0.4-0.7 GiB over at 1280-1536 px. Past the largest
-    # pass measured it grows by the earlier fit's slope (72.25 per token and hidden unit), so larger
+    # Plans that stream, from jobs of 8 steps (fresh CLI processes, bench/ram/ram.json, and
+    # bench/probes/denoise_peak.json), reserved over the resident bytes: 0.246 GiB at 1024 tokens
+    # (the 4 GB tier's 512 px generation tiles), 1.48-1.51 at 4096 (every streamed tier, the VAE
+    # tiled or not), 3.15 at 9216. What holds it (the allocator's history at the peak): the
+    # ControlNet's block outputs, their projections and scaled copies, with the previous step's
+    # residuals still referenced by the pipeline's loop. One-step jobs read less (0.54 at 4096, 1.10
+    # at 9216: transients_streamed.json), so the model is fitted on multi-step jobs only: linear
+    # between these knots (tokens, bytes before `frag`), at least act_min_streamed, and past the
+    # last knot by the earlier fit's steeper slope (72.25 per token and hidden unit), so larger
     # passes keep the generation tiles they were measured with (bench/UPSCALE.md).
-    act_per_img_token_streamed: float = 107.1 * 3072 * 2
-    act_offset_streamed: float = -0.996 * 2**30
+    act_knots_streamed: tuple[tuple[int, float], ...] = (
+        (1024, 0.246 / 1.02 * 2**30),
+        (4096, 1.515 / 1.02 * 2**30),
+        (9216, 3.151 / 1.02 * 2**30),
+    )
     act_min_streamed: float = 0.16 * 2**30
-    act_max_streamed: float = 1.52 * 2**30
-    act_measured_tokens: int = 9216
     act_per_img_token_beyond: float = 72.25 * 3072 * 2
     # a second control of the Union net adds nothing measurable (its residuals are summed in place)
     act_per_extra_control: float = 0.0
@@ -121,6 +124,18 @@ def cast_scratch_bytes(sizes: ModelSizes, p: Placement) -> int:
     return 64 * 2**20 if p.any_q4 else 0
 
 
+def knotted(n: int, knots: tuple[tuple[int, float], ...], beyond: float) -> float:
+    """Linear between measured (n, bytes) knots: below the first along the first segment, past the
+    last by `beyond` bytes per token."""
+    (n0, b0), (n1, b1) = knots[0], knots[1]
+    if n <= n0:
+        return b0 + (b1 - b0) / (n1 - n0) * (n - n0)
+    for (na, ba), (nb, bb) in zip(knots, knots[1:]):
+        if n <= nb:
+            return ba + (bb - ba) * (n - na) / (nb - na)
+    return knots[-1][1] + beyond * (n - knots[-1][0])
+
+
 def phase_bytes(ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bool = False) -> dict[str, float]:
     """Transient GPU bytes of each phase on top of the resident weights, for one pass."""
     n_img = tokens(ps.width, ps.height)
@@ -129,10 +144,8 @@ def phase_bytes(ps: PassShape, es: int, cal: Calibration = CAL, all_resident: bo
     if all_resident:
         act = max((cal.act_per_img_token + extra) * n_img + cal.act_offset, 0.0)
     else:
-        n = min(n_img, cal.act_measured_tokens)
-        act = (cal.act_per_img_token_streamed + extra) * n + cal.act_offset_streamed
-        act = min(max(act, cal.act_min_streamed), cal.act_max_streamed)
-        act += cal.act_per_img_token_beyond * max(n_img - cal.act_measured_tokens, 0)
+        act = max(knotted(n_img, cal.act_knots_streamed, cal.act_per_img_token_beyond), cal.act_min_streamed)
+        act += extra * n_img
     denoise = act * scale
     px = max(ps.out_px, ps.width * ps.height)  # the VAE sees whole images, not generation tiles
     tpx = min(px, ps.vae_tile**2) if ps.vae_tiling else px
