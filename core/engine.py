@@ -17,7 +17,7 @@ from PIL import Image
 
 from core.attempts import Failure, Retry, next_attempt
 from core.denoise.generate import control_images, generate_pass
-from core.denoise.runtime import JobCancelled, PromptCache, Runtime
+from core.denoise.runtime import AS_PLACED, JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
 from core.device import DeviceInfo, detect
 from core.job import Job
@@ -78,10 +78,13 @@ class Engine:
         pipe=None,
         max_seq: int | None = None,
         fast_config: fast.FastConfig | None = None,
+        as_placed: bool = False,
     ):
+        """`as_placed`: run `pipe` where its caller keeps its modules (a training run validating the
+        modules it trains, core.placed.PlacedPipeline); the caller's plan holds the memory."""
         self.spec = spec or ModelSpec.demo_spec()
         self.device = device or detect()
-        self.state = PlacedPipeline(self.spec, self.device, pipe, max_seq)
+        self.state = PlacedPipeline(self.spec, self.device, pipe, max_seq, as_placed)
         self.cache = PromptCache()
         self._lock = threading.Lock()
         self.faults = Faults()
@@ -166,7 +169,7 @@ class Engine:
         """A tier the machine cannot hold is refused before anything moves."""
         if plan.device == "cuda" and self.device.kind != "cuda":
             raise ValueError(f"No CUDA GPU was found, so the {plan.tier} GB tier cannot run; choose 'auto' or 'cpu'.")
-        if plan.device == "cuda":
+        if plan.device == "cuda" and not self.state.as_placed:
             free = torch.cuda.mem_get_info()[0] / 2**30 + self.state.held_gb()
             if plan.budget_gb > free + 0.25 and plan.tier != "auto":
                 raise ValueError(
@@ -292,7 +295,7 @@ class Engine:
             cache=self.cache,
             demo=self.demo,
             depth_device=plan.depth_device,
-            encoders=plan.placement.formats()["t5"],
+            encoders=AS_PLACED if self.state.as_placed else plan.placement.formats()["t5"],
         )
         image = job.image.resize((job.width, job.height), Image.LANCZOS)
         with mon.phase("preprocess"):

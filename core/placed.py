@@ -35,8 +35,16 @@ MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2") 
 
 
 class PlacedPipeline:
-    def __init__(self, spec: ModelSpec, device: DeviceInfo, pipe=None, max_seq: int | None = None):
-        self.spec, self.device = spec, device
+    """The pipeline and where its weights are. `as_placed`: a caller's pipeline (a training run's)
+    runs where the caller keeps its modules; placing only sets the VAE's tiling, releasing moves
+    nothing, and the prompt is encoded where the text encoders are."""
+
+    def __init__(
+        self, spec: ModelSpec, device: DeviceInfo, pipe=None, max_seq: int | None = None, as_placed: bool = False
+    ):
+        if as_placed and pipe is None:
+            raise ValueError("as_placed needs the caller's pipeline.")
+        self.spec, self.device, self.as_placed = spec, device, as_placed
         self.pipe = self.img2img = self.sizes = None
         self.max_seq = max_seq
         self.residency: Residency | None = None
@@ -113,7 +121,7 @@ class PlacedPipeline:
         if self.residency is not None:
             res, self.residency = self.residency, None
             res.remove()
-        if self.pipe is not None:
+        if self.pipe is not None and not self.as_placed:
             for name in MODELS:
                 getattr(self.pipe, name).to("cpu")
         self.placed = None
@@ -124,6 +132,12 @@ class PlacedPipeline:
         failure half-way releases what it placed before it propagates."""
         key = (plan.device, plan.placement)
         self.last_repack = None
+        if self.as_placed:
+            if loras:
+                raise ValueError("LoRAs cannot be merged into a pipeline placed by its caller.")
+            self._vae_tiling(plan)
+            self.placed = plan
+            return
         same = self.placed is not None and key == (self.placed.device, self.placed.placement)
         if not same or not self._loras_merged(loras):
             try:
@@ -133,6 +147,9 @@ class PlacedPipeline:
                 self.release()
                 raise
             self.placed = plan
+        self._vae_tiling(plan)
+
+    def _vae_tiling(self, plan: Plan) -> None:
         vae = self.pipe.vae
         if plan.vae_tiling:
             vae.enable_tiling()
@@ -288,7 +305,10 @@ class PlacedPipeline:
     ):
         """Bring the modules to the fast path `cfg` allows for this plan, the blocks compiled if
         `compile_` (the engine's decision, core.speed.compile_policy); returns what is applied
-        (None: plain diffusers modules)."""
+        (None: plain diffusers modules; always for a pipeline placed by its caller, whose modules may
+        be in training)."""
+        if self.as_placed:
+            return None
         use_fp8, why = fast.fp8_decision(plan, cfg, job.fp8_compute)
         if why:
             events.append(why)

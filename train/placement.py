@@ -150,7 +150,7 @@ def place(
             if max(peak, val) <= vplan.budget_gb:
                 notes = [f"trained weights in {vplan.dtype}: the engine validates them in place"]
                 if storage.startswith("float8"):
-                    notes.append("frozen transformer stored in fp8 (layerwise casting); validation is skipped")
+                    notes.append("frozen transformer stored in fp8 (layerwise casting); validated as it is stored")
                 return TrainPlacement(
                     "cuda",
                     vplan.dtype,

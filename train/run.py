@@ -202,8 +202,7 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         start, losses, val_log = state["step"], list(state["losses"]), list(state.get("validation", []))
         _log(f"resumed from {last} at step {start}", main)
     validator = None
-    want_val = cfg.validation_images > 0 and not placement.base_storage.startswith("float8")
-    if main and want_val:
+    if main and cfg.validation_images > 0:
         validator = Validator(spec, pipe, samples, cfg, dev_info)
 
     def meta() -> dict:

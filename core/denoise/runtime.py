@@ -24,6 +24,9 @@ class JobCancelled(Exception):
     """The user cancelled; raised between denoising steps."""
 
 
+AS_PLACED = "as placed"  # the encoders' `how` for a caller's pipeline: encoded where they are
+
+
 class PromptCache:
     """Prompt embeddings kept on the CPU: the text encoders run once per prompt and placement. `how`
     (where T5 runs and how its weights are stored) is part of the key: T5 streamed in fp8 or 4-bit,
@@ -36,9 +39,10 @@ class PromptCache:
     def get(self, pipe, prompt: str, device: torch.device, max_seq: int, how: str = ""):
         key = (prompt, max_seq, pipe.text_encoder_2.dtype, device.type, how)
         if key not in self.data:
+            at = pipe.text_encoder_2.device if how == AS_PLACED else device
             with torch.no_grad():
                 pe, pooled, _ = pipe.encode_prompt(
-                    prompt=prompt, prompt_2=prompt, device=device, max_sequence_length=max_seq
+                    prompt=prompt, prompt_2=prompt, device=at, max_sequence_length=max_seq
                 )
             self.data[key] = (pe.cpu(), pooled.cpu())
             while len(self.data) > self.size:

@@ -26,7 +26,7 @@ from train.data import scan
 from train.modules import load
 from train.placement import place
 from train.precision import TrainingStopped
-from train.run import Faults, Killed, run
+from train.run import Faults, Killed, place_frozen, run
 from train.validate import Validator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,6 +239,31 @@ def test_validation_adds_no_model_copy(dataset, tmp_path):
     assert validator.engine.pipe.controlnet.nets[0] is pipe.controlnet.nets[0]
     assert validator.engine.img2img.transformer is pipe.transformer
     assert _live_parameters() - before == set()  # the validator holds its engine: a copy would still be alive
+
+
+def test_validation_runs_an_fp8_stored_base_as_it_is_stored(dataset, tmp_path, monkeypatch):
+    """The 24 GB LoRA plan stores the frozen transformer in fp8 (layerwise casting): validation runs
+    it that way, moves no module and widens no weight (a bf16 copy would not fit that tier)."""
+    cfg = config(dataset, tmp_path, validation_images=1)
+    spec, pipe = load(cfg, torch.float32)
+    place_frozen(pipe.transformer, torch.device("cpu"), torch.float32, "float8_e4m3fn")
+    stored = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
+    assert torch.float8_e4m3fn in stored.values()
+    moved = []
+    for name in ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name)
+        monkeypatch.setattr(module, "to", lambda *a, _n=name, _m=module, **k: moved.append(_n) or _m)
+    before = _live_parameters()
+    validator = Validator(spec, pipe, scan(cfg.data), cfg, detect())
+    (path,) = validator.run(3, tmp_path)
+    image = np.asarray(Image.open(path))
+    assert image.shape == (cfg.resolution, cfg.resolution, 3) and image.std() > 0
+    assert {n: p.dtype for n, p in pipe.transformer.named_parameters()} == stored
+    assert _live_parameters() - before == set()
+    validator.engine.release()  # the training modules stay where the run keeps them
+    assert moved == [] and {n: p.dtype for n, p in pipe.transformer.named_parameters()} == stored
+    with pytest.raises(ValueError, match="LoRAs cannot be merged into a pipeline placed by its caller"):
+        validator.engine.state.place(validator.engine.plan(validator.jobs[0]), loras=(("x.safetensors", 1.0),))
 
 
 def test_placement_uses_the_planner_and_refuses_what_cannot_fit():
