@@ -1,8 +1,9 @@
 """The memory model: GPU bytes a placement holds and the transients of each phase of a pass.
 
 Its constants were fitted on the H200 with the full-size architecture, from the per-phase peaks of
-fresh CLI processes at every tier and of one-step jobs over pass sizes 512-1536 px, one and two
-controls (bench/ram/ANY_RAM.md, bench/probes/transients.json, transients_streamed.json): the
+fresh CLI processes at every tier and of jobs over pass sizes 512-1536 px, one and two controls
+(bench/ram/ANY_RAM.md, bench/probes/transients.json, denoise_peak.json; for streamed plans 8-step
+jobs only, as one-step ones hold less): the
 resident bytes are exact within 0.07 GiB; the transients are the measured ones rounded up, so that no
 tier is under-predicted and none is more than 8 % over at 1024 px.
 """
@@ -31,7 +32,7 @@ class Calibration:
     # Plans that stream, from jobs of 8 steps (fresh CLI processes, bench/ram/ram.json, and
     # bench/probes/denoise_peak.json), reserved over the resident bytes: 0.246 GiB at 1024 tokens
     # (the 4 GB tier's 512 px generation tiles), 1.48-1.51 at 4096 (every streamed tier, the VAE
-    # tiled or not), 3.15 at 9216. What holds it (the allocator's history at the peak): the
+    # tiled or not), 3.15-3.19 at 9216 (1536², tiers 16, 8). What holds it (the allocator's history at the peak): the
     # ControlNet's block outputs, their projections and scaled copies, with the previous step's
     # residuals still referenced by the pipeline's loop. One-step jobs read less (0.54 at 4096, 1.10
     # at 9216: transients_streamed.json), so the model is fitted on multi-step jobs only: linear
