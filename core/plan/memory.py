@@ -128,9 +128,6 @@ def cast_scratch_bytes(sizes: ModelSizes, p: Placement) -> int:
 def knotted(n: int, knots: tuple[tuple[int, float], ...], beyond: float) -> float:
     """Linear between measured (n, bytes) knots: below the first along the first segment, past the
     last by `beyond` bytes per token."""
-    (n0, b0), (n1, b1) = knots[0], knots[1]
-    if n <= n0:
-        return b0 + (b1 - b0) / (n1 - n0) * (n - n0)
     for (na, ba), (nb, bb) in zip(knots, knots[1:]):
         if n <= nb:
             return ba + (bb - ba) * (n - na) / (nb - na)
