@@ -15,13 +15,13 @@ usage: python -m bench.probes.denoise_peak --model /tmp/flux-random [--runs 8:10
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from bench.env import environment, write
+from bench.probes.transients import each_run, phases_of, probe_engine
 
 GiB = 2**30
 MiB = 2**20
@@ -78,14 +78,7 @@ def one(engine, tier: str, size: int, steps: int, record: bool) -> dict:
         torch.cuda.memory._record_memory_history(enabled=None)
         peak, top = live_at_peak(snap["device_traces"][0])
         row.update(recorded_peak_gb=round(peak / GiB, 3), live_at_peak=top)
-    plan = res.plan.summary()
-    row.update(
-        vae_tile=plan["vae_tile"],
-        placement=plan["placement"],
-        predicted=plan["phase_peaks_gb"],
-        reserved={p["name"]: p["peak_reserved_gb"] for p in res.report["phases"]},
-        allocated={p["name"]: p["peak_alloc_gb"] for p in res.report["phases"]},
-    )
+    row.update(phases_of(res))
     return row
 
 
@@ -95,24 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=RUNS)
     ap.add_argument("--out", type=Path, default=Path("bench/probes/denoise_peak.json"))
     a = ap.parse_args(argv)
-    from core.engine import Engine
-    from core.models import ModelSpec
-    from core.speed.fast import FastConfig
+    engine = probe_engine(a.model)
+    head = dict(env=environment(), command="python -m bench.probes.denoise_peak " + " ".join(argv or []))
 
-    engine = Engine(ModelSpec(str(a.model / "flux"), str(a.model / "cn")), fast_config=FastConfig(compile="off"))
-    rows = []
-    for spec in a.runs.split(","):
-        record = spec.endswith("+")
+    def run(spec: str) -> dict:
         tier, size, steps = spec.rstrip("+").split(":")
-        try:
-            rows.append(one(engine, tier, int(size), int(steps), record))
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-            rows.append(dict(spec=spec, error=f"{type(e).__name__}: {str(e)[:200]}"))
-        print(json.dumps(rows[-1]), flush=True)
-        write(
-            a.out,
-            dict(env=environment(), command="python -m bench.probes.denoise_peak " + " ".join(argv or []), runs=rows),
-        )
+        return one(engine, tier, int(size), int(steps), record=spec.endswith("+"))
+
+    # written after every run: a command stopped at its limit keeps the rows it finished
+    each_run(a.runs, run, after=lambda rows: write(a.out, dict(head, runs=rows)))
     return 0
 
 

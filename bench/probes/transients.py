@@ -39,19 +39,44 @@ def one(engine, tier: str, size: int, controls: int) -> dict:
     torch.cuda.empty_cache()  # a larger earlier job's cached blocks would count as this one's reserve
     t0 = time.time()
     res = engine.run(job)
+    return dict(tier=tier, size=size, controls=controls, **phases_of(res), s=round(time.time() - t0, 1))
+
+
+def phases_of(res) -> dict:
+    """A job's plan (tiles, placement, predicted phase peaks) beside its measured phase peaks."""
     plan = res.plan.summary()
     return dict(
-        tier=tier,
-        size=size,
-        controls=controls,
         tile=plan["tile"],
         vae_tile=plan["vae_tile"],
         placement=plan["placement"],
         predicted=plan["phase_peaks_gb"],
         reserved={p["name"]: p["peak_reserved_gb"] for p in res.report["phases"]},
         allocated={p["name"]: p["peak_alloc_gb"] for p in res.report["phases"]},
-        s=round(time.time() - t0, 1),
     )
+
+
+def probe_engine(model: Path):
+    """One engine over the model's folders (flux/, cn/), compile off: the probes measure the eager path."""
+    from core.engine import Engine
+    from core.models import ModelSpec
+    from core.speed.fast import FastConfig
+
+    return Engine(ModelSpec(str(model / "flux"), str(model / "cn")), fast_config=FastConfig(compile="off"))
+
+
+def each_run(specs: str, run, after=None) -> list[dict]:
+    """`run(spec)` for each comma-separated spec, printed as it ends (then `after(rows)`, where
+    given); a failure is its row's error."""
+    rows = []
+    for spec in specs.split(","):
+        try:
+            rows.append(run(spec))
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            rows.append(dict(spec=spec, error=f"{type(e).__name__}: {str(e)[:200]}"))
+        print(json.dumps(rows[-1]), flush=True)
+        if after is not None:
+            after(rows)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -60,19 +85,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=RUNS)
     ap.add_argument("--out", type=Path, default=Path("bench/probes/transients.json"))
     a = ap.parse_args(argv)
-    from core.engine import Engine
-    from core.models import ModelSpec
-    from core.speed.fast import FastConfig
+    engine = probe_engine(a.model)
 
-    engine = Engine(ModelSpec(str(a.model / "flux"), str(a.model / "cn")), fast_config=FastConfig(compile="off"))
-    rows = []
-    for spec in a.runs.split(","):
+    def run(spec: str) -> dict:
         tier, size, controls = spec.split(":")
-        try:
-            rows.append(one(engine, tier, int(size), int(controls)))
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-            rows.append(dict(spec=spec, error=f"{type(e).__name__}: {str(e)[:200]}"))
-        print(json.dumps(rows[-1]), flush=True)
+        return one(engine, tier, int(size), int(controls))
+
+    rows = each_run(a.runs, run)
     data = dict(env=environment(), command="python -m bench.probes.transients " + " ".join(argv or []), runs=rows)
     write(a.out, data)
     return 0
