@@ -11,7 +11,6 @@ same preprocessor with the same parameters as in training.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,9 +27,8 @@ from .data import Sample, bucket_of, fit
 
 class Validator:
     def __init__(self, spec: ModelSpec, pipe, samples: tuple[Sample, ...], cfg: TrainConfig, device: DeviceInfo):
+        # as placed: the engine never applies its fast path (fused q/k/v, compiled blocks) to them
         self.engine = Engine(spec, device=device, pipe=pipe, as_placed=True)
-        # the fast path fuses q/k/v and compiles blocks: never on modules that are being trained
-        self.engine.fast = replace(self.engine.fast, enabled=False)
         self.cfg = cfg
         self.jobs = [self._job(s) for s in samples[: cfg.validation_images]]
 
