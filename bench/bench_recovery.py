@@ -9,6 +9,7 @@
    a fitting one under one cap; device and pinned memory must not grow between job 2 and the last.
 
 usage: python -m bench.bench_recovery --write /tmp/flux-random [--cli 24,16,12,8] [--longrun 20]
+                                      [--longrun-cap 7.5 --longrun-over 12 --longrun-fit 8 --longrun-precision auto]
                                       [--steps 4] [--size 1024] [--budget-s 520] [--out-dir bench]
                                       [--images DIR] [--ref-twice]
 """
@@ -116,7 +117,10 @@ def run_longrun(a, deadline: float) -> dict:
         if time.time() > deadline:
             break
         tier = a.longrun_over if k % 2 == 0 else a.longrun_fit
-        job = Job(PROMPT, image, (ControlSpec("canny"),), a.size, a.size, steps=a.steps, seed=k, tier=tier)
+        job = Job(
+            PROMPT, image, (ControlSpec("canny"),), a.size, a.size, steps=a.steps, seed=k, tier=tier,
+            precision=a.longrun_precision,
+        )  # fmt: skip
         t0 = time.time()
         res = engine.run(job)
         torch.cuda.synchronize()
@@ -139,7 +143,9 @@ def run_longrun(a, deadline: float) -> dict:
         same = [j for j in jobs[1:] if j["ran"] == jobs[1]["ran"]]
         for key in ("allocated_gb", "reserved_gb", "pinned_gb"):
             growth[key] = round(max(j[key] for j in same) - same[0][key], 3)
-    return dict(build_s=build_s, cap_gb=a.longrun_cap, jobs=jobs, growth_from_job_2=growth)
+    return dict(
+        build_s=build_s, cap_gb=a.longrun_cap, precision=a.longrun_precision, jobs=jobs, growth_from_job_2=growth
+    )
 
 
 def main(argv=None) -> int:
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--longrun-cap", type=float, default=7.5)
     ap.add_argument("--longrun-over", default="12")
     ap.add_argument("--longrun-fit", default="8")
+    ap.add_argument("--longrun-precision", default="auto", help="the jobs' precision (exact: no plan rounds weights)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=520)
