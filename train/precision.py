@@ -2,6 +2,8 @@
 
 FLUX trained from fp16-stored weights learns nothing (X-Flux users saw the saved ControlNet keep the
 same sha256 for 30k steps) and fp16 activations overflow: both are refused before anything runs.
+Training attention never runs on cuDNN's fused kernel, whose backward returns NaN gradients in
+shapes that inference never meets (pytorch#196678, cudnn-frontend#160 and #1072, trl#7181).
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+TRAINING_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # SDPA backends, best first
+
+
+def training_attention():
+    """The SDPA backends a training step may use: every one but cuDNN's. Its backward is the
+    reported source of NaN gradients on H100/H200 (the loss of our first GPU runs became NaN after
+    the first update, with finite gradients on the CPU); forward and backward both run inside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in TRAINING_ATTENTION], set_priority=True)
 
 
 class TrainingStopped(RuntimeError):

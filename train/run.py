@@ -23,7 +23,7 @@ from . import checkpoint, data, modules
 from .config import TrainConfig
 from .loss import flow_matching_loss, sample_noise
 from .placement import FP8_KEEP_PATTERNS, place, sizes_from_pipeline
-from .precision import check_changed, check_finite, check_skips, fingerprint
+from .precision import check_changed, check_finite, check_skips, fingerprint, training_attention
 from .validate import Validator, loss_curve
 
 CHANGE_CHECK_STEPS = 2  # weights must have moved after this many optimiser steps
@@ -76,7 +76,8 @@ def unused_parameters(transformer, cn, batch, cfg, mode, dtype) -> list[str]:
     transformer never reads, e.g. the last double block's text path in a ControlNet without single
     blocks): DDP would wait for them forever ("Expected to have finished reduction...")."""
     sig, noise = sample_noise(batch["latents"], torch.Generator().manual_seed(0))
-    flow_matching_loss(transformer, cn, batch, sig, noise, cfg.guidance, mode, dtype).backward()
+    with training_attention():
+        flow_matching_loss(transformer, cn, batch, sig, noise, cfg.guidance, mode, dtype).backward()
     names = [n for n, p in cn.named_parameters() if p.requires_grad and p.grad is None]
     for p in cn.parameters():
         p.grad = None
@@ -235,12 +236,13 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> dict:
         idx = data.batches(items, cfg.batch_size, cfg.seed, epoch, rank, world)[pos]
         batch = {k: v.to(dev) for k, v in data.collate(items, idx).items()}
         sig, noise = sample_noise(batch["latents"], torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank)))
-        loss = flow_matching_loss(pipe.transformer, ddp_cn, batch, sig, noise, cfg.guidance, mode, dtype)
-        if step == faults.nan_at:
-            loss = loss * math.nan
-        mean = acc.reduce(loss.detach().clone(), reduction="mean")  # every process stops on a NaN together
-        check_finite(mean, step, last_ckpt)
-        acc.backward(loss)
+        with training_attention():
+            loss = flow_matching_loss(pipe.transformer, ddp_cn, batch, sig, noise, cfg.guidance, mode, dtype)
+            if step == faults.nan_at:
+                loss = loss * math.nan
+            mean = acc.reduce(loss.detach().clone(), reduction="mean")  # every process stops on a NaN together
+            check_finite(mean, step, last_ckpt)
+            acc.backward(loss)
         if step in faults.inf_grad_at:
             next(q for q in params if q.grad is not None).grad.fill_(math.inf)
         norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)

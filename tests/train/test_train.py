@@ -161,6 +161,26 @@ def test_out_of_gpu_memory_while_training_is_one_sentence(dataset, tmp_path, cap
     assert "ran out of memory while training at the 24 tier" in err and "54.00 MiB" in err
 
 
+def test_training_attention_never_runs_on_cudnn(dataset, tmp_path, monkeypatch):
+    """cuDNN's SDPA backward is the reported source of NaN gradients on H100/H200: every forward and
+    backward of a training step (the unused-parameter probe's too) runs with that backend off, and
+    what is enabled after the run is what was enabled before it."""
+    import train.run
+
+    seen, original = [], train.run.flow_matching_loss
+
+    def recording(*args, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train.run, "flow_matching_loss", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    run(config(dataset, tmp_path, steps=3, validation_images=0, gradient_checkpointing=False))
+    assert seen == [False] * 4  # the probe's pass, then three steps
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_weights_that_do_not_change_are_an_error(dataset, tmp_path):
     cfg = config(dataset, tmp_path, steps=4, lr=1e-30, validation_images=0, gradient_checkpointing=False)
     with pytest.raises(TrainingStopped, match="did not change in the first 2 optimiser steps"):
