@@ -6,10 +6,16 @@ An attempt runs a job under a plan. What can go wrong and what follows:
   gpu     out of GPU memory, in any phase        → the next smaller plan (tier, then tile)
   host    host RAM could not be had or pinned    → a plan that pins less host RAM
 Anything else is not the engine's to retry: it reaches the user as it is.
+
+A GPU failure far under the plan's budget says how much the card gives (a card smaller or busier than
+the tier asked, or an allocator capped below it): a DeviceLimit. While it holds, plans over it are not
+attempted, in the retries of that job and in later jobs: a failed attempt of a large plan costs its
+placing and releasing (a minute at full size), and it would fail the same way again.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +27,54 @@ class Failure:
     cause: str  # "black" | "fast" | "gpu" | "host"
     phase: str = ""  # where it happened (the monitor's phase)
     message: str = ""
+    requested_gb: float = 0.0  # the allocation that failed (GPU: "Tried to allocate ..."), GiB
+
+
+_UNITS = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}
+
+
+def requested_gb(message: str) -> float:
+    """The failed allocation of a CUDA out-of-memory message, in GiB (0 where it names none)."""
+    m = re.search(r"Tried to allocate ([0-9.]+) ?(B|KiB|MiB|GiB|TiB)", message)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
+
+
+SLACK_GB = 0.5  # a failure this close to the plan's budget is the plan's estimate, not the card
+
+
+@dataclass(frozen=True)
+class DeviceLimit:
+    """What the GPU gave when a plan ran out of memory well under its budget."""
+
+    usable_gb: float  # allocator memory there was: the peak reserved at the failure + the failed request
+    visible_gb: float  # free + held GPU memory the driver showed when that attempt started
+    tier: str  # the plan that failed
+
+
+def learned_limit(plan: Plan, failure: Failure, peak_reserved_gb: float, visible_gb: float) -> DeviceLimit | None:
+    """The DeviceLimit a GPU failure of `plan` shows, or None where it shows none (not the GPU's, not a
+    CUDA plan, or close enough to the plan's budget that the estimate, not the card, was short)."""
+    usable = peak_reserved_gb + failure.requested_gb
+    if failure.cause != "gpu" or plan.device != "cuda" or usable >= plan.budget_gb - SLACK_GB:
+        return None
+    return DeviceLimit(round(usable, 2), round(visible_gb, 2), plan.tier)
+
+
+def limit_holds(limit: DeviceLimit | None, visible_gb: float) -> bool:
+    """The limit still holds while the GPU shows no more free memory than when it was learned (an
+    allocator cap is invisible to the driver: such a limit holds for the process's life)."""
+    return limit is not None and visible_gb <= limit.visible_gb + SLACK_GB
+
+
+def within(plan: Plan, limit: DeviceLimit, smaller: Callable[[Plan], Plan | None]) -> Plan:
+    """`plan`, or the first smaller one whose budget fits in what the GPU gave (the smallest there is
+    where none does: its attempt will say what fails)."""
+    while plan.budget_gb > limit.usable_gb:
+        nxt = smaller(plan)
+        if nxt is None:
+            break
+        plan = nxt
+    return plan
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Data flows one way: Job → Plan → placed pipeline (core.placed) → Result (core.result). A failed
 attempt (out of GPU or host memory, a black result, a fast-path error) is followed by the attempt
-core.attempts.next_attempt chooses, from a clean device; the Result says what happened.
+core.attempts.next_attempt chooses, from a clean device; the Result says what happened. What a GPU
+failure showed of the card (core.attempts.DeviceLimit) keeps later attempts and jobs under it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from core.attempts import Failure, Retry, next_attempt
+from core.attempts import DeviceLimit, Failure, Retry, learned_limit, limit_holds, next_attempt, requested_gb, within
 from core.denoise.generate import control_images, generate_pass
 from core.denoise.runtime import AS_PLACED, JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
@@ -96,6 +97,7 @@ class Engine:
         self._fast_failed: fast.FastConfig | None = None  # `fast` less what failed, while `fast` is unchanged
         self._fast_failed_for: fast.FastConfig | None = None
         self.fast_jobs = 0  # jobs that ran to their image on the fast path (compile_policy counts them)
+        self.limit: DeviceLimit | None = None  # what the GPU gave when a plan last failed far under its budget
 
     # -- views of the placed pipeline -----------------------------------------------------------
     @property
@@ -192,7 +194,9 @@ class Engine:
             plan = self.plan(job)
             self.check_fits(plan)
             events: list[str] = []
+            plan = self._within_limit(plan, job, events)
             while True:
+                visible = self._visible_gb(plan)
                 mon = MemoryMonitor(plan.device, hook=self.faults.check)
                 result = None
                 try:
@@ -210,6 +214,8 @@ class Engine:
                         free_memory()
                         raise
                 # outside the except block, so the traceback's tensors can be freed
+                if (limit := learned_limit(plan, failure, mon.peak_reserved_gb, visible)) is not None:
+                    self.limit = limit
                 if failure.cause in ("gpu", "host"):
                     self.state.release()  # the next attempt starts from a clean device
                 else:
@@ -217,7 +223,7 @@ class Engine:
                 decision = next_attempt(
                     failure,
                     plan,
-                    smaller=lambda p: step_down(p, shape_of(job), self.sizes, self.device, self.precision(job)),
+                    smaller=lambda p: self._smaller(p, job),
                     less_host=lambda p: self._less_host(job, p),
                     in_float32=lambda: self.plan(job, dtype="float32"),
                 )
@@ -231,6 +237,44 @@ class Engine:
                 log.warning(decision.event)
                 plan = decision.plan
 
+    def _step_down(self, plan: Plan, job: Job) -> Plan | None:
+        return step_down(plan, shape_of(job), self.sizes, self.device, self.precision(job))
+
+    def _smaller(self, plan: Plan, job: Job) -> Plan | None:
+        """The plan after a GPU failure of `plan`: the next smaller one, and smaller still while it is
+        over what the GPU gave (a retry that would fail the same way is not made)."""
+        nxt = self._step_down(plan, job)
+        if nxt is not None and self.limit is not None:
+            nxt = within(nxt, self.limit, lambda p: self._step_down(p, job))
+        return nxt
+
+    def _visible_gb(self, plan: Plan) -> float:
+        """GPU memory the driver shows this process could have: free, plus what our allocator holds
+        (so that our own cache does not move it)."""
+        if plan.device != "cuda" or not torch.cuda.is_available():
+            return 0.0
+        return (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()) / 2**30
+
+    def _within_limit(self, plan: Plan, job: Job, events: list[str]) -> Plan:
+        """`plan`, or the largest smaller plan that fits in what the GPU gave when a plan last failed
+        far under its budget (the limit is forgotten once the GPU shows more free memory)."""
+        if plan.device != "cuda" or self.limit is None:
+            return plan
+        if not limit_holds(self.limit, self._visible_gb(plan)):
+            log.info(
+                "the GPU shows more free memory than when the %s plan failed: trying larger plans", self.limit.tier
+            )
+            self.limit = None
+            return plan
+        fitted = within(plan, self.limit, lambda p: self._step_down(p, job))
+        if fitted is not plan:
+            events.append(
+                f"the {self.limit.tier} plan ran out of GPU memory earlier with {self.limit.usable_gb:.1f} GiB to "
+                f"use: ran the {fitted.tier} plan (tile {fitted.tile}) without trying the {plan.tier} one; "
+                "larger plans are tried again once the GPU shows more free memory"
+            )
+        return fitted
+
     def _done(self, result: Result) -> Result:
         if "fast" in result.report:
             self.fast_jobs += 1
@@ -240,7 +284,7 @@ class Engine:
         where = mon.phases[-1].name if mon.phases else "?"
         msg = str(err).split("\n")[0][:100]
         if is_oom(err):
-            return Failure("gpu", where, msg)
+            return Failure("gpu", where, msg, requested_gb(str(err)))
         if is_host_oom(err):
             return Failure("host", where, msg)
         degraded = without_failed_part(self.fast_in_use, self.state.fast, err)

@@ -14,6 +14,7 @@ from core.attempts import Failure, Retry, next_attempt
 from core.engine import Faults, OutOfMemory
 from core.job import ControlSpec, Job
 from core.plan.placement import Placement
+from core.plan.planner import JobShape
 from core.stream.packs import registered_bytes
 
 
@@ -173,3 +174,76 @@ def test_faults_let_k_passes_through_first():
     with pytest.raises(HostOutOfMemory):
         f.check("pin")
     assert f.counts == {"step": 0, "pin": 0} and f.skips == {"step": 0, "pin": 0}
+
+
+# -- what a failure shows of the card: plans over it are not attempted again -----------------------
+def test_the_failed_request_is_read_from_the_message():
+    from core.attempts import requested_gb
+
+    assert requested_gb("CUDA out of memory. Tried to allocate 108.00 MiB. GPU 0 has a total capacity") == 108 / 1024
+    assert requested_gb("CUDA out of memory. Tried to allocate 1.50 GiB.") == 1.5
+    assert requested_gb("CUDA error: resource already mapped") == 0.0
+
+
+def test_a_failure_far_under_the_budget_is_a_limit_one_near_it_is_not():
+    from core.attempts import DeviceLimit, learned_limit, limit_holds
+
+    big = P("48")
+    big.budget_gb = 46.68
+    oom = Failure("gpu", "load", "CUDA out of memory.", requested_gb=0.1)
+    assert learned_limit(big, oom, 23.4, 139.0) == DeviceLimit(23.5, 139.0, "48")
+    fits = P("8")
+    fits.budget_gb = 6.68  # ran out at its budget: the estimate was short, not the card
+    assert learned_limit(fits, oom, 6.6, 139.0) is None
+    assert learned_limit(big, Failure("host", "load", "no RAM"), 2.0, 139.0) is None
+    cpu = P("cpu", device="cpu")
+    cpu.budget_gb = 24.0
+    assert learned_limit(cpu, oom, 1.0, 0.0) is None
+    lim = DeviceLimit(23.5, 139.0, "48")
+    assert limit_holds(lim, 139.2) and not limit_holds(lim, 140.0) and not limit_holds(None, 139.0)
+
+
+@pytest.fixture()
+def on_a_capped_h200(demo_engine, monkeypatch):
+    """The demo engine planning for an H200 whose driver shows 139 GiB (an allocator cap is invisible)."""
+    from core.device import DeviceInfo
+
+    monkeypatch.setattr(demo_engine, "device", DeviceInfo("cuda", "H200", 139.8, 139.0, True, 120.0, 50.9, 780.0, 0.82))
+    monkeypatch.setattr(demo_engine, "_visible_gb", lambda plan: 139.0)
+    yield demo_engine
+    demo_engine.limit = None
+
+
+def test_later_jobs_start_under_what_the_gpu_gave(on_a_capped_h200, astronaut, monkeypatch):
+    from core.attempts import DeviceLimit
+    from core.plan.planner import plan_for
+
+    engine, job = on_a_capped_h200, job_of(astronaut)
+    p48 = plan_for("48", JobShape(1024, 1024), engine.sizes, engine.device)
+    events = []
+    assert engine._within_limit(p48, job, events) is p48 and events == []  # nothing learned yet
+    engine.limit = DeviceLimit(23.5, 139.0, "48")
+    got = engine._within_limit(p48, job, events)
+    assert got.tier == "24" and got.budget_gb <= 23.5
+    assert len(events) == 1 and "the 48 plan ran out of GPU memory earlier with 23.5 GiB" in events[0]
+    assert "ran the 24 plan" in events[0] and "without trying the 48 one" in events[0]
+    monkeypatch.setattr(engine, "_visible_gb", lambda plan: 141.0)  # another program let go of 2 GiB
+    assert engine._within_limit(p48, job, []) is p48 and engine.limit is None
+
+
+def test_a_retry_skips_the_plans_that_would_fail_the_same_way(on_a_capped_h200, astronaut):
+    """24 GB asked on 11.5 GiB: not 16 (14.7 GiB budget) and then 12, but 12 at once."""
+    from core.attempts import DeviceLimit
+    from core.plan.planner import plan_for
+
+    engine, job = on_a_capped_h200, job_of(astronaut)
+    p24 = plan_for("24", JobShape(1024, 1024), engine.sizes, engine.device)
+    assert engine._smaller(p24, job).tier == "16"  # no limit: one step
+    engine.limit = DeviceLimit(11.5, 139.0, "24")
+    assert engine._smaller(p24, job).tier == "12"
+
+
+def test_a_cpu_failure_teaches_no_limit(streamed, astronaut):
+    streamed.faults = Faults(arenas=1)
+    assert any("stepped down" in e for e in streamed.run(job_of(astronaut)).events)
+    assert streamed.limit is None
