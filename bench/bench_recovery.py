@@ -7,9 +7,13 @@
    plan that fits, with no traceback, its image equal to a fresh `--tier M` run under the same cap.
 3. `longrun`: one engine (as the web app holds it) runs jobs alternating an over-large request with
    a fitting one under one cap; device and pinned memory must not grow between job 2 and the last.
+   The engine learns from the first failure what the capped card gives (core.attempts.DeviceLimit)
+   and runs later over-large requests under it at once; `--longrun-forget` makes it forget before
+   every job, so that every over-large request fails and recovers for real.
 
 usage: python -m bench.bench_recovery --write /tmp/flux-random [--cli 24,16,12,8] [--longrun 20]
                                       [--longrun-cap 7.5 --longrun-over 12 --longrun-fit 8 --longrun-precision auto]
+                                      [--longrun-forget]
                                       [--steps 4] [--size 1024] [--budget-s 520] [--out-dir bench]
                                       [--images DIR] [--ref-twice]
 """
@@ -121,6 +125,8 @@ def run_longrun(a, deadline: float) -> dict:
             PROMPT, image, (ControlSpec("canny"),), a.size, a.size, steps=a.steps, seed=k, tier=tier,
             precision=a.longrun_precision,
         )  # fmt: skip
+        if a.longrun_forget:
+            engine.limit = None
         t0 = time.time()
         res = engine.run(job)
         torch.cuda.synchronize()
@@ -134,6 +140,8 @@ def run_longrun(a, deadline: float) -> dict:
                 reserved_gb=round(torch.cuda.memory_reserved() / GiB, 3),
                 pinned_gb=round(registered_bytes() / GiB, 3),
                 peak_reserved_gb=res.report["peak_reserved_gb"],
+                failed_attempts=sum("stepped down" in e for e in res.events),
+                under_limit=any("without trying" in e for e in res.events),
             )
         )
         print(json.dumps(jobs[-1]), flush=True)
@@ -144,7 +152,12 @@ def run_longrun(a, deadline: float) -> dict:
         for key in ("allocated_gb", "reserved_gb", "pinned_gb"):
             growth[key] = round(max(j[key] for j in same) - same[0][key], 3)
     return dict(
-        build_s=build_s, cap_gb=a.longrun_cap, precision=a.longrun_precision, jobs=jobs, growth_from_job_2=growth
+        build_s=build_s,
+        cap_gb=a.longrun_cap,
+        precision=a.longrun_precision,
+        forget=a.longrun_forget,
+        jobs=jobs,
+        growth_from_job_2=growth,
     )
 
 
@@ -156,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--longrun-cap", type=float, default=7.5)
     ap.add_argument("--longrun-over", default="12")
     ap.add_argument("--longrun-fit", default="8")
+    ap.add_argument("--longrun-forget", action="store_true", help="forget the learned device limit before every job")
     ap.add_argument("--longrun-precision", default="auto", help="the jobs' precision (exact: no plan rounds weights)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
@@ -180,7 +194,10 @@ def main(argv=None) -> int:
     if "longrun" in data:
         lr = data["longrun"]
         md += f"\n\nLong-lived engine under {lr['cap_gb']} GiB, growth from job 2: {lr['growth_from_job_2']}\n\n"
-        md += md_table(lr["jobs"], ["job", "asked", "ran", "s", "allocated_gb", "reserved_gb", "pinned_gb"])
+        md += md_table(
+            lr["jobs"],
+            ["job", "asked", "ran", "failed_attempts", "under_limit", "s", "allocated_gb", "reserved_gb", "pinned_gb"],
+        )
     write(a.out_dir / "recovery.json", data)
     (a.out_dir / "RECOVERY.md").write_text(md + "\n")
     return 0
