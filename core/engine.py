@@ -24,8 +24,9 @@ from core.device import DeviceInfo, detect
 from core.job import Job
 from core.models import ModelSpec, has_mode_ids
 from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_memory, is_host_oom, is_oom
-from core.placed import PlacedPipeline, without_failed_part
+from core.placed import PlacedPipeline, read_onto, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
+from core.plan.sizes import sizes_from_folders
 from core.result import Result, is_black_or_nan
 from core.speed import compile_cache, compile_policy, fast, graphs
 
@@ -191,6 +192,7 @@ class Engine:
     def run(self, job: Job, progress=None, cancel=None, source: Image.Image | None = None) -> Result:
         """Run a job to its final image; failed attempts are followed as core.attempts says."""
         with self._lock:
+            self._load_for(job)
             plan = self.plan(job)
             self.check_fits(plan)
             events: list[str] = []
@@ -236,6 +238,44 @@ class Engine:
                 events.append(decision.event)
                 log.warning(decision.event)
                 plan = decision.plan
+
+    def _load_for(self, job: Job) -> None:
+        """Read the weights for the engine's first job where its plan keeps them: a plan that keeps
+        every weight on the GPU as stored has them read straight there (one pass over the files, no
+        copy in host RAM; core.placed.read_onto). That plan is made from the model's configs. Out of
+        GPU memory while reading, they are read onto the CPU as usual, and the failure tells the
+        engine what the GPU gives (core.attempts.DeviceLimit)."""
+        st = self.state
+        if st.pipe is not None or st.as_placed or self.device.kind != "cuda":
+            return
+        if job.loras or self.spec.transformer or self.spec.demo:
+            return  # LoRAs merge into CPU weights, a transformer file is converted there
+        try:
+            sizes = sizes_from_folders(self.spec.base, self.spec.controlnet)
+            plan = plan_for(
+                job.tier, shape_of(job), sizes, self.device, precision=job.precision, **self.compile_args(job.compile)
+            )
+            self.check_fits(plan)
+        except Exception as e:  # noqa: BLE001 - configs not at hand, a tier that does not fit: the usual path says it
+            log.info("the weights are read onto the CPU (%s)", str(e).split("\n")[0][:120])
+            return
+        if read_onto(plan) != "cuda" or st.load_dtype() != torch.bfloat16:
+            return
+        visible, failed = self._visible_gb(plan), None
+        try:
+            st.load(onto="cuda")
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            failed = Failure("gpu", "load", str(e).split("\n")[0][:100], requested_gb(str(e)))
+        if failed is not None:  # outside the except block: what was read goes with the traceback
+            st.pipe = None
+            free_memory()
+            peak = torch.cuda.max_memory_reserved() / 2**30
+            self.limit = learned_limit(plan, failed, peak, visible) or self.limit
+            log.warning(
+                "out of GPU memory reading the weights onto the GPU (%s): reading them onto the CPU", failed.message
+            )
 
     def _step_down(self, plan: Plan, job: Job) -> Plan | None:
         return step_down(plan, shape_of(job), self.sizes, self.device, self.precision(job))

@@ -82,41 +82,53 @@ def _check_local(source: str, what: str) -> None:
 
 def load_or_explain(source: str, what: str, load):
     """load() for a Hub id or local folder; any failure becomes one sentence for the user."""
+    from core.monitor import is_oom
+
     _check_local(source, what)
     try:
         return load()
-    except Exception as e:  # hub, network, missing files
+    except Exception as e:  # hub, network, missing files; out of GPU memory is the caller's to handle
+        if is_oom(e):
+            raise
         raise _explain(source, what, e) from e
 
 
-def load_controlnet(source: str, dtype: torch.dtype):
+def load_controlnet(source: str, dtype: torch.dtype, device: str = "cpu"):
     from diffusers import FluxControlNetModel
 
+    on = {} if device == "cpu" else {"device_map": device}
     return load_or_explain(
-        source, "controlnet", lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        source,
+        "controlnet",
+        lambda: FluxControlNetModel.from_pretrained(source, dtype=dtype, use_safetensors=True, **on),
     )
 
 
-def load_pipeline(spec: ModelSpec, dtype: torch.dtype):
-    """FluxControlNetPipeline on the CPU in `dtype`, its ControlNet wrapped in a
-    FluxMultiControlNetModel so one or several controls take the same path.
-    Placement on the GPU is the plan's business (core.placed, core.stream)."""
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype, device: str = "cpu"):
+    """FluxControlNetPipeline in `dtype`, its ControlNet wrapped in a FluxMultiControlNetModel so one
+    or several controls take the same path. On the CPU, unless the caller's plan keeps every weight
+    on the GPU as it is stored (`device="cuda"`: read straight there, one pass over the files, no
+    copy in host RAM); placement is the plan's business (core.placed, core.stream)."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
+    if device != "cpu" and spec.transformer:
+        raise ValueError("a transformer file is loaded on the CPU (its weights are converted there)")
+    on = {} if device == "cpu" else {"device_map": device}
     parts = dict(transformer=load_transformer_file(spec, dtype)) if spec.transformer else {}  # a bad file: at once
-    parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype)])
+    parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype, device)])
     pipe = load_or_explain(
         spec.base,
         "model",
-        lambda: FluxControlNetPipeline.from_pretrained(spec.base, **parts, dtype=dtype, use_safetensors=True),
+        lambda: FluxControlNetPipeline.from_pretrained(spec.base, **parts, dtype=dtype, use_safetensors=True, **on),
     )
     pipe.set_progress_bar_config(disable=True)
     log.info(
-        "loaded %s%s + %s in %s%s",
+        "loaded %s%s + %s in %s on %s%s",
         spec.base,
         f" (transformer from {spec.transformer})" if spec.transformer else "",
         spec.controlnet,
         dtype,
+        device,
         " (demo model)" if spec.demo else "",
     )
     return pipe

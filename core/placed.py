@@ -51,6 +51,7 @@ class PlacedPipeline:
         self.stored = ""  # codes the CPU weights were last stored under: fp8-stored units stay rounded
         self.lora: Merger | None = None  # the LoRAs merged into the pipeline's CPU weights
         self.placed: Plan | None = None  # the plan whose placement is on the device now
+        self.loaded_on = "cpu"  # where the weights were read to, while nothing has moved them since
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         self.q4_file = False  # the transformer is a Q4_0 GGUF (set when the pipeline is known)
         self.last_repack: tuple | None = None  # (units packed again, units, seconds) if the last place() did
@@ -83,13 +84,17 @@ class PlacedPipeline:
         # a Q4_0 GGUF transformer: its own 4-bit blocks are the most exact storage there is
         self.q4_file = any((s := deferred(p)) is not None and s.is_q4_0 for p in pipe.transformer.parameters())
 
-    def load(self) -> None:
+    def load_dtype(self) -> torch.dtype:
+        if self.device.kind == "cuda":
+            return torch.bfloat16 if self.device.bf16 else torch.float32
+        return torch.float32 if self.spec.demo else torch.bfloat16  # the tiny demo model: fp32 on the CPU
+
+    def load(self, onto: str = "cpu") -> None:
+        """Read the weights (once): onto the CPU, or straight onto the GPU (`onto="cuda"`) for a first
+        plan that keeps every weight there as it is read (core.engine decides)."""
         if self.pipe is None:
-            if self.device.kind == "cuda":
-                dtype = torch.bfloat16 if self.device.bf16 else torch.float32
-            else:  # the tiny demo model computes in fp32 on the CPU; the real one in bf16 (RAM)
-                dtype = torch.float32 if self.spec.demo else torch.bfloat16
-            self._init_pipe(load_pipeline(self.spec, dtype))
+            self._init_pipe(load_pipeline(self.spec, self.load_dtype(), onto))
+            self.loaded_on = onto
 
     def precision(self, asked: str) -> str:
         """The precision a job asking `asked` runs at: "auto" on a Q4_0 GGUF transformer is 4-bit (its
@@ -103,6 +108,9 @@ class PlacedPipeline:
     def held_gb(self) -> float:
         """GPU memory the current placement holds (weights and buffers), in GiB."""
         held = (self.residency.gpu_bytes / 2**30) if self.residency else 0.0
+        if self.residency is None and self.loaded_on == "cuda":  # read onto the GPU, not placed yet
+            tensors = [t for n in MODELS for m in (getattr(self.pipe, n),) for t in (*m.parameters(), *m.buffers())]
+            held = sum(t.numel() * t.element_size() for t in tensors if t.is_cuda) / 2**30
         if self.fast is not None and self.fast.fp8:  # fp8 weights are buffers, not parameters
             held += sum(fp8_compute.fp8_bytes(m) for m in fast.denoisers(self.pipe)) / 2**30
         return held
@@ -124,6 +132,7 @@ class PlacedPipeline:
         if self.pipe is not None and not self.as_placed:
             for name in MODELS:
                 getattr(self.pipe, name).to("cpu")
+            self.loaded_on = "cpu"
         self.placed = None
         free_memory()
 
@@ -161,7 +170,8 @@ class PlacedPipeline:
         pipe = self.pipe
         full = plan.placement.with_text_encoders(len(text_encoder_units(pipe.text_encoder_2)))
         old = self.stored  # not the residency's: a failed attempt released it, its rounding stays
-        self.release()
+        if not (self.placed is None and self.residency is None and self.loaded_on == read_onto(plan)):
+            self.release()  # (weights read straight to where this plan keeps them stay there)
         if needs_reload(old, full) and self.owns_pipe:
             log.info("reloading the weights: the previous plan stored some in fp8 or 4-bit")
             self.pipe = self.img2img = self.lora = pipe = None  # every reference: the old weights go first
@@ -334,6 +344,15 @@ class PlacedPipeline:
         if self._fast_dirty:
             fast.undo_fast(self.pipe)
             self.fast, self._fast_want, self._fast_dirty = None, None, False
+
+
+def read_onto(plan: Plan) -> str:
+    """Where a first plan wants the weights read: "cuda" where it keeps every one of them on the GPU as
+    it is stored (bf16, T5 included), so that nothing is copied twice; else "cpu", where placing
+    packs, streams or converts them."""
+    p = plan.placement
+    on_gpu = plan.device == "cuda" and p.all_resident and p.text_encoders == "gpu" and plan.dtype == "bfloat16"
+    return "cuda" if on_gpu else "cpu"
 
 
 def without_failed_part(cfg: fast.FastConfig, applied: fast.Fast | None, err: BaseException):

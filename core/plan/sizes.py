@@ -69,3 +69,23 @@ def sizes_from_config(name: str = "full") -> ModelSizes:
     return sizes_of(
         m["transformer"], m["controlnet"], m["text_encoder_2"], m["text_encoder"], m["vae"], cfg["max_sequence_length"]
     )
+
+
+def sizes_from_folders(base: str, controlnet: str, max_seq: int = 512) -> ModelSizes:
+    """Sizes of a model from its configs alone (a local folder or the Hub cache; built on the meta
+    device): what the planner needs to decide where to load the weights before reading them."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    def config(cls, source, sub=None):
+        return cls.from_config(cls.load_config(source, **({"subfolder": sub} if sub else {})))
+
+    with init_empty_weights():
+        transformer = config(FluxTransformer2DModel, base, "transformer")
+        cn = config(FluxControlNetModel, controlnet)
+        t5 = T5EncoderModel(T5Config.from_pretrained(base, subfolder="text_encoder_2"))
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))
+        vae = config(AutoencoderKL, base, "vae")
+    t5.tie_weights()  # its embedding is shared, as loading ties it (not so inside init_empty_weights)
+    return sizes_of(transformer, cn, t5, clip, vae, max_seq)
