@@ -66,6 +66,7 @@ def sizes_from_config(name: str = "full") -> ModelSizes:
     cfg = FULL if name == "full" else TINY
     with init_empty_weights():
         m = {name: make() for name, make in constructors(cfg).items()}
+    m["text_encoder_2"].tie_weights()  # T5's embedding is shared once loaded (not so inside init_empty_weights)
     return sizes_of(
         m["transformer"], m["controlnet"], m["text_encoder_2"], m["text_encoder"], m["vae"], cfg["max_sequence_length"]
     )
