@@ -46,6 +46,7 @@ def build_engine(args):
     from core.configs import UNION_PRO
     from core.engine import Engine
     from core.models import ModelSpec
+    from core.plan.planner import JobShape
 
     demo = args.demo or not torch.cuda.is_available()
     spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
@@ -56,7 +57,8 @@ def build_engine(args):
 
         spec = replace(spec, transformer=args.transformer)
     engine = Engine(spec)
-    engine.load()
+    engine.load_for(args.tier, JobShape(1024, 1024))  # the page's default job: straight onto a GPU that keeps it all
+    engine.load()  # (a no-op if it did)
     return engine
 
 

@@ -192,7 +192,7 @@ class Engine:
     def run(self, job: Job, progress=None, cancel=None, source: Image.Image | None = None) -> Result:
         """Run a job to its final image; failed attempts are followed as core.attempts says."""
         with self._lock:
-            self._load_for(job)
+            self.load_for(job.tier, shape_of(job), job.precision, job.compile, job.loras)
             plan = self.plan(job)
             self.check_fits(plan)
             events: list[str] = []
@@ -239,22 +239,22 @@ class Engine:
                 log.warning(decision.event)
                 plan = decision.plan
 
-    def _load_for(self, job: Job) -> None:
-        """Read the weights for the engine's first job where its plan keeps them: a plan that keeps
-        every weight on the GPU as stored has them read straight there (one pass over the files, no
-        copy in host RAM; core.placed.read_onto). That plan is made from the model's configs. Out of
-        GPU memory while reading, they are read onto the CPU as usual, and the failure tells the
-        engine what the GPU gives (core.attempts.DeviceLimit)."""
+    def load_for(
+        self, tier: str, shape: JobShape, precision: str = "auto", compile_choice: str = "auto", loras: tuple = ()
+    ) -> None:
+        """Read the weights for a first job of this tier and shape where its plan keeps them: a plan that
+        keeps every weight on the GPU as stored has them read straight there (one pass over the files,
+        no copy in host RAM; core.placed.read_onto). That plan is made from the model's configs. Out of
+        GPU memory while reading, they are read onto the CPU by the usual path, and the failure tells
+        the engine what the GPU gives (core.attempts.DeviceLimit). Does nothing once they are read."""
         st = self.state
         if st.pipe is not None or st.as_placed or self.device.kind != "cuda":
             return
-        if job.loras or self.spec.transformer or self.spec.demo:
+        if loras or self.spec.transformer or self.spec.demo:
             return  # LoRAs merge into CPU weights, a transformer file is converted there
         try:
             sizes = sizes_from_folders(self.spec.base, self.spec.controlnet)
-            plan = plan_for(
-                job.tier, shape_of(job), sizes, self.device, precision=job.precision, **self.compile_args(job.compile)
-            )
+            plan = plan_for(tier, shape, sizes, self.device, precision=precision, **self.compile_args(compile_choice))
             self.check_fits(plan)
         except Exception as e:  # noqa: BLE001 - configs not at hand, a tier that does not fit: the usual path says it
             log.info("the weights are read onto the CPU (%s)", str(e).split("\n")[0][:120])

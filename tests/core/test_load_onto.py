@@ -8,7 +8,7 @@ import torch
 
 from core.attempts import DeviceLimit
 from core.device import DeviceInfo
-from core.engine import Engine
+from core.engine import Engine, shape_of
 from core.job import ControlSpec, Job
 from core.lora import LoraSpec
 from core.models import ModelSpec
@@ -52,14 +52,19 @@ def job(image, tier, **kw):
     return Job("a photo", image, (ControlSpec("canny"),), 1024, 1024, steps=28, tier=tier, **kw)
 
 
+def load_for(engine, job):
+    """What Engine.run does first."""
+    engine.load_for(job.tier, shape_of(job), job.precision, job.compile, job.loras)
+
+
 def test_the_first_job_reads_onto_the_gpu_where_its_plan_keeps_the_weights(first_job_on_an_h200, astronaut, tmp_path):
     engine, reads = first_job_on_an_h200
     (tmp_path / "style.safetensors").write_bytes(b"")
-    engine._load_for(job(astronaut, "8"))  # streamed: read onto the CPU by the usual path
-    engine._load_for(job(astronaut, "48", loras=(LoraSpec(str(tmp_path / "style.safetensors")),)))  # merged on the CPU
+    load_for(engine, job(astronaut, "8"))  # streamed: read onto the CPU by the usual path
+    load_for(engine, job(astronaut, "48", loras=(LoraSpec(str(tmp_path / "style.safetensors")),)))  # merged on the CPU
     assert reads == []
-    engine._load_for(job(astronaut, "48"))
-    engine._load_for(job(astronaut, "auto"))  # 'auto' on an H200 is the all-resident plan
+    load_for(engine, job(astronaut, "48"))
+    load_for(engine, job(astronaut, "auto"))  # 'auto' on an H200 is the all-resident plan
     assert reads == ["cuda", "cuda"]
 
 
@@ -74,6 +79,6 @@ def test_out_of_memory_while_reading_onto_the_gpu_falls_back_and_teaches_the_lim
 
     monkeypatch.setattr(engine.state, "load", load)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: int(23.4 * 2**30))
-    engine._load_for(job(astronaut, "48"))  # no exception: the usual path reads onto the CPU next
+    load_for(engine, job(astronaut, "48"))  # no exception: the usual path reads onto the CPU next
     assert reads == ["cuda"] and engine.state.pipe is None
     assert engine.limit == DeviceLimit(23.5, 139.0, "48")
