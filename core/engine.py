@@ -68,6 +68,13 @@ class Faults:
         return self._take("black")
 
 
+def direct_read() -> bool:
+    """Whether a first all-resident plan may read the weights straight onto the GPU (Engine.load_for).
+    Off until measured on a GPU (FLUX_ANYVRAM_DIRECT_READ=1 turns it on): the tier promise was
+    measured with weights read onto the CPU and copied over."""
+    return os.environ.get("FLUX_ANYVRAM_DIRECT_READ", "0").lower() in ("1", "true", "yes")
+
+
 def shape_of(job: Job) -> JobShape:
     return JobShape(job.width, job.height, len(job.controls), job.upscale, job.steps, job.upscale_steps)
 
@@ -242,13 +249,13 @@ class Engine:
     def load_for(
         self, tier: str, shape: JobShape, precision: str = "auto", compile_choice: str = "auto", loras: tuple = ()
     ) -> None:
-        """Read the weights for a first job of this tier and shape where its plan keeps them: a plan that
-        keeps every weight on the GPU as stored has them read straight there (one pass over the files,
+        """Read the weights for a first job of this tier and shape where its plan keeps them (with
+        direct_read() on): a plan that keeps every weight on the GPU as stored has them read straight there (one pass over the files,
         no copy in host RAM; core.placed.read_onto). That plan is made from the model's configs. Out of
         GPU memory while reading, they are read onto the CPU by the usual path, and the failure tells
         the engine what the GPU gives (core.attempts.DeviceLimit). Does nothing once they are read."""
         st = self.state
-        if st.pipe is not None or st.as_placed or self.device.kind != "cuda":
+        if st.pipe is not None or st.as_placed or self.device.kind != "cuda" or not direct_read():
             return
         if loras or self.spec.transformer or self.spec.demo:
             return  # LoRAs merge into CPU weights, a transformer file is converted there

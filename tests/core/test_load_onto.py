@@ -39,6 +39,7 @@ def first_job_on_an_h200(monkeypatch):
     """A fresh engine for a full-size model on an H200, recording where it is asked to read the weights."""
     import core.engine as engine_mod
 
+    monkeypatch.setenv("FLUX_ANYVRAM_DIRECT_READ", "1")
     engine = Engine(ModelSpec("/models/flux", "/models/union"), device=H200)
     reads = []
     monkeypatch.setattr(engine_mod, "sizes_from_folders", lambda base, cn: sizes_from_config("full"))
@@ -66,6 +67,13 @@ def test_the_first_job_reads_onto_the_gpu_where_its_plan_keeps_the_weights(first
     load_for(engine, job(astronaut, "48"))
     load_for(engine, job(astronaut, "auto"))  # 'auto' on an H200 is the all-resident plan
     assert reads == ["cuda", "cuda"]
+
+
+def test_reading_onto_the_gpu_is_off_unless_asked(first_job_on_an_h200, astronaut, monkeypatch):
+    engine, reads = first_job_on_an_h200
+    monkeypatch.delenv("FLUX_ANYVRAM_DIRECT_READ")
+    load_for(engine, job(astronaut, "48"))
+    assert reads == []
 
 
 def test_out_of_memory_while_reading_onto_the_gpu_falls_back_and_teaches_the_limit(
