@@ -47,7 +47,7 @@ class DeviceLimit:
     """What the GPU gave when a plan ran out of memory well under its budget."""
 
     usable_gb: float  # allocator memory there was: the peak reserved at the failure + the failed request
-    visible_gb: float  # free + held GPU memory the driver showed when that attempt started
+    visible_gb: float  # GPU memory free plus our allocator's when that attempt started (Engine._visible_gb)
     tier: str  # the plan that failed
 
 

@@ -250,10 +250,11 @@ class Engine:
         self, tier: str, shape: JobShape, precision: str = "auto", compile_choice: str = "auto", loras: tuple = ()
     ) -> None:
         """Read the weights for a first job of this tier and shape where its plan keeps them (with
-        direct_read() on): a plan that keeps every weight on the GPU as stored has them read straight there (one pass over the files,
-        no copy in host RAM; core.placed.read_onto). That plan is made from the model's configs. Out of
-        GPU memory while reading, they are read onto the CPU by the usual path, and the failure tells
-        the engine what the GPU gives (core.attempts.DeviceLimit). Does nothing once they are read."""
+        direct_read() on): a plan that keeps every weight on the GPU as stored has them read straight
+        there (one pass over the files, no copy in host RAM; core.placed.read_onto). That plan is made
+        from the model's configs. Out of GPU memory while reading, they are read onto the CPU by the
+        usual path, and the failure tells the engine what the GPU gives (core.attempts.DeviceLimit).
+        Does nothing once they are read."""
         st = self.state
         if st.pipe is not None or st.as_placed or self.device.kind != "cuda" or not direct_read():
             return
