@@ -2,8 +2,9 @@
 
 FLUX trained from fp16-stored weights learns nothing (X-Flux users saw the saved ControlNet keep the
 same sha256 for 30k steps) and fp16 activations overflow: both are refused before anything runs.
-Training attention never runs on cuDNN's fused kernel, whose backward returns NaN gradients in
-shapes that inference never meets (pytorch#196678, cudnn-frontend#160 and #1072, trl#7181).
+Training attention never runs on cuDNN's fused kernel: its backward is reported to return NaN
+gradients for some shapes and inputs on Hopper (pytorch#196678, cudnn-frontend#160 and #1072, trl#7181);
+inference only runs its forward.
 """
 
 from __future__ import annotations
