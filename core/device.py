@@ -131,11 +131,13 @@ def _probes(path: Path) -> tuple[float, float, float]:
     return h2d, tflops, context
 
 
-@functools.lru_cache(maxsize=1)
-def _static_cuda_info() -> tuple[str, float, bool, float, float, float]:
-    props = torch.cuda.get_device_properties(0)
-    h2d, tflops, context = _probes(probe_file(props.name, props.total_memory))
-    return props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(), h2d, tflops, context
+@functools.lru_cache(maxsize=16)
+def _static_cuda_info(index: int = 0) -> tuple[str, float, bool, float, float, float]:
+    """What does not change for GPU `index` while the process runs (probes measured on it)."""
+    with torch.cuda.device(index):
+        props = torch.cuda.get_device_properties(index)
+        h2d, tflops, context = _probes(probe_file(props.name, props.total_memory))
+        return props.name, props.total_memory / GiB, torch.cuda.is_bf16_supported(), h2d, tflops, context
 
 
 LATER_GB = 0.25  # device memory a job adds outside the allocator after start-up: kernel modules
@@ -189,12 +191,13 @@ def host_ram_limit_gb() -> float:
     return round(min([psutil.virtual_memory().total, *_cgroup_limits()]) / GiB, 1)
 
 
-def detect() -> DeviceInfo:
-    """The first CUDA GPU if there is one, else the CPU. Bandwidth and matmul rate are measured
-    once per process (~0.1 s); free memory is read each call."""
+def detect(index: int | None = None) -> DeviceInfo:
+    """CUDA GPU `index` (default: the current one) if there is a GPU, else the CPU. Bandwidth and
+    matmul rate are measured once per machine and GPU (~0.1 s); free memory is read each call."""
     host = host_ram_limit_gb()
     if not torch.cuda.is_available():
         return DeviceInfo("cpu", "CPU", 0.0, 0.0, True, round(host, 1))
-    name, total, bf16, h2d, tflops, context = _static_cuda_info()
-    free, _ = torch.cuda.mem_get_info()
+    index = torch.cuda.current_device() if index is None else index
+    name, total, bf16, h2d, tflops, context = _static_cuda_info(index)
+    free, _ = torch.cuda.mem_get_info(index)
     return DeviceInfo("cuda", name, round(total, 2), round(free / GiB, 2), bf16, round(host, 1), h2d, tflops, context)
