@@ -10,6 +10,7 @@ between failed attempts; benchmarks call it between tiers.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import replace
 
@@ -31,6 +32,10 @@ from core.stream.residency import Residency
 
 log = logging.getLogger(__name__)
 
+# Loading is not thread-safe: accelerate's init_empty_weights, which diffusers and transformers load
+# under, patches nn.Module for the whole process, so two engines loading at once (core.pool) would
+# build each other's modules on the meta device.
+_LOADING = threading.Lock()
 MODELS = ("transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")  # the pipeline's placed parts
 
 
@@ -92,9 +97,10 @@ class PlacedPipeline:
     def load(self, onto: str = "cpu") -> None:
         """Read the weights (once): onto the CPU, or straight onto the GPU (`onto="cuda"`) for a first
         plan that keeps every weight there as it is read (core.engine decides)."""
-        if self.pipe is None:
-            self._init_pipe(load_pipeline(self.spec, self.load_dtype(), onto))
-            self.loaded_on = onto
+        with _LOADING:
+            if self.pipe is None:
+                self._init_pipe(load_pipeline(self.spec, self.load_dtype(), onto))
+                self.loaded_on = onto
 
     def precision(self, asked: str) -> str:
         """The precision a job asking `asked` runs at: "auto" on a Q4_0 GGUF transformer is 4-bit (its
