@@ -25,6 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--tier", default="auto", choices=TIERS, help="the VRAM tier selected in the UI")
     ap.add_argument(
+        "--gpus",
+        default="1",
+        metavar="N|all",
+        help="engines, one per GPU, running jobs side by side (default 1; with --demo, CPU replicas)",
+    )
+    ap.add_argument(
         "--demo",
         action="store_true",
         help="the tiny random-weight demo model (images are noise); the default without a CUDA GPU",
@@ -47,6 +53,7 @@ def build_engine(args):
     from core.engine import Engine
     from core.models import ModelSpec
     from core.plan.planner import JobShape
+    from core.pool import build_pool
 
     demo = args.demo or not torch.cuda.is_available()
     spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
@@ -56,10 +63,22 @@ def build_engine(args):
         from dataclasses import replace
 
         spec = replace(spec, transformer=args.transformer)
-    engine = Engine(spec)
+    n = gpu_count(args.gpus, torch.cuda.device_count() if not demo else None)
+    engine = Engine(spec) if n == 1 else build_pool(spec, None if demo else list(range(n)), replicas=n)
     engine.load_for(args.tier, JobShape(1024, 1024))  # the page's default job: straight onto a GPU that keeps it all
     engine.load()  # (a no-op if it did)
     return engine
+
+
+def gpu_count(asked: str, available: int | None) -> int:
+    """Engines for `--gpus` ("all" or a count); `available` GPUs (None: CPU replicas of the demo model)."""
+    if asked == "all":
+        return max(1, available or 1)
+    if not asked.isdigit() or int(asked) < 1:
+        raise ValueError(f"--gpus must be a positive number or 'all', got {asked!r}.")
+    if available is not None and int(asked) > available:
+        raise ValueError(f"--gpus {asked}: this machine has {available} GPU(s).")
+    return int(asked)
 
 
 def main(argv=None) -> int:
@@ -69,7 +88,7 @@ def main(argv=None) -> int:
 
     try:
         engine = build_engine(args)
-    except ModelUnavailableError as e:
+    except (ModelUnavailableError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if engine.demo:

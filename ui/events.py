@@ -96,6 +96,7 @@ def example_list(u: dict, examples: list) -> None:
 
 
 def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
+    slots = getattr(engine, "replicas", 1)  # jobs at once: one per engine (core.pool.EnginePool)
     page_inputs = inputs_of(u, u["tier"])
     err = [u[f"err_{f}"] for f in H.ERROR_FIELDS]
     outputs = [u[n] for n in ("status", "live", "slider", "png", "summary", "seed", "run", "stop")]
@@ -142,7 +143,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         [u["png"], u["summary"], u["seed"]],
         api_name="generate",
         api_description="Generate an image; returns the PNG (parameters in its metadata), a JSON summary and the seed.",
-        concurrency_limit=1,
+        concurrency_limit=slots,
         concurrency_id="gpu",
     )
     # arm and cancel go through the queue (no concurrency limit): only queued events know the session
@@ -190,7 +191,7 @@ def wire(demo: gr.Blocks, engine, runner, u: dict, js: str) -> None:
         run_page,
         [*page_inputs, u["history"]],
         outputs,
-        concurrency_limit=1,
+        concurrency_limit=slots,
         concurrency_id="gpu",
         show_progress="minimal",  # Gradio's queue position, on the status bar only
         show_progress_on=[u["status"]],

@@ -1,6 +1,6 @@
 """Running jobs from the page and from the API: the Gradio handlers around engine.run.
 
-Two doors, one GPU slot (concurrency_id "gpu", limit 1): the API's `generate` returns (PNG, summary,
+Two doors, one GPU slot per engine (concurrency_id "gpu", limit 1, or the pool's engines): the API's `generate` returns (PNG, summary,
 seed) and raises gr.Error; the page's `run_page` is a generator that polls a progress Tracker while
 the engine works in a thread and draws phase, step, ETA and previews on the result, then the result,
 the history and the plan. It never raises: a failure is one message, next to its field when it has
