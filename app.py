@@ -63,8 +63,9 @@ def build_engine(args):
         from dataclasses import replace
 
         spec = replace(spec, transformer=args.transformer)
-    n = gpu_count(args.gpus, torch.cuda.device_count() if not demo else None)
-    engine = Engine(spec) if n == 1 else build_pool(spec, None if demo else list(range(n)), replicas=n)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else None  # None: CPU replicas
+    n = gpu_count(args.gpus, gpus)
+    engine = Engine(spec) if n == 1 else build_pool(spec, list(range(n)) if gpus else None, replicas=n)
     engine.load_for(args.tier, JobShape(1024, 1024))  # the page's default job: straight onto a GPU that keeps it all
     engine.load()  # (a no-op if it did)
     return engine

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from core.device import DeviceInfo, detect
+from core.device import DeviceInfo, detect, host_ram_limit_gb
 from core.engine import Engine
 from core.job import Job
 from core.models import ModelSpec
@@ -116,7 +116,7 @@ def build_pool(spec: ModelSpec, gpus: list[int] | None = None, replicas: int = 1
     slots: list[int | None] = list(gpus) if gpus else [None] * replicas
     engines = []
     for gpu in slots:
-        info: DeviceInfo = detect(gpu) if gpu is not None else detect()
+        info = detect(gpu) if gpu is not None else DeviceInfo("cpu", "CPU", 0.0, 0.0, True, host_ram_limit_gb())
         info = replace(info, host_ram_gb=round(info.host_ram_gb / len(slots), 1))
         engines.append(Engine(spec, device=info, **engine_kw))
     return EnginePool(engines, slots)

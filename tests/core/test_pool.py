@@ -36,9 +36,9 @@ def test_sixteen_concurrent_jobs_spread_over_both_engines_and_match_one_engine(p
 
 
 def test_each_engine_plans_with_its_share_of_the_host_ram(pool):
-    from core.device import detect
+    from core.device import host_ram_limit_gb
 
-    share = round(detect().host_ram_gb / 2, 1)
+    share = round(host_ram_limit_gb() / 2, 1)
     assert [e.device.host_ram_gb for e in pool.engines] == [share, share]
     assert pool.replicas == 2 and pool.device is pool.engines[0].device and pool.demo
 
