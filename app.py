@@ -28,8 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--gpus",
         default="1",
         metavar="N|all",
-        help="engines, one per GPU, running jobs side by side (default 1; with --demo, CPU replicas)",
+        help="engines, one per GPU, running jobs side by side (default 1; with --demo, CPU replicas); "
+        "with --ray, the most replicas",
     )
+    ap.add_argument(
+        "--ray", action="store_true", help="run the engines as Ray Serve replicas (pip install 'ray[serve]')"
+    )
+    ap.add_argument("--ray-address", help="a running Ray cluster (default: start one on this machine)")
+    ap.add_argument("--min-replicas", type=int, help="with --ray: the fewest replicas (default: --gpus)")
     ap.add_argument(
         "--demo",
         action="store_true",
@@ -55,6 +61,12 @@ def build_engine(args):
     from core.plan.planner import JobShape
     from core.pool import build_pool
 
+    if args.ray:  # the replicas hold the GPUs, maybe on other machines: this one only serves the page
+        from core.remote import start
+
+        spec = ModelSpec.demo_spec() if args.demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
+        n = gpu_count(args.gpus, None if args.gpus != "all" else 0)
+        return start(spec, n, args.min_replicas, args.ray_address, 0.0 if args.demo else 1.0)
     demo = args.demo or not torch.cuda.is_available()
     spec = ModelSpec.demo_spec() if demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
     if demo and args.controlnet:  # a ControlNet trained on the demo model (python -m train --demo)
@@ -74,6 +86,8 @@ def build_engine(args):
 def gpu_count(asked: str, available: int | None) -> int:
     """Engines for `--gpus` ("all" or a count); `available` GPUs (None: CPU replicas of the demo model)."""
     if asked == "all":
+        if available == 0:
+            raise ValueError("--gpus all needs GPUs on this machine; give the number of replicas instead.")
         return max(1, available or 1)
     if not asked.isdigit() or int(asked) < 1:
         raise ValueError(f"--gpus must be a positive number or 'all', got {asked!r}.")

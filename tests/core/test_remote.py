@@ -1,5 +1,6 @@
-"""Ray Serve (optional dependency): two CPU replicas of the demo model behind a RemoteEngine; 16
-concurrent jobs spread over both, all complete, each equal to one local engine's image."""
+"""Engines as Ray Serve replicas (core.remote; Ray is optional, the tests skip without it): two CPU
+replicas of the demo model behind a RemoteEngine; 16 concurrent jobs spread over both, all complete,
+each equal to one local engine's image."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install 'ray
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
-from serve.ray_serve import RemoteEngine, deployment
+from core.remote import RemoteEngine, deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +57,15 @@ def test_the_page_runs_over_the_replicas(remote):
     gen = next(f for f in demo.fns.values() if f.api_name == "generate")
     assert gen.concurrency_limit == 2
     assert remote.device.kind == "cpu" and remote.sizes is not None
+
+
+def test_the_app_serves_its_page_over_ray_replicas(remote, monkeypatch):
+    import app
+    import core.remote
+
+    asked = []
+    monkeypatch.setattr(core.remote, "start", lambda *a: asked.append(a) or remote)
+    assert app.build_engine(app.parse_args(["--ray", "--demo", "--gpus", "2"])) is remote
+    assert asked[0][1:] == (2, None, None, 0.0)
+    with pytest.raises(ValueError, match="--gpus all needs GPUs on this machine"):
+        app.build_engine(app.parse_args(["--ray", "--demo", "--gpus", "all"]))
