@@ -11,26 +11,45 @@ from tests.ui.conftest import free_port
 from tests.ui.test_app import api_args
 
 
-@pytest.fixture(scope="module")
-def pool_url():
-    from core.models import ModelSpec
-    from core.pool import build_pool
+def serve(engine):
     from ui import create_demo
 
-    demo = create_demo(build_pool(ModelSpec.demo_spec(), replicas=2))
-    gen = next(f for f in demo.fns.values() if f.api_name == "generate")
-    assert gen.concurrency_limit == 2 and gen.concurrency_id == "gpu"
+    demo = create_demo(engine)
     port = free_port()
     demo.queue(max_size=32).launch(
         prevent_thread_lock=True, server_port=port, server_name="127.0.0.1", quiet=True, max_file_size="50mb"
     )
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def pool_url():
+    from core.models import ModelSpec
+    from core.pool import build_pool
+
+    demo, url = serve(build_pool(ModelSpec.demo_spec(), replicas=2))
+    gen = next(f for f in demo.fns.values() if f.api_name == "generate")
+    assert gen.concurrency_limit == 2 and gen.concurrency_id == "gpu"
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         demo.close()
 
 
-def test_sixteen_api_jobs_spread_over_two_engines(pool_url, app_url, example_photo):
+@pytest.fixture(scope="module")
+def single_url():
+    """The app over one fresh engine (the session's shared demo engine has run other tests' jobs)."""
+    from core.engine import Engine
+    from core.models import ModelSpec
+
+    demo, url = serve(Engine(ModelSpec.demo_spec()))
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def test_sixteen_api_jobs_spread_over_two_engines(pool_url, single_url, example_photo):
     from gradio_client import Client, handle_file
 
     def args(seed):
@@ -43,7 +62,7 @@ def test_sixteen_api_jobs_spread_over_two_engines(pool_url, app_url, example_pho
     results = [j.result(timeout=300) for j in jobs]
     ran_on = [next(e for e in r[1]["events"] if e.startswith("ran on ")) for r in results]
     assert set(ran_on) == {"ran on CPU replica 0", "ran on CPU replica 1"}, ran_on
-    single = Client(app_url, verbose=False)
+    single = Client(single_url, verbose=False)
     for seed in range(4):
         want = np.asarray(Image.open(single.predict(*args(seed), api_name="/generate")[0]))
         for k in range(seed, 16, 4):
