@@ -65,6 +65,10 @@ def build_engine(args):
         from core.remote import start
 
         spec = ModelSpec.demo_spec() if args.demo else ModelSpec(args.model, args.controlnet or UNION_PRO)
+        if args.transformer:
+            from dataclasses import replace
+
+            spec = replace(spec, transformer=args.transformer)
         n = gpu_count(args.gpus, None if args.gpus != "all" else 0)
         return start(spec, n, args.min_replicas, args.ray_address, 0.0 if args.demo else 1.0)
     demo = args.demo or not torch.cuda.is_available()

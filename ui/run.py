@@ -1,10 +1,10 @@
 """Running jobs from the page and from the API: the Gradio handlers around engine.run.
 
-Two doors, one GPU slot per engine (concurrency_id "gpu", limit 1, or the pool's engines): the API's `generate` returns (PNG, summary,
-seed) and raises gr.Error; the page's `run_page` is a generator that polls a progress Tracker while
-the engine works in a thread and draws phase, step, ETA and previews on the result, then the result,
-the history and the plan. It never raises: a failure is one message, next to its field when it has
-one, and a cancel ends in a "Cancelled" state. Cancel sets the session's flag (armed when Run is
+Two doors, one GPU slot per engine (concurrency_id "gpu"; limit 1, or the pool's engines): the API's
+`generate` returns (PNG, summary, seed) and raises gr.Error; the page's `run_page` is a generator that
+polls a progress Tracker while the engine works in a thread and draws phase, step, ETA and previews on
+the result, then the result, the history and the plan. It never raises: a failure is one message,
+next to its field when it has one, and a cancel ends in a "Cancelled" state. Cancel sets the session's flag (armed when Run is
 clicked), which engine.run polls between steps; a job still waiting in the queue is dropped from it.
 """
 
