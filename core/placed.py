@@ -57,6 +57,7 @@ class PlacedPipeline:
         self.lora: Merger | None = None  # the LoRAs merged into the pipeline's CPU weights
         self.placed: Plan | None = None  # the plan whose placement is on the device now
         self.loaded_on = "cpu"  # where the weights were read to, while nothing has moved them since
+        self.loaded_dtype = self.narrowest = None  # the dtype read, and the narrowest one cast to since
         self.owns_pipe = pipe is None  # a pipeline we loaded can be reloaded from its source
         self.q4_file = False  # the transformer is a Q4_0 GGUF (set when the pipeline is known)
         self.last_repack: tuple | None = None  # (units packed again, units, seconds) if the last place() did
@@ -71,6 +72,7 @@ class PlacedPipeline:
         from diffusers import FluxControlNetImg2ImgPipeline
 
         self.pipe = pipe
+        self.loaded_dtype = self.narrowest = pipe.transformer.dtype
         names = (
             "scheduler",
             "vae",
@@ -176,20 +178,25 @@ class PlacedPipeline:
         pipe = self.pipe
         full = plan.placement.with_text_encoders(len(text_encoder_units(pipe.text_encoder_2)))
         old = self.stored  # not the residency's: a failed attempt released it, its rounding stays
+        dtype = getattr(torch, plan.dtype)
         if not (self.placed is None and self.residency is None and self.loaded_on == read_onto(plan)):
             self.release()  # (weights read straight to where this plan keeps them stay there)
-        if needs_reload(old, full) and self.owns_pipe:
-            log.info("reloading the weights: the previous plan stored some in fp8 or 4-bit")
+        narrowed = self.narrowest != self.loaded_dtype and _bits(dtype) > _bits(self.narrowest)
+        if (needs_reload(old, full) or narrowed) and self.owns_pipe:
+            log.info(
+                "reloading the weights: a previous plan stored some in fp8 or 4-bit, or computed in %s", self.narrowest
+            )
             self.pipe = self.img2img = self.lora = pipe = None  # every reference: the old weights go first
             free_memory()
             self.load()
             pipe, old = self.pipe, ""
-        elif needs_reload(old, full):
-            log.warning("units return to bf16 from rounded fp8/4-bit weights (pipeline given by the caller)")
+        elif needs_reload(old, full) or narrowed:
+            log.warning("weights return from a rounded storage or dtype (pipeline given by the caller)")
         self._apply_loras(loras, plan.device)  # into the CPU weights: every placement packs the merged ones
-        dtype = getattr(torch, plan.dtype)
         retype_deferred(pipe.transformer, dtype)  # before .to(dtype), which would fill placeholders with NaN
         if pipe.transformer.dtype != dtype:
+            if _bits(dtype) < _bits(self.narrowest):  # casting down rounds the weights: a wider plan reloads
+                self.narrowest = dtype
             from diffusers.utils import logging as dlogging
 
             level = dlogging.get_verbosity()
@@ -350,6 +357,10 @@ class PlacedPipeline:
         if self._fast_dirty:
             fast.undo_fast(self.pipe)
             self.fast, self._fast_want, self._fast_dirty = None, None, False
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
 
 
 def read_onto(plan: Plan) -> str:

@@ -247,3 +247,19 @@ def test_a_cpu_failure_teaches_no_limit(streamed, astronaut):
     streamed.faults = Faults(arenas=1)
     assert any("stepped down" in e for e in streamed.run(job_of(astronaut)).events)
     assert streamed.limit is None
+
+
+def test_weights_cast_down_by_one_plan_are_read_again_for_a_wider_one(demo_engine, astronaut, monkeypatch):
+    """The demo weights are float32; a bfloat16 plan rounds them as it casts. A float32 plan after it
+    reads them again, so the same job gives the same pixels as before (it did not: off by up to 2)."""
+    import core.engine as engine_mod
+
+    job = job_of(astronaut)
+    clean = demo_engine.run(job)
+    real = engine_mod.plan_for
+    monkeypatch.setattr(engine_mod, "plan_for", lambda *a, **k: real(*a, **{**k, "dtype": "bfloat16"}))
+    assert demo_engine.run(job).plan.dtype == "bfloat16"
+    monkeypatch.undo()
+    again = demo_engine.run(job)
+    assert again.plan.dtype == "float32"
+    assert np.array_equal(px(again.image), px(clean.image))
