@@ -21,10 +21,11 @@ from core.denoise.generate import control_images, generate_pass
 from core.denoise.runtime import AS_PLACED, JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
 from core.device import DeviceInfo, detect
+from core.faults import Faults
 from core.job import Job
 from core.models import ModelSpec, has_mode_ids
-from core.monitor import HostOutOfMemory, MemoryMonitor, faults_active, free_memory, is_host_oom, is_oom
-from core.placed import PlacedPipeline, read_onto, without_failed_part
+from core.monitor import MemoryMonitor, faults_active, free_memory, is_host_oom, is_oom
+from core.placed import PlacedPipeline, direct_read, read_onto, without_failed_part
 from core.plan.planner import JobShape, Plan, keep_placement, plan_for, step_down
 from core.plan.sizes import sizes_from_folders
 from core.result import Result, is_black_or_nan
@@ -37,42 +38,6 @@ __all__ = ["Engine", "Faults", "OutOfMemory", "Result", "is_black_or_nan"]
 
 class OutOfMemory(RuntimeError):
     """Even the smallest plan ran out of memory; the message says what to do."""
-
-
-class Faults:
-    """Test hook: make the named phases or fault points (core.monitor.fault_point: "arenas", "pin",
-    "step", "tile") fail. A count `n` fails the first n passes; `(k, n)` lets k pass first (the
-    k+1-th denoising step, say). "pin" fails as host RAM does, everything else as GPU memory."""
-
-    def __init__(self, **counts):
-        pairs = {k: tuple(v) if isinstance(v, (tuple, list)) else (0, v) for k, v in counts.items()}
-        self.skips = {k: skip for k, (skip, _) in pairs.items()}  # passes still let through
-        self.counts = {k: n for k, (_, n) in pairs.items()}  # failures still to come
-
-    def _take(self, name: str) -> bool:
-        if self.skips.get(name, 0) > 0:
-            self.skips[name] -= 1
-        elif self.counts.get(name, 0) > 0:
-            self.counts[name] -= 1
-            return True
-        return False
-
-    def check(self, phase: str) -> None:
-        if self._take(phase):
-            if phase == "pin":
-                raise HostOutOfMemory(f"could not pin host RAM (injected in {phase})")
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected in {phase})")
-
-    def black(self) -> bool:
-        """Injected precision fault: the next result comes out black."""
-        return self._take("black")
-
-
-def direct_read() -> bool:
-    """Whether a first all-resident plan may read the weights straight onto the GPU (Engine.load_for).
-    Off until measured on a GPU (FLUX_ANYVRAM_DIRECT_READ=1 turns it on): the tier promise was
-    measured with weights read onto the CPU and copied over."""
-    return os.environ.get("FLUX_ANYVRAM_DIRECT_READ", "0").lower() in ("1", "true", "yes")
 
 
 def shape_of(job: Job) -> JobShape:

@@ -131,7 +131,7 @@ _FAULTS: contextvars.ContextVar = contextvars.ContextVar("faults", default=None)
 
 def fault_point(name: str) -> None:
     """A place where an allocation can fail for real (an arena, a pin, a denoising step, a tile);
-    with faults active (core.engine.Faults) the named point may raise the failure it stands for."""
+    with faults active (core.faults.Faults) the named point may raise the failure it stands for."""
     hook = _FAULTS.get()
     if hook is not None:
         hook(name)

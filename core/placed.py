@@ -10,6 +10,7 @@ between failed attempts; benchmarks call it between tiers.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -361,6 +362,13 @@ class PlacedPipeline:
 
 def _bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits
+
+
+def direct_read() -> bool:
+    """Whether a first all-resident plan may read the weights straight onto the GPU (core.engine.Engine.load_for).
+    Off until measured on a GPU (FLUX_ANYVRAM_DIRECT_READ=1 turns it on): the tier promise was
+    measured with weights read onto the CPU and copied over."""
+    return os.environ.get("FLUX_ANYVRAM_DIRECT_READ", "0").lower() in ("1", "true", "yes")
 
 
 def read_onto(plan: Plan) -> str:
