@@ -93,10 +93,15 @@ def load_or_explain(source: str, what: str, load):
         raise _explain(source, what, e) from e
 
 
+def _onto(device: str) -> dict:
+    """from_pretrained's keywords to read the weights onto `device` (the CPU: none, as before)."""
+    return {} if device == "cpu" else {"device_map": device}
+
+
 def load_controlnet(source: str, dtype: torch.dtype, device: str = "cpu"):
     from diffusers import FluxControlNetModel
 
-    on = {} if device == "cpu" else {"device_map": device}
+    on = _onto(device)
     return load_or_explain(
         source,
         "controlnet",
@@ -113,7 +118,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype, device: str = "cpu"):
 
     if device != "cpu" and spec.transformer:
         raise ValueError("a transformer file is loaded on the CPU (its weights are converted there)")
-    on = {} if device == "cpu" else {"device_map": device}
+    on = _onto(device)
     parts = dict(transformer=load_transformer_file(spec, dtype)) if spec.transformer else {}  # a bad file: at once
     parts["controlnet"] = FluxMultiControlNetModel([load_controlnet(spec.controlnet, dtype, device)])
     pipe = load_or_explain(

@@ -60,14 +60,16 @@ class EnginePool:
         return replace(result, events=(*result.events, f"ran on {self.label(i)}"))
 
     def load(self) -> None:
-        for i, e in enumerate(self.engines):
-            with self.on(i):
-                e.load()
+        self._each(Engine.load)
 
     def load_for(self, *args, **kw) -> None:
+        self._each(Engine.load_for, *args, **kw)
+
+    def _each(self, method, *args, **kw) -> None:
+        """`method` of every engine, each on its own GPU."""
         for i, e in enumerate(self.engines):
             with self.on(i):
-                e.load_for(*args, **kw)
+                method(e, *args, **kw)
 
     # -- the first engine's views: what the page shows and plans with -----------------------------
     @property
