@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,12 @@ def write_data(folder: Path, n: int = 8) -> Path:
     return folder
 
 
+def _last_rate(log: str) -> float | None:
+    """Seconds per step from the last progress line (`step N/M loss L S s/step ETA ...`)."""
+    rates = re.findall(r"([0-9.]+) s/step", log)
+    return float(rates[-1]) if rates else None
+
+
 def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
     kind, _, res = spec.partition("@")
     k = KINDS[kind]
@@ -71,10 +78,16 @@ def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
     driver_gb = round(poll.pid_peak.get(p.pid, 0) / GiB, 3)
     row.update(wall_s=round(time.time() - t0, 1), driver_gb=driver_gb, traceback="Traceback" in stderr)
     row["stderr_tail"] = stderr.strip().splitlines()[-3:] if p.returncode else []
+    row["s_per_step"] = _last_rate(stderr)
+    row["not_finite"] = [ln for ln in stderr.splitlines() if "not finite" in ln][:5]
     if p.returncode == 0:
         s = json.loads(stdout.strip().splitlines()[-1])
         row.update({key: s.get(key) for key in ("first_loss", "last_loss", "peak_memory_gb", "trainable_params")})
         row.update(placement=s.get("placement"), validation=s.get("validation"), seconds=s.get("seconds"))
+        row.update(skipped_updates=s.get("skipped_updates"), first10_mean=s.get("first10_mean"))
+        row["last10_mean"] = s.get("last10_mean")
+        plan = s.get("placement") or {}
+        row["predicted_gb"] = max(plan.get("predicted_peak_gb", 0), plan.get("predicted_validation_gb", 0)) or None
         row["under_cap"] = row["driver_gb"] <= k["cap"] and (s.get("peak_memory_gb") or 0) <= k["cap"]
     print(json.dumps(row), flush=True)
     if not a.keep:  # a full fine-tune's checkpoint and result are ~20 GB: the next run needs the disk
@@ -105,7 +118,19 @@ def main(argv=None) -> int:
             continue
         data["runs"].append(one_run(spec, a.model, photos, a.out_dir, a))
         write(a.out_dir / "train.json", data)
-    cols = ["spec", "rc", "cap_gb", "peak_memory_gb", "driver_gb", "under_cap", "first_loss", "last_loss", "wall_s"]
+    cols = [
+        "spec",
+        "rc",
+        "cap_gb",
+        "peak_memory_gb",
+        "predicted_gb",
+        "driver_gb",
+        "under_cap",
+        "s_per_step",
+        "first_loss",
+        "last_loss",
+    ]
+    cols += ["skipped_updates", "wall_s"]
     md = f"# ControlNet training on one GPU\n\n{data['env'].get('device', '')}; `{data['command']}`\n\n"
     (a.out_dir / "TRAIN.md").write_text(md + md_table(data["runs"], cols) + "\n")
     return 0
