@@ -39,6 +39,16 @@ def requested_gb(message: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
 
 
+def short_reason(message: str, width: int = 100) -> str:
+    """An error's first line for the events: a CUDA out-of-memory one as the allocation that failed
+    (its capacity sentence is long, and cut short it read "... of which )"), others cut at a word."""
+    line = message.split("\n")[0].strip()
+    m = re.search(r"Tried to allocate [0-9.]+ ?(?:B|KiB|MiB|GiB|TiB)", line)
+    if m and "out of memory" in line.lower():
+        return f"CUDA out of memory: t{m.group(0)[1:]}"
+    return line if len(line) <= width else line[:width].rsplit(" ", 1)[0] + " ..."
+
+
 SLACK_GB = 0.5  # a failure this close to the plan's budget is the plan's estimate, not the card
 
 

@@ -263,3 +263,17 @@ def test_weights_cast_down_by_one_plan_are_read_again_for_a_wider_one(demo_engin
     again = demo_engine.run(job)
     assert again.plan.dtype == "float32"
     assert np.array_equal(px(again.image), px(clean.image))
+
+
+def test_an_out_of_memory_reason_names_the_allocation_and_other_reasons_end_at_a_word():
+    from core.attempts import short_reason
+
+    cuda = (
+        "CUDA out of memory. Tried to allocate 108.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+        "115.9 GiB is free. Process 7 has 23.5 GiB memory in use.\nsee the documentation"
+    )
+    assert short_reason(cuda) == "CUDA out of memory: tried to allocate 108.00 MiB"
+    long = "cudaHostRegister failed " + "because the host " * 10
+    out = short_reason(long, width=40)
+    assert out.endswith(" ...") and len(out) <= 44 and long.startswith(out[:-4])
+    assert short_reason("short\nsecond line") == "short"
