@@ -144,7 +144,7 @@ class Engine:
         (Job.compile): the plan's predicted_first_job_s counts the compile where that job would pay it."""
         cfg = self.fast_in_use
         compiles = cfg.enabled and "cuda" in cfg.devices and compile_policy.compiles(cfg.compile, choice, 0)
-        return dict(compiles=compiles, compile_cache_warm=compiles and compile_cache.has_kernels())
+        return dict(compiles=compiles, compile_cache=compile_cache.state(cfg.precompile) if compiles else "cold")
 
     def precision(self, job: Job) -> str:
         """The precision the job runs at (PlacedPipeline.precision)."""

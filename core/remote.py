@@ -92,7 +92,7 @@ class RemoteEngine:
 
     @staticmethod
     def compile_args(choice: str = "auto") -> dict:
-        return dict(compiles=False, compile_cache_warm=False)
+        return dict(compiles=False, compile_cache="cold")
 
     def load(self) -> None:  # the replicas load their own
         pass

@@ -9,6 +9,8 @@ whether Inductor's cache is warm are arguments, never read here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from core.device import DeviceInfo, GiB
 from core.plan.memory import cast_scratch_bytes, esize, host_ram_bytes, resident_bytes, slot_bytes, t5_host_bytes
 from core.plan.placement import Placement, store
@@ -28,11 +30,16 @@ VAE_FLOP_PER_PX = 6.5e7  # the VAE decoder's effective FLOPs per output pixel: 0
 VAE_ENCODE_SHARE = 0.5  # encoding a pixel costs about half of decoding it (the lighter half of the VAE)
 
 
-def compile_seconds(compiles: bool, cache_warm: bool) -> float:
+COMPILE_LOAD_S = 3.0  # the same blocks loaded as ahead-of-time artifacts (core.speed.precompile): 2.3 s on
+# a 2-core CPU for the two graphs; to be measured on the GPU (bench/first)
+CompileCache = Literal["cold", "kernels", "artifacts"]  # nothing on disk, Inductor's kernels, saved graphs
+
+
+def compile_seconds(compiles: bool, cache: CompileCache = "cold") -> float:
     """What compiling the blocks adds to a job: nothing unless it compiles."""
     if not compiles:
         return 0.0
-    return COMPILE_WARM_S if cache_warm else COMPILE_COLD_S
+    return {"cold": COMPILE_COLD_S, "kernels": COMPILE_WARM_S, "artifacts": COMPILE_LOAD_S}[cache]
 
 
 def _rate(device: DeviceInfo, dtype: str) -> float:

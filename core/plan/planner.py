@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from core.device import DeviceInfo, GiB
 from core.job import GPU_TIERS, out_size
-from core.plan.first_job import compile_seconds, first_job_parts
+from core.plan.first_job import CompileCache, compile_seconds, first_job_parts
 from core.plan.memory import CAL, PassShape, host_ram_bytes, phase_peak_bytes, predict_peak_bytes
 from core.plan.placement import RESIDENT, RESIDENT_FP8, STREAMED_FP8, STREAMED_Q4, Placement, allowed_codes
 from core.plan.search import choose, host_cap_bytes, placement_of
@@ -147,7 +147,7 @@ def plan_for(
     host_cap_gb: float | None = None,
     precision: str = "auto",
     compiles: bool = False,
-    compile_cache_warm: bool = False,
+    compile_cache: CompileCache = "cold",
 ) -> Plan:
     """The fastest plan that keeps the whole job (encode, denoise, decode, upscale) under the tier's
     budget and the host RAM. `tile` forces a generation tile (used when stepping down), `dtype` the
@@ -155,8 +155,8 @@ def plan_for(
     failure to pin), `precision` the weight formats (core.plan.placement.PRECISIONS): "auto" is
     the most exact that fits, 4-bit only where exact weights do not. `compiles`: a first job of
     this process would compile the blocks where the whole denoiser is resident (the engine's
-    policy), `compile_cache_warm`: Inductor's disk cache has kernels; both only for
-    predicted_first_job_s."""
+    policy), `compile_cache`: what the disk holds of an earlier compile (core.plan.first_job); both
+    only for predicted_first_job_s."""
     tier = str(tier).lower()
     allowed_codes(precision)  # a bad value is one sentence before anything else
     if tier == "auto" and device.kind == "cpu":
@@ -192,7 +192,7 @@ def plan_for(
                     ),
                 )
             plan = replace(plan, notes=(*plan.notes, *_fp8_note(plan.placement, sizes)))
-            return with_first_job(plan, shape, sizes, device, compile_seconds(compiles, compile_cache_warm))
+            return with_first_job(plan, shape, sizes, device, compile_seconds(compiles, compile_cache))
     raise ValueError(_refusal(tier, shape, sizes, device, dtype, budget, host_cap, precision))
 
 

@@ -33,3 +33,15 @@ def has_kernels(path: Path | None = None) -> bool:
         return any(((path or cache_dir()) / "fxgraph").iterdir())
     except OSError:
         return False
+
+
+def state(precompile: bool = True) -> str:
+    """What an earlier process left for compiling (core.plan.first_job.CompileCache): "artifacts"
+    (ahead-of-time graphs, core.speed.precompile, where this process uses them), "kernels" (Inductor's
+    cache) or "cold"."""
+    from core.speed import precompile as pre
+
+    path = cache_dir() / "precompiled"
+    if precompile and pre.available() and path.is_dir() and any(path.glob("*.bin")):
+        return "artifacts"
+    return "kernels" if has_kernels() else "cold"

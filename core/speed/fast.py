@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from core.speed import fp8_compute, fused_blocks, graphs
+from core.speed import precompile as precompiled
 from core.speed.compile_cache import use_persistent_cache
 from core.speed.compile_policy import CompilePolicy, as_policy
 from core.speed.fp8_compute import dequantize_fp8, fp8_layers, quantize_fp8
@@ -170,21 +171,53 @@ def compile_blocks(
     fullgraph: bool = True,
     dynamic: bool | None = True,
     options: tuple = (),
+    precompile: bool = False,
 ) -> int:
     """torch.compile each repeated block in place (what nn.Module.compile does, plus _same_form);
     returns how many were newly compiled. Compilation happens on the first call. dynamic=True: the
     sequence length is symbolic, so the ControlNet (one extra mode token) and the transformer share
     one graph per block class, and a new image size does not recompile. options: Inductor settings
-    as (name, value) pairs (torch.compile takes them or a mode, not both)."""
+    as (name, value) pairs (torch.compile takes them or a mode, not both). precompile: each block runs
+    through an ahead-of-time artifact loaded from the cache root (core.speed.precompile), compiled and
+    saved by the first process, with torch.compile's path behind it (Inductor, default options only)."""
     _raise_recompile_limit()
     use_persistent_cache()
     n, how = 0, dict(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic, options=dict(options) or None)
+    ahead = precompile and backend == "inductor" and mode is None and not options and dynamic is True
+    ahead = ahead and precompiled.available()
     for block in repeated_blocks(model):
         if not is_compiled(block):
-            compiled = torch.compile(block._call_impl, **how)
-            block._compiled_call_impl = functools.partial(_same_form, compiled)
+            call = functools.partial(_same_form, torch.compile(block._call_impl, **how))
+            if ahead and precompiled.prepare(block):
+                call = functools.partial(_precompiled_form, block, call)
+            block._compiled_call_impl = call
             n += 1
+        elif (
+            isinstance(block._compiled_call_impl, functools.partial)
+            and block._compiled_call_impl.func is _precompiled_form
+        ):
+            precompiled.prepare(block)  # its weights may have changed form (fp8, fused): a new key
     return n
+
+
+def _precompiled_form(block, fallback, *args, **kwargs):
+    """A block through its ahead-of-time artifact (core.speed.precompile), in _same_form's one form."""
+    if not kwargs.get("joint_attention_kwargs", True):
+        del kwargs["joint_attention_kwargs"]
+    for name in ("hidden_states", "encoder_hidden_states"):
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and (x._base is not None or x.stride() != _packed_strides(x.shape)):
+            # an artifact's guards hold the strides of its first call, the size-1 batch's too
+            kwargs[name] = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+    return precompiled.call(block, fallback, *args, **kwargs)
+
+
+def _packed_strides(shape) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
 
 
 def _same_form(compiled, *args, **kwargs):
@@ -262,6 +295,7 @@ class FastConfig:
     options: tuple[tuple[str, object], ...] = ()
     fuse_blocks: bool = True  # core.speed.fused_blocks: GELU in the matmul, no concatenation before proj_out
     cuda_graphs: bool = False  # core.speed.graphs: replay whole denoiser calls (opt-in until measured at full size)
+    precompile: bool = True  # core.speed.precompile: load compiled blocks saved by an earlier process
     devices: tuple[str, ...] = ("cuda",)
 
     def __post_init__(self):
@@ -322,7 +356,14 @@ def apply_fast(pipe, fp8: bool = False, compile: bool = True, cfg: FastConfig | 
     for m in models:
         set_attention(m, att)
         if compile:
-            compile_blocks(m, backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic, options=cfg.options)
+            compile_blocks(
+                m,
+                backend=cfg.backend,
+                mode=cfg.mode,
+                dynamic=cfg.dynamic,
+                options=cfg.options,
+                precompile=cfg.precompile,
+            )
         else:
             uncompile_blocks(m)
     calls = graphed_models(pipe)

@@ -56,10 +56,12 @@ def test_the_prediction_grows_with_the_weight_bytes(full):
 def test_the_compile_counts_only_when_the_job_compiles_on_the_fast_path(full):
     eager = plan_for("48", SHAPE, full, GPU)
     cold = plan_for("48", SHAPE, full, GPU, compiles=True)
-    warm = plan_for("48", SHAPE, full, GPU, compiles=True, compile_cache_warm=True)
+    warm = plan_for("48", SHAPE, full, GPU, compiles=True, compile_cache="kernels")
     assert eager.placement.all_resident
     assert cold.predicted_first_job_s - eager.predicted_first_job_s == pytest.approx(COMPILE_COLD_S, abs=0.1)
     assert warm.predicted_first_job_s - eager.predicted_first_job_s == pytest.approx(COMPILE_WARM_S, abs=0.1)
+    loaded = plan_for("48", SHAPE, full, GPU, compiles=True, compile_cache="artifacts")  # saved graphs load
+    assert eager.predicted_first_job_s < loaded.predicted_first_job_s < warm.predicted_first_job_s
     streamed = plan_for("8", SHAPE, full, GPU, compiles=True)  # a streamed plan never compiles
     assert not streamed.placement.all_resident and parts(streamed)["compile"] == 0
     assert cold.placement == eager.placement and cold.predicted_job_s == eager.predicted_job_s  # the plan is the same
