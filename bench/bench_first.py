@@ -8,6 +8,7 @@ before the parts, so that every part reads them from the page cache.
 
   diffusers  FluxControlNetPipeline.from_pretrained(...).to("cuda") and one image: load and image seconds
   cli        `python -m core generate --tier 48` (compile off, the CLI's default); bar: not slower than diffusers
+  direct     the same with FLUX_ANYVRAM_DIRECT_READ=1: the weights read straight onto the GPU (core.placed.read_onto)
   cache      `generate --tier 48 --compile` twice with one fresh FLUX_ANYVRAM_CACHE, cold then warm:
              compile seconds, cache hit or miss, s/step, peak vs predicted; bar: the warm compile ≤ 5 s
   app        one process holding the web app's engine (app.build_engine, compile policy "later"), 4 jobs
@@ -15,7 +16,7 @@ before the parts, so that every part reads them from the page cache.
              after the one that compiled ≤ 5 s each, peak reserved ≤ predicted ≤ peak + 8 %, ≤ 47.5 GiB
              (its cache root is the cache part's, warm when that part ran)
 
-usage: python -m bench.bench_first --model /tmp/flux-random [--parts diffusers,cli,cache,app]
+usage: python -m bench.bench_first --model /tmp/flux-random [--parts diffusers,cli,direct,cache,app]
                                    [--budget-s 560] [--out-dir bench/first]
        python -m bench.bench_first --cpu-smoke --out-dir /tmp/first   (tiny model, 64², 2 steps, no cap)
   Parts not started within --budget-s are recorded as skipped; a child still running at its end is
@@ -39,7 +40,7 @@ from pathlib import Path
 from bench.env import capped, child_environment, ensure_model, md_table, write
 from bench.random_model import PROMPT, photo
 
-PARTS = ("diffusers", "cli", "cache", "app")
+PARTS = ("diffusers", "cli", "direct", "cache", "app")
 BAR_IMAGE_S = 5.0  # the app's steady state, per image
 BAR_WARM_COMPILE_S = 5.0
 OVER = 1.08  # the predicted peak may exceed the measured one by at most 8 %
@@ -324,7 +325,13 @@ def main(argv=None) -> int:
     cache = Path(tempfile.mkdtemp(prefix="bench-first-cache-"))  # fresh: the cold run starts empty
     chosen = set(a.parts.split(","))
     try:
-        for name, part in zip(PARTS, (part_diffusers, lambda *x: [cli_row("cli", *x[:2])], part_cache, part_app)):
+        direct = dict(os.environ, FLUX_ANYVRAM_DIRECT_READ="1")
+        parts = (
+            part_diffusers,
+            lambda *x: [cli_row("cli", *x[:2])],
+            lambda *x: [cli_row("direct", *x[:2], env=direct)],
+        )
+        for name, part in zip(PARTS, parts + (part_cache, part_app)):
             if name not in chosen:
                 continue
             if time.time() > deadline:

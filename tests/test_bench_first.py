@@ -18,13 +18,13 @@ def test_the_smoke_mode_runs_every_part_and_writes_its_results(tmp_path, monkeyp
     data = json.loads((tmp_path / "first.json").read_text())
     assert data["smoke"] and data["bars"] is None and data["job"]["tier"] == "cpu"
     rows = {r["part"]: r for r in data["rows"]}
-    assert list(rows) == ["diffusers", "cli", "cache_cold", "cache_warm", "app"]
+    assert list(rows) == ["diffusers", "cli", "direct", "cache_cold", "cache_warm", "app"]
     for name, r in rows.items():
         assert r["rc"] == 0, (name, r.get("stderr_tail"))
         assert 0 < r["to_image_s"] <= r["wall_s"], name  # the image was written before the child ended
     d = rows["diffusers"]
     assert d["load_s"] > 0 and d["image_s"] > 0 and d["startup_s"] > 0
-    for name in ("cli", "cache_cold", "cache_warm"):
+    for name in ("cli", "direct", "cache_cold", "cache_warm"):
         r = rows[name]
         assert r["total_s"] > 0 and r["image_s"] > 0 and r["startup_s"] > 0 and "denoise" in r["seconds"]
         assert r["compile_s"] == 0.0 and r["peak_reserved_gb"] is not None  # the CPU compiles nothing
