@@ -54,6 +54,13 @@ def _last_rate(log: str) -> float | None:
     return float(rates[-1]) if rates else None
 
 
+def predicted_gb(plan: dict) -> float | None:
+    """The run's predicted peak: the training step's, or the validation image's (its engine plans
+    within the tier's whole budget, so its own plan's peak is the larger one)."""
+    val = (plan.get("validation_plan") or {}).get("predicted_peak_gb", 0)
+    return max(plan.get("predicted_peak_gb", 0), plan.get("predicted_validation_gb", 0), val) or None
+
+
 def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
     kind, _, res = spec.partition("@")
     k = KINDS[kind]
@@ -86,8 +93,7 @@ def one_run(spec: str, model: Path, data: Path, out_dir: Path, a) -> dict:
         row.update(placement=s.get("placement"), validation=s.get("validation"), seconds=s.get("seconds"))
         row.update(skipped_updates=s.get("skipped_updates"), first10_mean=s.get("first10_mean"))
         row["last10_mean"] = s.get("last10_mean")
-        plan = s.get("placement") or {}
-        row["predicted_gb"] = max(plan.get("predicted_peak_gb", 0), plan.get("predicted_validation_gb", 0)) or None
+        row["predicted_gb"] = predicted_gb(s.get("placement") or {})
         row["under_cap"] = row["driver_gb"] <= k["cap"] and (s.get("peak_memory_gb") or 0) <= k["cap"]
     print(json.dumps(row), flush=True)
     if not a.keep:  # a full fine-tune's checkpoint and result are ~20 GB: the next run needs the disk
