@@ -17,6 +17,7 @@ instead, and so does every block where saving or loading fails (the reason is lo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -69,12 +70,19 @@ def stats() -> Stats:
     return Stats(**_STATS)
 
 
+def _aot_enabled():
+    """torch 2.11 offers torch.compile(...).aot_compile only with this flag set when the wrapper is made."""
+    cfg = torch._dynamo.config
+    return cfg.patch(enable_aot_compile=True) if hasattr(cfg, "enable_aot_compile") else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """This torch can compile ahead of time and load the result (torch 2.10 and later)."""
+    """This torch can compile ahead of time and load the result (torch 2.11 and later)."""
     if not hasattr(torch.compiler, "load_compiled_function"):
         return False
-    return hasattr(torch.compile(_block_forward, fullgraph=True), "aot_compile")  # lazy: compiles nothing
+    with _aot_enabled():
+        return hasattr(torch.compile(_block_forward, fullgraph=True), "aot_compile")  # lazy: compiles nothing
 
 
 def artifact_dir() -> Path:
@@ -191,7 +199,8 @@ def _kept(guards) -> list[bool]:
 
 def _compile(block: nn.Module, inputs: tuple) -> Callable:
     opts = {"guard_filter_fn": _kept}
-    compiled = torch.compile(_traced(block), fullgraph=True, dynamic=True, options=opts)
+    with _aot_enabled():
+        compiled = torch.compile(_traced(block), fullgraph=True, dynamic=True, options=opts)
     # floats (the blocks' scales) as constants: a symbolic float makes Dynamo restart its analysis,
     # which ahead-of-time compilation does not do
     # the saved guards pickle the block; a forward set on the instance pickles as a lookup of its
