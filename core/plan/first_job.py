@@ -21,9 +21,10 @@ from core.plan.timing import BUS_EFF, MODEL_EFF
 DISK_GBPS = 2.0  # GiB/s the checkpoints are read at: a local NVMe SSD's sequential read (a network
 # disk is slower, files in the page cache faster)
 FILE_BYTES = 2  # bytes per parameter in the checkpoint files (FLUX.1-dev and the Union ControlNets ship bf16)
-COMPILE_COLD_S = 20.0  # torch.compile of the two block graphs, Inductor's disk cache cold (H200, full size)
-COMPILE_WARM_S = 16.5  # the same with Inductor's cache serving every graph: 16.5 s measured against
-# 18.1 (H200, bench/first/first.json): Dynamo's tracing, guards and loading are most of it
+COMPILE_COLD_S = 23.0  # torch.compile of the two block graphs, Inductor's disk cache cold: 23.2 s (H200,
+# full size, bench/first/first.json)
+COMPILE_WARM_S = 15.5  # the same with Inductor's cache serving every graph: 14.7 and 16.5 s in two runs
+# (H200): Dynamo's tracing, guards and loading are most of it
 ENCODE_S = 0.03  # a prompt's fixed cost (tokenizers, CLIP, launches): H100 0.036 s with T5 resident
 VAE_FLOP_PER_PX = 6.5e7  # the VAE decoder's effective FLOPs per output pixel: 0.093 s at 1024² on an
 # H100 measured at 729 TFLOP/s (bench/results.json)
