@@ -29,6 +29,12 @@ class Failure:
     message: str = ""
     requested_gb: float = 0.0  # the allocation that failed (GPU: "Tried to allocate ..."), GiB
 
+    @classmethod
+    def of(cls, cause: str, phase: str, err: BaseException) -> Failure:
+        """A memory failure from its error: the events' reason and, on the GPU, the failed allocation."""
+        text = str(err)
+        return cls(cause, phase, short_reason(text), requested_gb(text) if cause == "gpu" else 0.0)
+
 
 _UNITS = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}
 

@@ -16,17 +16,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from core.attempts import (
-    DeviceLimit,
-    Failure,
-    Retry,
-    learned_limit,
-    limit_holds,
-    next_attempt,
-    requested_gb,
-    short_reason,
-    within,
-)
+from core.attempts import DeviceLimit, Failure, Retry, learned_limit, limit_holds, next_attempt, within
 from core.denoise.generate import control_images, generate_pass
 from core.denoise.runtime import AS_PLACED, JobCancelled, PromptCache, Runtime
 from core.denoise.upscale import upscale
@@ -250,7 +240,7 @@ class Engine:
         except Exception as e:
             if not is_oom(e):
                 raise
-            failed = Failure("gpu", "load", short_reason(str(e)), requested_gb(str(e)))
+            failed = Failure.of("gpu", "load", e)
         if failed is not None:  # outside the except block: what was read goes with the traceback
             st.pipe = None
             free_memory()
@@ -305,11 +295,10 @@ class Engine:
 
     def _classify(self, err: Exception, mon: MemoryMonitor) -> Failure | None:
         where = mon.phases[-1].name if mon.phases else "?"
-        msg = short_reason(str(err))
         if is_oom(err):
-            return Failure("gpu", where, msg, requested_gb(str(err)))
+            return Failure.of("gpu", where, err)
         if is_host_oom(err):
-            return Failure("host", where, msg)
+            return Failure.of("host", where, err)
         degraded = without_failed_part(self.fast_in_use, self.state.fast, err)
         if degraded is None:
             return None
