@@ -41,7 +41,6 @@ def state(precompile: bool = True) -> str:
     cache) or "cold"."""
     from core.speed import precompile as pre
 
-    path = cache_dir() / "precompiled"
-    if precompile and pre.available() and path.is_dir() and any(path.glob("*.bin")):
+    if precompile and pre.has_artifacts():
         return "artifacts"
     return "kernels" if has_kernels() else "cold"

@@ -189,35 +189,12 @@ def compile_blocks(
         if not is_compiled(block):
             call = functools.partial(_same_form, torch.compile(block._call_impl, **how))
             if ahead and precompiled.prepare(block):
-                call = functools.partial(_precompiled_form, block, call)
+                call = functools.partial(precompiled.call, block, call)
             block._compiled_call_impl = call
             n += 1
-        elif (
-            isinstance(block._compiled_call_impl, functools.partial)
-            and block._compiled_call_impl.func is _precompiled_form
-        ):
+        elif ahead and "_precompile_signature" in block.__dict__:
             precompiled.prepare(block)  # its weights may have changed form (fp8, fused): a new key
     return n
-
-
-def _precompiled_form(block, fallback, *args, **kwargs):
-    """A block through its ahead-of-time artifact (core.speed.precompile), in _same_form's one form."""
-    if not kwargs.get("joint_attention_kwargs", True):
-        del kwargs["joint_attention_kwargs"]
-    for name in ("hidden_states", "encoder_hidden_states"):
-        x = kwargs.get(name)
-        if isinstance(x, torch.Tensor) and (x._base is not None or x.stride() != _packed_strides(x.shape)):
-            # an artifact's guards hold the strides of its first call, the size-1 batch's too
-            kwargs[name] = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
-    return precompiled.call(block, fallback, *args, **kwargs)
-
-
-def _packed_strides(shape) -> tuple[int, ...]:
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= n
-    return tuple(reversed(out))
 
 
 def _same_form(compiled, *args, **kwargs):

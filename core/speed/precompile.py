@@ -91,6 +91,12 @@ def artifact_dir() -> Path:
     return cache_dir() / "precompiled"
 
 
+def has_artifacts() -> bool:
+    """An earlier process saved artifacts this torch can load."""
+    path = artifact_dir()
+    return available() and path.is_dir() and any(path.glob("*.bin"))
+
+
 # -- the key ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=512)
 def _source_hash(fn) -> str:
@@ -251,12 +257,27 @@ def _is_guard_failure(err: RuntimeError) -> bool:
     return "GuardManager check failed" in str(err)
 
 
+_PACKED = ("hidden_states", "encoder_hidden_states")  # a view or a strided copy is packed before the call
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """`x` with the strides of a fresh tensor: an artifact's guards hold the strides of its first call,
+    the size-1 batch's too, and a view of the previous block's output has others."""
+    step, packed = 1, True
+    for n, st in zip(reversed(x.shape), reversed(x.stride())):
+        packed, step = packed and st == step, step * n
+    if x._base is None and packed:
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def call(block: nn.Module, fallback: Callable, *args, **kwargs):
-    """Run `block` through its artifact where the call has the blocks' form, else through `fallback`
-    (the block's torch.compile path)."""
+    """Run `block` through its artifact where the call has the blocks' form (keyword arguments, no
+    joint_attention_kwargs), else through `fallback` (the block's torch.compile path). The fast path
+    calls this as the block's compiled call."""
     if args or set(kwargs) - {"joint_attention_kwargs"} != set(FORM) or kwargs.get("joint_attention_kwargs"):
         return fallback(*args, **kwargs)
-    inputs = tuple(kwargs[n] for n in FORM)
+    inputs = tuple(_packed(kwargs[n]) if n in _PACKED else kwargs[n] for n in FORM)
     fn = _function(key(block, inputs), block, inputs) if "_precompile_signature" in block.__dict__ else None
     if fn is not None:
         try:
@@ -278,8 +299,3 @@ def prepare(block: nn.Module) -> bool:
     block.__dict__["_precompile_signature"] = signature(block)
     block.__dict__["_precompile_keys"] = {}
     return True
-
-
-def forget() -> None:
-    """Drop the loaded functions of this process (tests; the artifacts on disk stay)."""
-    _FUNCTIONS.clear()
