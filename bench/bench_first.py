@@ -218,6 +218,7 @@ def child_app(a) -> dict:
         row = dict(job=k + 1, seed=7 + k, image_s=round(t1 - t, 2), save_s=round(time.time() - t1, 2))
         row.update({key: fast.get(key) for key in ("compiled", "compile_s", "compile_cache")})
         row.update(peak_reserved_gb=res.report["peak_reserved_gb"], predicted_peak_gb=res.plan.predicted_peak_gb)
+        row["seconds"] = res.report.get("seconds")  # the phases: where a slow job spends it
         jobs.append(dict(row, events=list(res.events)))
         print(json.dumps(jobs[-1]), flush=True)  # the parent echoes it: a row as it goes
     return dict(imported_at=t0, load_s=load_s, policy=engine.fast.compile, first_image_at=first, jobs=jobs)
