@@ -22,7 +22,7 @@ DISK_GBPS = 2.0  # GiB/s the checkpoints are read at: a local NVMe SSD's sequent
 # disk is slower, files in the page cache faster)
 FILE_BYTES = 2  # bytes per parameter in the checkpoint files (FLUX.1-dev and the Union ControlNets ship bf16)
 COMPILE_COLD_S = 23.0  # torch.compile of the two block graphs, Inductor's disk cache cold: 23.2 s (H200,
-# full size, bench/first); 18.0 s when they are compiled ahead of time and saved (2026-12-03)
+# full size, bench/first); 15.9-18.0 s when they are compiled ahead of time and saved (2026-12-03)
 COMPILE_WARM_S = 15.5  # the same with Inductor's cache serving every graph: 14.7 and 16.5 s in two runs
 # (H200): Dynamo's tracing, guards and loading are most of it
 ENCODE_S = 0.03  # a prompt's fixed cost (tokenizers, CLIP, launches): H100 0.036 s with T5 resident
@@ -32,7 +32,7 @@ VAE_ENCODE_SHARE = 0.5  # encoding a pixel costs about half of decoding it (the 
 
 
 COMPILE_LOAD_S = 3.0  # the same blocks loaded as ahead-of-time artifacts (core.speed.precompile): 2.2 s in
-# the CLI's second process and 3.0 s in the app's second job (H200, full size, bench/first, 2026-12-03)
+# the CLI's second process, 1.9-3.0 s in the app's second job (H200, full size, bench/first, 2026-12-03)
 CompileCache = Literal["cold", "kernels", "artifacts"]  # nothing on disk, Inductor's kernels, saved graphs
 
 
