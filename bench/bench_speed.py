@@ -219,10 +219,11 @@ class Bench:
         compiled blocks undone: once they were not, and 'diffusers_compile' measured our fp8 path);
         diffusers' compiled blocks off, dynamo's caches cleared before ours."""
         if variant in DIFFUSERS:
+            from core.speed import attention
             from core.speed.fp8_compute import Fp8Linear
 
             self.engine.state.undo_fast()
-            plain = self.fast.attentions(self.pipe.transformer)
+            plain = attention.attentions(self.pipe.transformer)
             if any(getattr(x, "fused_projections", False) for x in plain) or any(
                 isinstance(m, Fp8Linear) for m in self.pipe.transformer.modules()
             ):

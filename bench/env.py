@@ -61,14 +61,14 @@ def fast_path_features() -> dict:
 
     import torch
 
-    from core.speed import fast, fp8_compute
+    from core.speed import attention, fast, fp8_compute
 
     items = dict(
         capability=lambda: ".".join(map(str, torch.cuda.get_device_capability())),
         fp8_supported=fp8_compute.fp8_supported,
-        cudnn_attention=lambda: fast.attention_available("cudnn"),
-        flash_attention=lambda: fast.attention_available("flash"),
-        auto_attention=lambda: fast.resolve_attention("auto", "cuda"),
+        cudnn_attention=lambda: attention.attention_available("cudnn"),
+        flash_attention=lambda: attention.attention_available("flash"),
+        auto_attention=lambda: attention.resolve_attention("auto", "cuda"),
         can_compile=lambda: fast.can_compile("inductor", "cuda"),
         triton=lambda: next((md.version(n) for n in ("triton", "pytorch-triton") if _installed(md, n)), None),
         cudnn=lambda: torch.backends.cudnn.version(),

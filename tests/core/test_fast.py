@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from core.engine import Engine
 from core.job import ControlSpec, Job
 from core.models import ModelSpec
-from core.speed import fast, fp8_compute
+from core.speed import attention, fast, fp8_compute
 from core.speed.compile_policy import compile_seconds
 
 W, H = 128, 96
@@ -151,13 +151,13 @@ def test_fused_qkv_matches_unfused_costs_no_memory_and_unfuses_exactly(parts):
     objects = {n: p for n, p in tr.named_parameters()}
     with torch.no_grad():
         ref = tr(**kw)[0]
-        assert fast.fuse_qkv(tr) == 4 and fast.fuse_qkv(tr) == 0  # 2 double + 2 single blocks; idempotent
+        assert attention.fuse_qkv(tr) == 4 and attention.fuse_qkv(tr) == 0  # 2 double + 2 single blocks; idempotent
         out = tr(**kw)[0]
     attn = tr.transformer_blocks[0].attn
     assert attn.fused_projections and hasattr(attn, "to_added_qkv") and not hasattr(attn, "to_q")
     assert sum(p.numel() for p in tr.parameters()) == n_params  # the unfused copies are gone
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert fast.unfuse_qkv(tr) == 4
+    assert attention.unfuse_qkv(tr) == 4
     assert not attn.fused_projections and not hasattr(attn, "to_qkv")
     assert same_state(state(tr), before)
     # the very Parameters again: what refers to them (a placement's kept sources, a file's fp8 source) still holds
@@ -180,10 +180,10 @@ def test_fusing_frees_the_weights_a_placement_keeps_and_unfusing_gives_them_back
     assert all(keep)
     res = Residency(units, "B" * len(units), torch.device("cpu"), torch.float32, slots=0, ring=0, keep=keep)
     held = [p for _, m in units for p in m.parameters()]
-    fast.fuse_qkv(tr)
+    attention.fuse_qkv(tr)
     fused_away = [p for p in held if all(p is not q for q in tr.parameters())]
     assert len(fused_away) == 2 * 12 + 2 * 6 and all(p.numel() == 0 for p in fused_away)
-    fast.unfuse_qkv(tr)
+    attention.unfuse_qkv(tr)
     assert all(any(p is q for q in tr.parameters()) for p in held)
     res.remove()
 
@@ -194,7 +194,7 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     before = state(tr)
     with torch.no_grad():
         ref = tr(**kw)[0]
-        fast.fuse_qkv(tr)
+        attention.fuse_qkv(tr)
         n = fp8_compute.quantize_fp8(tr)
         out = tr(**kw)[0]
     # per double block: to_qkv, to_added_qkv, to_out.0, to_add_out, ff (2), ff_context (2) = 8;
@@ -213,7 +213,7 @@ def test_quantize_fp8_swaps_block_linears_only_and_undoes_exactly(parts):
     proj_out = tr.single_transformer_blocks[0].proj_out  # reads cat(attention, MLP): one matmul per part
     assert proj_out.split == (32, 128) and fp8_compute.Fp8Linear(nn.Linear(8, 4), False).split == (8,)
     assert fp8_compute.dequantize_fp8(tr) == n and fp8_compute.fp8_layers(tr) == 0
-    fast.unfuse_qkv(tr)
+    attention.unfuse_qkv(tr)
     assert same_state(state(tr), before)
 
 
@@ -258,15 +258,15 @@ def test_attention_choice_is_per_processor_and_resolves_on_the_cpu(parts):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     active = _AttentionBackendRegistry.get_active_backend()[0]
-    fast.set_attention(parts.transformer, "cudnn")
-    procs = {a.processor._attention_backend for a in fast.attentions(parts.transformer)}
+    attention.set_attention(parts.transformer, "cudnn")
+    procs = {a.processor._attention_backend for a in attention.attentions(parts.transformer)}
     assert procs == {AttentionBackendName._NATIVE_CUDNN}
     assert _AttentionBackendRegistry.get_active_backend()[0] == active  # nothing process-wide
-    fast.set_attention(parts.transformer, "sdpa")
-    assert {a.processor._attention_backend for a in fast.attentions(parts.transformer)} == {None}
-    assert fast.resolve_attention("auto", "cpu") == "sdpa"
+    attention.set_attention(parts.transformer, "sdpa")
+    assert {a.processor._attention_backend for a in attention.attentions(parts.transformer)} == {None}
+    assert attention.resolve_attention("auto", "cpu") == "sdpa"
     with pytest.raises(ValueError, match="attention"):
-        fast.resolve_attention("fast", "cpu")
+        attention.resolve_attention("fast", "cpu")
 
 
 # -- decisions -------------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def test_loras_on_an_fp8_file_merge_into_widened_weights_and_unmerge_to_the_file
     from core.engine import Engine
     from core.lora import LoraSpec, Merger
     from core.models import ModelSpec
-    from core.speed import fast
+    from core.speed import attention
     from tests.core.byom_files import peft_lora
 
     lora = (LoraSpec(str(peft_lora(tmp_path / "style.safetensors")), 0.8),)
@@ -256,8 +256,8 @@ def test_loras_on_an_fp8_file_merge_into_widened_weights_and_unmerge_to_the_file
     m.set(())
     assert all(deferred(tr.get_parameter(n[12:])) is not None for n in touched if "blocks." in n), "the file again"
     m.set(lora)
-    fast.fuse_qkv(tr)  # what the all-resident fast path does (and undoes) while a LoRA is merged
-    fast.unfuse_qkv(tr)
+    attention.fuse_qkv(tr)  # what the all-resident fast path does (and undoes) while a LoRA is merged
+    attention.unfuse_qkv(tr)
     m.set(())
     assert all(deferred(tr.get_parameter(n[12:])) is not None for n in touched if "blocks." in n)
 
